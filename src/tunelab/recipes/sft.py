@@ -1,0 +1,243 @@
+"""Supervised fine-tuning recipe: validate → set up → train (resumable) → save, read top to bottom.
+
+The loop is ours (on accelerate for devices and mixed precision) because correct gradient
+accumulation, bit-identical resume and speed are decided there:
+
+* the loss of an optimizer step is the sum of token losses over all its micro-batches divided by the
+  number of trained tokens in the whole step (not a mean of per-micro-batch means);
+* the learning rate is a function of the step and the data order a function of (seed, epoch), so a
+  checkpoint needs only weights, optimizer and RNG states to continue exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+
+from tunelab.atomic import atomic_dir, write_text_atomic
+from tunelab.config.load import config_differences, config_hash, method_options, resolved_dict
+from tunelab.config.schema import RunConfig
+from tunelab.data import collate, data_fingerprint
+from tunelab.errors import TunelabError
+from tunelab.methods import count_parameters, get_method, trainable_parameters
+from tunelab.models.load import load_model
+from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
+from tunelab.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from tunelab.training.loss import summed_token_loss, trained_token_count
+from tunelab.training.manifest import build_manifest, read_manifest, write_manifest
+from tunelab.training.metrics import MetricsLog
+from tunelab.training.progress import training_progress
+from tunelab.training.schedule import lr_at, warmup_steps
+from tunelab.training.validation import validation_loss
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    artifact_dir: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    train_seconds: float
+
+
+def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
+    """Run supervised fine-tuning as configured; see the README for the run-directory layout."""
+    console = console or Console(stderr=True)
+    run_dir = Path(config.output_dir)
+    resolved = resolved_dict(config)
+
+    # 1. Validate everything cheap before anything expensive: data records, then the run directory.
+    examples = read_examples(config)
+    data_hash = data_fingerprint(config.data.train_files() + config.data.eval_files())
+    resume_from = _check_run_dir(run_dir, resume, force, resolved, data_hash)
+
+    # 2. Tokenizer, tokenized data, model with the tuning method applied.
+    model_path, tokenizer, added_tokens = load_prepared_tokenizer(config)
+    data = tokenize(config, tokenizer, examples, added_tokens)
+    accelerator = _accelerator(config.train.precision)
+    torch.manual_seed(config.train.seed)
+    model = load_model(model_path, config.model.dtype, config.model.trust_remote_code)
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    method = get_method(config.method.name)
+    model = method.apply(model, method_options(config))
+    params = trainable_parameters(model)
+    n_trainable, n_total = count_parameters(model)
+    console.print(
+        f"[bold]{config.method.name}[/] on {config.model.path}: {n_trainable:,} trainable of {n_total:,} parameters "
+        f"({100 * n_trainable / n_total:.3f}%); {len(data.train)} train / {len(data.eval)} eval examples, "
+        f"{data.train_stats.trained_tokens:,} trained tokens; device {accelerator.device}, precision {accelerator.mixed_precision}"
+    )
+    optimizer = torch.optim.AdamW(params.values(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+
+    # 3. The run directory describes itself from the start.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    manifest = build_manifest(
+        status="running", model={"spec": config.model.path, "resolved": model_path}, method=config.method.name,
+        config_hash=config_hash(resolved), data_hash=data_hash,
+        data_files=config.data.train_files() + config.data.eval_files(),
+        trainable_parameters=n_trainable, total_parameters=n_total, artifact=method.artifact,
+    )
+    write_manifest(run_dir, manifest)
+
+    # 4. Train.
+    start_step = 0
+    if resume_from is not None:
+        start_step = load_checkpoint(resume_from, params, optimizer)["step"]
+        console.print(f"Resuming from {resume_from} (step {start_step}).")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    started = time.time()
+    last_loss, last_eval = _train_loop(config, model, optimizer, params, data, accelerator, run_dir, start_step, tokenizer, console)
+    train_seconds = time.time() - started
+
+    # 5. Save the artifact (atomically) with the tokenizer and its chat template; finish the manifest.
+    artifact_dir = run_dir / method.artifact
+    unwrapped = accelerator.unwrap_model(model)
+    with atomic_dir(artifact_dir) as tmp:
+        method.save(unwrapped, tmp)
+        tokenizer.save_pretrained(tmp)
+    manifest.update(status="finished", train_seconds=round(train_seconds, 2), final_train_loss=last_loss, final_eval=last_eval)
+    write_manifest(run_dir, manifest)
+    console.print(f"Saved {method.artifact} to [bold]{artifact_dir}[/] ({_dir_size_mb(artifact_dir):.1f} MB).")
+    steps = _total_steps(config, len(data.train))
+    return TrainResult(run_dir, artifact_dir, steps, last_loss, (last_eval or {}).get("eval_loss"), train_seconds)
+
+
+def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, start_step, tokenizer, console):
+    """The optimisation loop; returns (last logged train loss, last validation metrics)."""
+    cfg = config.train
+    total = _total_steps(config, len(data.train))
+    per_epoch = _steps_per_epoch(config, len(data.train))
+    warmup = warmup_steps(total, cfg.warmup_ratio)
+    save_every = cfg.save_every or per_epoch
+    eval_every = cfg.eval_every or save_every
+    pad_id = tokenizer.pad_token_id
+    log = MetricsLog(run_dir, resume_step=start_step)
+    last_loss, last_eval, order_epoch, order = None, None, -1, []
+    tokens_seen, window_start = 0, time.time()
+    model.train()
+    with training_progress(console) as progress:
+        task = progress.add_task("train", total=total, completed=start_step, loss="-", lr="-", tok_s="-")
+        for step in range(start_step, total):
+            epoch, index = divmod(step, per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = _epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch), epoch
+            micro = [collate([data.train[i] for i in ids], pad_id) for ids in order[index * cfg.grad_accum : (index + 1) * cfg.grad_accum]]
+            step_tokens = sum(trained_token_count(b["labels"]) for b in micro)
+            lr = lr_at(step, base_lr=cfg.lr, total_steps=total, warmup=warmup, kind=cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for batch in micro:
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with accelerator.autocast():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = summed_token_loss(logits, batch["labels"])
+                accelerator.backward(loss / max(step_tokens, 1))
+                loss_sum += loss.detach()
+                tokens_seen += int(batch["attention_mask"].sum())
+            grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                elapsed = max(time.time() - window_start, 1e-9)
+                last_loss = float(loss_sum) / max(step_tokens, 1)
+                record = {"step": done, "epoch": round(done / per_epoch, 4), "loss": last_loss, "lr": lr,
+                          "tokens_per_s": tokens_seen / elapsed, "trained_tokens": step_tokens}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                log.log(record)
+                progress.update(task, completed=done, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:,.0f}")
+                tokens_seen, window_start = 0, time.time()
+            if data.eval and (done % eval_every == 0 or done == total):
+                last_eval = validation_loss(model, data.eval, batch_size=cfg.batch_size, pad_id=pad_id,
+                                            device=accelerator.device, autocast=accelerator.autocast)
+                log.log({"step": done, **last_eval})
+                progress.console.print(f"step {done}: eval_loss {last_eval['eval_loss']:.4f}  ppl {last_eval['eval_ppl']:.2f}")
+            if done % save_every == 0 or done == total:
+                save_checkpoint(run_dir / "checkpoints", done, params, optimizer, {"epoch": epoch}, cfg.keep_last)
+            _crash_for_tests(done)
+    log.close()
+    return last_loss, last_eval
+
+
+def _crash_for_tests(step: int) -> None:
+    """``TUNELAB_TEST_SIGKILL_AT_STEP=N`` kills the process with SIGKILL after step N (resume tests)."""
+    if os.environ.get("TUNELAB_TEST_SIGKILL_AT_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _steps_per_epoch(config: RunConfig, n_examples: int) -> int:
+    micro_batches = math.ceil(n_examples / config.train.batch_size)
+    return math.ceil(micro_batches / config.train.grad_accum)
+
+
+def _total_steps(config: RunConfig, n_examples: int) -> int:
+    if config.train.max_steps:
+        return config.train.max_steps
+    return max(1, math.ceil(config.train.epochs * _steps_per_epoch(config, n_examples)))
+
+
+def _epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch: a shuffle that depends only on (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_examples, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def _accelerator(precision: str):
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise TunelabError("train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
+    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+
+
+def _check_run_dir(run_dir: Path, resume: bool, force: bool, resolved: dict, data_hash: str) -> Path | None:
+    """Refuse to clobber a run, or to resume one whose config or data changed; return the checkpoint to resume."""
+    manifest = read_manifest(run_dir)
+    if not resume:
+        if manifest is not None or (run_dir.is_dir() and any(run_dir.iterdir())):
+            raise TunelabError(
+                f"output_dir {run_dir} already holds files. Continue that run with --resume, "
+                f"or choose a new directory (e.g. output_dir={run_dir}-2)."
+            )
+        return None
+    if manifest is None:
+        raise TunelabError(f"--resume: {run_dir} holds no run (no manifest.json); run without --resume to start one")
+    problems = []
+    if manifest.get("config_hash") != config_hash(resolved):
+        old_path = run_dir / "config.yaml"
+        old = yaml.safe_load(old_path.read_text()) if old_path.is_file() else {}
+        problems += [f"config changed: {d}" for d in config_differences(old, resolved)] or ["config changed"]
+    if manifest.get("data_hash") != data_hash:
+        problems.append("the training or evaluation data changed since the run started (content hash differs)")
+    if problems and not force:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise TunelabError(
+            f"refusing to resume {run_dir}:\n{listed}\nRestore the original config/data, start a new run in another "
+            "output_dir, or pass --force to resume anyway (the result will then differ from an uninterrupted run)."
+        )
+    checkpoints = checkpoint_dirs(run_dir / "checkpoints")
+    return checkpoints[-1] if checkpoints else None
+
+
+def _dir_size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6

@@ -1,0 +1,1 @@
+"""Building blocks of the training loop: loss, schedule, checkpoints, metrics, manifest, progress."""

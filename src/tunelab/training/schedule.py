@@ -1,0 +1,22 @@
+"""Learning-rate schedule as a pure function of the step, so resuming needs no scheduler state."""
+
+from __future__ import annotations
+
+import math
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    return int(math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, warmup: int, kind: str) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine/linear decay to 0 or constant."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    if kind == "constant":
+        return base_lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    progress = min(max(progress, 0.0), 1.0)
+    if kind == "linear":
+        return base_lr * (1.0 - progress)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))

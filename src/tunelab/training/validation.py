@@ -1,0 +1,38 @@
+"""Validation loss and perplexity over a tokenized set, with the training loss's token weighting."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tunelab.data import TokenizedExample, collate
+from tunelab.training.loss import summed_token_loss, trained_token_count
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[TokenizedExample], *, batch_size: int, pad_id: int, device, autocast) -> dict[str, float]:
+    """Mean loss per trained token over ``examples`` and its perplexity.
+
+    Args:
+        model: The model under training; put in eval mode for the pass and restored after.
+        examples: Tokenized evaluation examples.
+        batch_size: Examples per forward pass.
+        pad_id: Padding token id.
+        device: Where to run.
+        autocast: A context-manager factory (``accelerator.autocast``) for mixed precision.
+    """
+    was_training = model.training
+    model.eval()
+    total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id)
+        tokens += trained_token_count(batch["labels"])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += summed_token_loss(logits, batch["labels"]).double()
+    if was_training:
+        model.train()
+    loss = float(total) / max(tokens, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models saved once per session, small chat datasets, config builders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import load_config
+from tunelab.models.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+def chat_records(n: int, seed: int = 0) -> list[dict]:
+    """Short deterministic conversations a tiny model can partly memorise."""
+    words = ["red", "blue", "green", "black", "white", "pink"]
+    rows = []
+    for i in range(n):
+        w = words[(i + seed) % len(words)]
+        rows.append({"messages": [{"role": "user", "content": f"Colour {i % 7}?"}, {"role": "assistant", "content": f"It is {w}."}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def chat_data(tmp_path) -> dict[str, Path]:
+    return {
+        "train": write_jsonl(tmp_path / "train.jsonl", chat_records(24)),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", chat_records(6, seed=3)),
+    }
+
+
+@pytest.fixture
+def make_config(tmp_path, chat_data, tiny_llama):
+    """Build a RunConfig for a tiny model from dotted overrides."""
+
+    def build(*overrides: str, model: Path | None = None, output: str = "run", method: str = "lora"):
+        base = [
+            f"model={model or tiny_llama}",
+            f"data.train={chat_data['train']}",
+            f"data.eval={chat_data['eval']}",
+            f"output_dir={tmp_path / output}",
+            "train.batch_size=4",
+            "train.lr=1e-2",
+            "train.max_steps=6",
+            "train.warmup_ratio=0",
+        ] + (["method.name=lora", "method.r=4"] if method == "lora" else [f"method.name={method}"])
+        return load_config(None, base + list(overrides))
+
+    return build

@@ -1,0 +1,151 @@
+"""End-to-end SFT on tiny in-process models: training, run directory, artifacts, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunelab.errors import TunelabError
+from tunelab.recipes import sft
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lora_trains_and_adapter_loads_with_plain_peft(make_config, arch, request):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = request.getfixturevalue(f"tiny_{arch}")
+    cfg = make_config("train.max_steps=12", "method.alpha=32", "method.dropout=0", model=model_dir)
+    result = sft.main(cfg)
+    run = result.run_dir
+    losses = [m["loss"] for m in metrics(run) if "loss" in m]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.25, losses  # ln(vocab)=5.77 at start
+
+    for name in ("config.yaml", "manifest.json", "metrics.jsonl", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and len(manifest["config_hash"]) == 64 and len(manifest["data_hash"]) == 64
+    assert manifest["versions"]["torch"] and manifest["trainable_parameters"] < manifest["total_parameters"]
+
+    adapter_config = json.loads((run / "adapter/adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"])
+    tuned = PeftModel.from_pretrained(base, run / "adapter")
+    tok = AutoTokenizer.from_pretrained(run / "adapter")
+    assert tok.chat_template
+    ids = tok.apply_chat_template([{"role": "user", "content": "Colour 1?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = tuned.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_full_finetuning_writes_hf_model(make_config):
+    from transformers import AutoModelForCausalLM
+
+    result = sft.main(make_config("train.lr=1e-3", "train.max_steps=4", "train.grad_accum=2", method="full"))
+    assert result.artifact_dir.name == "model"
+    model = AutoModelForCausalLM.from_pretrained(result.artifact_dir)
+    assert (result.artifact_dir / "model.safetensors").is_file() and model is not None
+    assert json.loads((result.run_dir / "manifest.json").read_text())["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_only_method_parameters_change(make_config, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    result = sft.main(make_config("train.max_steps=3"))
+    trained = load_file(result.run_dir / "checkpoints/step-00000003/trainable.safetensors")
+    assert trained and all("lora_" in name for name in trained)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert not torch.equal(trained[next(iter(trained))], torch.zeros(1))
+    assert len(trained) < len(list(base.parameters())) * 4
+
+
+def _cli(config_path: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "tunelab", "train", str(config_path), *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def _write_config(tmp_path: Path, model: Path, data: dict, output: str, method: str = "lora") -> Path:
+    path = tmp_path / f"{output}.yaml"
+    path.write_text(
+        f"model: {model}\nmethod: {{name: {method}, r: 4, dropout: 0.1}}\n"
+        f"data: {{train: {data['train']}, eval: {data['eval']}}}\n"
+        "train: {max_steps: 8, batch_size: 4, grad_accum: 2, lr: 0.01, save_every: 2, keep_last: 2, seed: 3}\n"
+        f"output_dir: {tmp_path / output}\n"
+    )
+    return path
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_llama, chat_data):
+    straight = _write_config(tmp_path, tiny_llama, chat_data, "straight")
+    assert _cli(straight).returncode == 0
+
+    killed = _write_config(tmp_path, tiny_llama, chat_data, "killed")
+    crash = _cli(killed, env_extra={"TUNELAB_TEST_SIGKILL_AT_STEP": "5"})
+    assert crash.returncode == -9, crash.stderr
+    assert not (tmp_path / "killed/adapter").exists()
+    assert [p.name for p in sorted((tmp_path / "killed/checkpoints").iterdir())] == ["step-00000002", "step-00000004"]
+    resumed = _cli(killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stderr
+
+    a = load_file(tmp_path / "straight/adapter/adapter_model.safetensors")
+    b = load_file(tmp_path / "killed/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses_a = [m["loss"] for m in metrics(tmp_path / "straight") if "loss" in m]
+    losses_b = [m["loss"] for m in metrics(tmp_path / "killed") if "loss" in m]
+    assert losses_a == losses_b and len(losses_a) == 8
+
+
+def test_resume_refuses_changed_config_or_data(make_config, chat_data):
+    sft.main(make_config("train.max_steps=2", output="r"))
+    with pytest.raises(TunelabError, match=r"train.lr: 0.01 -> 0.02"):
+        sft.main(make_config("train.max_steps=2", "train.lr=2e-2", output="r"), resume=True)
+    with pytest.raises(TunelabError, match="already holds files"):
+        sft.main(make_config("train.max_steps=2", output="r"))
+    chat_data["train"].write_text(chat_data["train"].read_text().replace("red", "RED"))
+    with pytest.raises(TunelabError, match="data changed"):
+        sft.main(make_config("train.max_steps=2", output="r"), resume=True)
+    assert sft.main(make_config("train.max_steps=2", output="r"), resume=True, force=True).steps == 2
+    # bookkeeping keys may change on resume
+    sft.main(make_config("train.max_steps=2", "train.save_every=1", output="r"), resume=True, force=True)
+
+
+def test_bad_records_reported_and_nothing_written(tmp_path, tiny_llama, chat_data):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        b'{"messages": [{"role": "user", "content": "hi"}\n'
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}\n'
+        b'{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "yo"}]}\n'
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {tiny_llama}\ndata: {{train: {bad}}}\noutput_dir: {tmp_path / 'out'}\n")
+    proc = _cli(config)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    for line in (2, 3, 4, 5):
+        assert f"bad.jsonl:{line}:" in proc.stderr, proc.stderr
+    assert "bad.jsonl:1:" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_error_exit_code_and_message(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {train: x.jsonl}\ntrain: {lr: -1}\nmethod: {name: lora, r: 0}\n")
+    proc = _cli(config)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train.lr" in proc.stderr and "method.r" in proc.stderr

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import config_hash, load_config, resolved_dict
+from tunelab.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_config_with_shorthands_and_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, "model: some/dir\nmethod: lora\ndata: {train: t.jsonl}\n"))
+    assert cfg.model.path == "some/dir"
+    assert cfg.method.name == "lora"
+    resolved = resolved_dict(cfg)
+    assert resolved["method"]["r"] == 16 and resolved["method"]["target_modules"] == "all-linear"
+    assert resolved["train"]["seed"] == 0
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(write(tmp_path, "data: {train: t.jsonl}\n"), ["train.lr=1e-4", "method.r=8", "model.dtype=bfloat16", "train.gradient_checkpointing=true"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.method.options()["r"] == 8
+    assert cfg.model.dtype == "bfloat16"
+    assert cfg.train.gradient_checkpointing is True
+
+
+def test_every_problem_reported_at_once_with_lines(tmp_path):
+    text = "model: x\nmethod:\n  name: lora\n  r: -1\n  rank: 3\ndata:\n  train: t.jsonl\n  loss_on: everything\ntrain:\n  lr: -5\n  epochz: 2\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    problems = info.value.problems
+    text_all = "\n".join(problems)
+    assert len(problems) == 5, problems
+    assert "c.yaml:4: method.r" in text_all
+    assert "c.yaml:5: method.rank: unknown key" in text_all
+    assert "c.yaml:8: data.loss_on" in text_all
+    assert "c.yaml:10: train.lr" in text_all
+    assert "c.yaml:11: train.epochz: unknown key" in text_all
+
+
+def test_unknown_method_lists_choices(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "method: {name: lorax}\ndata: {train: t.jsonl}\n"))
+    assert "unknown method 'lorax'" in str(info.value) and "full" in str(info.value) and "lora" in str(info.value)
+
+
+def test_missing_data_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="data: required key is missing"):
+        load_config(write(tmp_path, "model: x\n"))
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(write(tmp_path, "data: {train: t}\n"), ["nonsense"])
+
+
+def test_config_hash_ignores_bookkeeping_keys(tmp_path):
+    path = write(tmp_path, "data: {train: t.jsonl}\n")
+    base = config_hash(resolved_dict(load_config(path)))
+    assert config_hash(resolved_dict(load_config(path, ["train.save_every=5", "output_dir=elsewhere"]))) == base
+    assert config_hash(resolved_dict(load_config(path, ["train.lr=1e-3"]))) != base
