@@ -25,11 +25,26 @@ app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 
+def _quiet_libraries() -> None:
+    """Our progress bar and messages replace the libraries' per-file loading bars and deprecation chatter."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def _friendly(fn):
     """Turn user errors into a message and exit status 2; let bugs keep their traceback."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        _quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except TunelabError as err:

