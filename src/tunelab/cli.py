@@ -133,6 +133,47 @@ def models_fetch(alias: str = typer.Argument("smollm2-135m-instruct")) -> None:
     print(ensure_embedded(alias))
 
 
+@app.command("eval")
+@_friendly
+def eval_command(
+    model: Annotated[str, typer.Option(help="alias, HF dir, .gguf, hub id, or a tunelab run directory")],
+    data: Annotated[Path, typer.Option(help="examples whose final assistant message is the reference")],
+    metric: Annotated[str, typer.Option(help="exact_match, contains, regex, rouge_l, bleu, chrf, accuracy, json_valid, json_schema, sql_exec, loss, or module:function")],
+    out: Annotated[Path, typer.Option(help="JSON report: the score and every example's prediction")],
+    adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter directory to apply")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="SQLite database for sql_exec (opened read-only)")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", help="metric option KEY=VALUE (repeatable)")] = None,
+    max_new_tokens: int = typer.Option(128, help="longest generated answer"),
+    batch_size: int = typer.Option(16, help="prompts per generation batch"),
+    limit: Optional[int] = typer.Option(None, help="evaluate only the first N examples"),
+) -> None:
+    """Evaluate a model on a dataset with one metric; write a JSON report and print a summary."""
+    import yaml
+
+    from tunelab.data import load_examples
+    from tunelab.evaluation.run import evaluate, load_for_eval, write_report
+
+    examples = load_examples([str(data)])[:limit]
+    options = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TunelabError(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    if db is not None:
+        options["db"] = str(db)
+    loaded = load_for_eval(model, str(adapter) if adapter else None)
+    report = evaluate(loaded, examples, metric, max_new_tokens=max_new_tokens, batch_size=batch_size, options=options)
+    report["data"] = str(data)
+    write_report(report, out)
+    table = Table(title=f"{metric} on {data} ({report['n']} examples, {report['seconds']:.0f} s)")
+    for column in ("model", "score"):
+        table.add_column(column)
+    table.add_row(report["model"], f"{report['score']:.4f}")
+    Console().print(table)
+    console.print(f"Report: {out}")
+
+
 @app.command()
 @_friendly
 def demo(output_root: str = typer.Option("runs", help="where the demo's run directory is created")) -> None:

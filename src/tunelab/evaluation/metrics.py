@@ -1,0 +1,506 @@
+"""Score generated answers against references.
+
+Every metric takes the model's predictions and the dataset's references (one string, or a list of
+accepted answers, per example) and returns a :class:`MetricResult` with a corpus score in [0, 1], one
+score per example and per-example details.
+
+Where a well-kept library already defines a metric we call it rather than re-implement it, so our
+numbers match everybody else's: ``rouge-score`` (Google's reference implementation) for ROUGE-L,
+``sacrebleu`` (the standard, signature-reproducible implementation) for BLEU and chrF, ``jsonschema``
+for schema validation and the standard library's ``sqlite3`` to execute SQL. These libraries are
+imported lazily, so a project that never uses a metric never needs its package.
+
+What is ours is what no library decides for us: text normalisation for exact match, label parsing for
+classification, stripping Markdown code fences, and comparing SQL *execution results* (multiset versus
+ordered comparison, numeric normalisation, one-statement and read-only safety). Those rules are small
+and documented on each function.
+
+Multiple references: per-example scores are always the maximum over the accepted answers. The BLEU and
+chrF corpus scores pass every reference as its own sacrebleu reference stream (padded with ``None`` where
+examples have fewer references), which is sacrebleu's own multi-reference scoring.
+
+Custom metrics: a metric name of the form ``package.module:function`` imports ``function`` and calls it
+as ``fn(prediction, reference, **options)`` per example; it returns a float, a bool or a dict with a
+``"score"`` key (the other keys become details). The corpus score is the mean.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+Reference = str | list[str]
+
+
+@dataclass
+class MetricResult:
+    """The score of one metric over a set of examples.
+
+    Attributes:
+        name: The metric name as requested.
+        score: Corpus-level score in [0, 1] (BLEU and chrF are divided by 100).
+        per_example: One value per example, in input order.
+        details: Per-example extra information (e.g. ``{"error": ...}``); may be empty dicts.
+    """
+
+    name: str
+    score: float
+    per_example: list[float] = field(default_factory=list)
+    details: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Metric:
+    fn: Callable[[str, list[str], list[list[str]], dict], MetricResult]
+    options: frozenset[str] = frozenset()
+    required: frozenset[str] = frozenset()
+    hint: str = ""  # what a required option should be, for the error message
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _import(module: str, package: str, metric: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise TunelabError(
+            f"metric {metric!r} needs the Python package {package!r}, which is not installed ({e}). "
+            f"Install it with `pip install {package}`."
+        ) from e
+
+
+def _per_example(name: str, preds: list[str], refs: list[list[str]],
+                 fn: Callable[[str, str], tuple[float, dict]]) -> MetricResult:
+    """Apply ``fn(prediction, reference) -> (score, details)``; keep the best reference per example."""
+    scores, details = [], []
+    for pred, accepted in zip(preds, refs):
+        best = max((fn(pred, ref) for ref in accepted), key=lambda sd: sd[0])
+        scores.append(float(best[0]))
+        details.append(best[1])
+    return MetricResult(name, _mean(scores), scores, details)
+
+
+_FENCE = re.compile(r"^```[ \t]*(\w+)?[ \t]*\n?(.*?)\n?[ \t]*```$", re.DOTALL)
+
+
+def _strip_fence(text: str) -> str:
+    """Return the body of a Markdown code fence (```lang ... ```) if the whole text is one, else the text."""
+    text = text.strip()
+    match = _FENCE.match(text)
+    return match.group(2).strip() if match else text
+
+
+def normalize_text(text: str) -> str:
+    """Strip, collapse runs of whitespace to one space and casefold."""
+    return " ".join(text.split()).casefold()
+
+
+# ---------------------------------------------------------------------------------- string metrics
+
+
+def _exact_match(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
+    norm = normalize_text if opts.get("normalize", True) else (lambda s: s)
+    return _per_example(name, preds, refs, lambda p, r: (float(norm(p) == norm(r)), {}))
+
+
+def _contains(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
+    norm = normalize_text if opts.get("normalize", True) else (lambda s: s)
+    return _per_example(name, preds, refs, lambda p, r: (float(norm(r) in norm(p)), {}))
+
+
+_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE, "a": re.ASCII}
+
+
+def _regex_flags(flags: str | int) -> int:
+    if isinstance(flags, int):
+        return flags
+    value = 0
+    for letter in str(flags).lower():
+        if letter not in _REGEX_FLAGS:
+            raise TunelabError(f"regex metric: unknown flag {letter!r} in flags={flags!r}; use letters from "
+                               f"{''.join(_REGEX_FLAGS)} (i=ignore case, m=multiline, s=dotall, x=verbose, a=ascii).")
+        value |= _REGEX_FLAGS[letter]
+    return value
+
+
+def _regex(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
+    flags = _regex_flags(opts.get("flags", 0))
+    compiled: dict[str, re.Pattern] = {}
+    for i, accepted in enumerate(refs):
+        for pattern in accepted:
+            if pattern not in compiled:
+                try:
+                    compiled[pattern] = re.compile(pattern, flags)
+                except re.error as e:
+                    raise TunelabError(f"regex metric: the reference of example {i} is not a valid regular "
+                                       f"expression: {pattern!r} ({e}). Fix the pattern in the dataset.") from e
+    return _per_example(name, preds, refs, lambda p, r: (float(compiled[r].search(p) is not None), {}))
+
+
+def _rouge_l(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
+    rouge_scorer = _import("rouge_score.rouge_scorer", "rouge-score", name)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _per_example(name, preds, refs, lambda p, r: (scorer.score(r, p)["rougeL"].fmeasure, {}))
+
+
+def _sacrebleu(name: str, preds: list[str], refs: list[list[str]], corpus_fn: str, sentence_fn: str) -> MetricResult:
+    """Corpus score with one sacrebleu reference stream per reference; per example the best reference."""
+    if not preds:
+        return MetricResult(name, 0.0, [], [])
+    sacrebleu = _import("sacrebleu", "sacrebleu", name)
+    n_streams = max(len(r) for r in refs)
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(n_streams)]
+    corpus = getattr(sacrebleu, corpus_fn)(preds, streams).score / 100.0
+    sentence = getattr(sacrebleu, sentence_fn)
+    result = _per_example(name, preds, refs, lambda p, r: (sentence(p, [r]).score / 100.0, {}))
+    result.score = corpus
+    return result
+
+
+def _bleu(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
+    return _sacrebleu(name, preds, refs, "corpus_bleu", "sentence_bleu")
+
+
+def _chrf(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
+    return _sacrebleu(name, preds, refs, "corpus_chrf", "sentence_chrf")
+
+
+# ------------------------------------------------------------------------------------ classification
+
+_EDGE_PUNCT = " \t\r\n\"'`.,;:!?()[]{}<>*_«»“”‘’"
+
+
+def parse_label(prediction: str, labels: list[str] | None = None) -> str:
+    """The label a prediction names.
+
+    Without ``labels``: the first line, stripped of surrounding punctuation/quotes/Markdown emphasis and
+    casefolded. With ``labels``: that first line if it is exactly a label; otherwise the label whose
+    whole-word occurrence comes earliest in the prediction (longer labels win ties), or ``""`` if none
+    occurs.
+    """
+    lines = prediction.strip().splitlines()
+    first = (lines[0] if lines else "").strip(_EDGE_PUNCT).casefold()
+    if labels is None:
+        return first
+    folded = [label.casefold() for label in labels]
+    if first in folded:
+        return first
+    text = prediction.casefold()
+    best: tuple[int, int, str] | None = None
+    for label in folded:
+        match = re.search(rf"(?<!\w){re.escape(label)}(?!\w)", text)
+        if match and (best is None or (match.start(), -len(label)) < best[:2]):
+            best = (match.start(), -len(label), label)
+    return best[2] if best else ""
+
+
+def _accuracy(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
+    labels = opts.get("labels")
+    if labels is not None and (not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels)):
+        raise TunelabError(f"accuracy metric: option labels must be a list of strings, got {labels!r}.")
+
+    def one(pred: str, ref: str) -> tuple[float, dict]:
+        parsed = parse_label(pred, labels)
+        return float(parsed == ref.strip().casefold()), {"parsed": parsed}
+
+    return _per_example(name, preds, refs, one)
+
+
+# ------------------------------------------------------------------------------------------------ JSON
+
+
+def _parse_json(prediction: str) -> tuple[Any, str | None]:
+    try:
+        return json.loads(_strip_fence(prediction)), None
+    except json.JSONDecodeError as e:
+        return None, str(e)
+
+
+def _json_valid(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
+    def one(pred: str, ref: str) -> tuple[float, dict]:
+        _, error = _parse_json(pred)
+        return (0.0, {"error": error}) if error else (1.0, {})
+
+    return _per_example(name, preds, refs, one)
+
+
+def _load_schema(schema: Any) -> dict:
+    if isinstance(schema, (str, Path)):
+        path = Path(schema)
+        if not path.is_file():
+            raise TunelabError(f"json_schema metric: schema file {str(path)!r} not found; "
+                               "pass schema as a dict or the path of an existing .json file.")
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise TunelabError(f"json_schema metric: schema file {str(path)!r} is not valid JSON ({e}).") from e
+    if not isinstance(schema, dict):
+        raise TunelabError(f"json_schema metric: option schema must be a dict or a .json path, got {type(schema).__name__}.")
+    return schema
+
+
+def _json_schema(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
+    jsonschema = _import("jsonschema", "jsonschema", name)
+    schema = _load_schema(opts["schema"])
+    cls = jsonschema.validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.exceptions.SchemaError as e:
+        raise TunelabError(f"json_schema metric: the schema itself is invalid: {e.message}. Fix the schema.") from e
+    validator = cls(schema)
+
+    def one(pred: str, ref: str) -> tuple[float, dict]:
+        value, error = _parse_json(pred)
+        if error:
+            return 0.0, {"error": f"invalid JSON: {error}"}
+        problem = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        if problem is not None:
+            where = "/".join(str(p) for p in problem.absolute_path) or "(root)"
+            return 0.0, {"error": f"{where}: {problem.message}"}
+        return 1.0, {}
+
+    return _per_example(name, preds, refs, one)
+
+
+# ------------------------------------------------------------------------------------------------- SQL
+
+
+def _mask_sql(sql: str, parens: bool) -> str:
+    """Replace string literals, quoted identifiers and comments (and, if ``parens``, everything inside
+    parentheses) by spaces, keeping positions. A heuristic scanner, not a parser: good enough to find
+    top-level ``;`` and ``ORDER BY`` in queries SQLite accepts."""
+    out, i, depth, n = list(sql), 0, 0, len(sql)
+    closers = {"'": "'", '"': '"', "`": "`", "[": "]"}
+    while i < n:
+        c = sql[i]
+        if c in closers:
+            end = sql.find(closers[c], i + 1)
+            end = n - 1 if end < 0 else end
+        elif sql.startswith("--", i):
+            end = sql.find("\n", i)
+            end = n - 1 if end < 0 else end
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            end = n - 1 if end < 0 else end + 1
+        else:
+            depth += (c == "(") - (c == ")") if parens else 0
+            if parens and (depth > 0 or c == ")"):
+                out[i] = " "
+            i += 1
+            continue
+        out[i:end + 1] = " " * (end + 1 - i)
+        i = end + 1
+    return "".join(out)
+
+
+def _one_statement(sql: str) -> str | None:
+    """The query without a code fence or trailing semicolons, or None if it holds several statements."""
+    sql = _strip_fence(sql)
+    masked = _mask_sql(sql, parens=False)
+    cut = masked.find(";")
+    if cut < 0:
+        return sql.strip()
+    if masked[cut:].replace(";", "").strip():
+        return None
+    return sql[:cut].strip()
+
+
+_ORDER_BY = re.compile(r"\border\s+by\b", re.IGNORECASE)
+
+
+def has_top_level_order_by(sql: str) -> bool:
+    """Whether ``ORDER BY`` appears outside literals, comments and parentheses (so not in subqueries,
+    CTE bodies or window ``OVER (...)`` clauses)."""
+    return bool(_ORDER_BY.search(_mask_sql(sql, parens=True)))
+
+
+def _norm_value(value: Any) -> Any:
+    if isinstance(value, float) and math.isfinite(value):
+        value = round(value, 6)
+        return int(value) if value.is_integer() else value
+    return value
+
+
+def _connect(db: Any) -> tuple[sqlite3.Connection, list[float]]:
+    """Open ``db`` read-only, allowing only reads, with a per-query deadline (``deadline[0]``)."""
+    path = Path(db)
+    if not path.is_file():
+        raise TunelabError(f"sql_exec metric: database {str(db)!r} not found; pass db= the path of an existing SQLite file.")
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute("PRAGMA query_only = ON")
+    allowed = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+    conn.set_authorizer(lambda action, *_: sqlite3.SQLITE_OK if action in allowed else sqlite3.SQLITE_DENY)
+    deadline = [math.inf]
+    conn.set_progress_handler(lambda: int(time.monotonic() > deadline[0]), 1000)
+    return conn, deadline
+
+
+def _run_sql(conn: sqlite3.Connection, deadline: list[float], sql: str, timeout_s: float) -> list[tuple]:
+    deadline[0] = time.monotonic() + timeout_s
+    try:
+        rows = conn.execute(sql).fetchall()
+    except sqlite3.OperationalError as e:
+        if time.monotonic() > deadline[0] and "interrupt" in str(e):
+            raise sqlite3.OperationalError(f"query stopped after {timeout_s} s (timeout_s)") from e
+        raise
+    finally:
+        deadline[0] = math.inf
+    return [tuple(_norm_value(v) for v in row) for row in rows]
+
+
+def _sql_exec(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
+    timeout_s = float(opts.get("timeout_s", 2.0))
+    conn, deadline = _connect(opts["db"])
+    gold_cache: dict[str, tuple[list[tuple], bool]] = {}
+    try:
+        for i, accepted in enumerate(refs):
+            for gold in accepted:
+                if gold in gold_cache:
+                    continue
+                query = _one_statement(gold)
+                try:
+                    if query is None:
+                        raise sqlite3.Error("multiple statements")
+                    gold_cache[gold] = (_run_sql(conn, deadline, query, timeout_s), has_top_level_order_by(query))
+                except sqlite3.Error as e:
+                    raise TunelabError(f"sql_exec metric: the gold query of example {i} fails on {str(opts['db'])!r}: "
+                                       f"{e}. Query: {gold!r}. Fix the dataset (or the database).") from e
+
+        def one(pred: str, gold: str) -> tuple[float, dict]:
+            expected, ordered = gold_cache[gold]
+            query = _one_statement(pred)
+            if query is None:
+                return 0.0, {"error": "multiple statements"}
+            try:
+                rows = _run_sql(conn, deadline, query, timeout_s)
+            except (sqlite3.Error, OverflowError, ValueError) as e:
+                return 0.0, {"error": f"{type(e).__name__}: {e}"}
+            same = rows == expected if ordered else Counter(rows) == Counter(expected)
+            return float(same), {"ordered": ordered, "rows": len(rows), "gold_rows": len(expected)}
+
+        return _per_example(name, preds, refs, one)
+    finally:
+        conn.close()
+
+
+# -------------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, _Metric] = {
+    "exact_match": _Metric(_exact_match, frozenset({"normalize"})),
+    "contains": _Metric(_contains, frozenset({"normalize"})),
+    "regex": _Metric(_regex, frozenset({"flags"})),
+    "rouge_l": _Metric(_rouge_l),
+    "bleu": _Metric(_bleu),
+    "chrf": _Metric(_chrf),
+    "accuracy": _Metric(_accuracy, frozenset({"labels"})),
+    "json_valid": _Metric(_json_valid),
+    "json_schema": _Metric(_json_schema, frozenset({"schema"}), frozenset({"schema"}), "schema=<dict or path of a .json schema>"),
+    "sql_exec": _Metric(_sql_exec, frozenset({"db", "timeout_s"}), frozenset({"db"}), "db=<path of a SQLite database file>"),
+}
+
+
+def metric_names() -> list[str]:
+    """The built-in metric names (custom ``package.module:function`` metrics are not listed)."""
+    return sorted(_REGISTRY)
+
+
+def _load_custom(metric: str) -> Callable[..., Any]:
+    module_name, _, fn_name = metric.partition(":")
+    if not module_name or not fn_name:
+        raise TunelabError(f"custom metric {metric!r} must have the form 'package.module:function'.")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any failure while importing user code is the user's to fix
+        raise TunelabError(f"custom metric {metric!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
+                           f"make sure it is installed or on PYTHONPATH and defines {fn_name}().") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise TunelabError(f"custom metric {metric!r}: module {module_name!r} has no function {fn_name!r}; "
+                           "check the spelling of the 'module:function' name.")
+    return fn
+
+
+def _custom(metric: str, preds: list[str], refs: list[Reference], opts: dict) -> MetricResult:
+    fn = _load_custom(metric)
+    scores, details = [], []
+    for i, (pred, ref) in enumerate(zip(preds, refs)):
+        value = fn(pred, ref, **opts)
+        extra: dict = {}
+        if isinstance(value, dict):
+            if "score" not in value:
+                raise TunelabError(f"custom metric {metric!r} returned a dict without a 'score' key for example {i}; "
+                                   "return a float, a bool or a dict with 'score'.")
+            extra = {k: v for k, v in value.items() if k != "score"}
+            value = value["score"]
+        if not isinstance(value, (bool, int, float)):
+            raise TunelabError(f"custom metric {metric!r} returned {value!r} for example {i}; "
+                               "return a float, a bool or a dict with a 'score' key.")
+        scores.append(float(value))
+        details.append(extra)
+    return MetricResult(metric, _mean(scores), scores, details)
+
+
+def _check_inputs(metric: str, predictions: list[str], references: list[Reference]) -> list[list[str]]:
+    if len(predictions) != len(references):
+        raise TunelabError(f"metric {metric!r}: {len(predictions)} predictions but {len(references)} references; "
+                           "there must be exactly one reference (or list of accepted references) per prediction.")
+    refs: list[list[str]] = []
+    for i, (pred, ref) in enumerate(zip(predictions, references)):
+        accepted = [ref] if isinstance(ref, str) else list(ref) if isinstance(ref, (list, tuple)) else None
+        if not isinstance(pred, str):
+            raise TunelabError(f"metric {metric!r}: prediction {i} is {type(pred).__name__}, not a string.")
+        if not accepted or not all(isinstance(r, str) for r in accepted):
+            raise TunelabError(f"metric {metric!r}: reference {i} must be a string or a non-empty list of strings, "
+                               f"got {ref!r}.")
+        refs.append(accepted)
+    return refs
+
+
+def score(metric: str, predictions: list[str], references: list[Reference], **options: Any) -> MetricResult:
+    """Score predictions against references with one metric.
+
+    Args:
+        metric: A built-in name (see :func:`metric_names`) or ``package.module:function``.
+        predictions: Model outputs, one per example.
+        references: One reference per example: a string or a list of accepted strings (the per-example
+            score is the best over them).
+        **options: Metric options, e.g. ``normalize``, ``flags``, ``labels``, ``schema``, ``db``, ``timeout_s``.
+
+    Returns:
+        The corpus score, per-example scores and per-example details.
+
+    Raises:
+        TunelabError: Unknown metric, length mismatch, bad or missing option, failing gold SQL query.
+    """
+    refs = _check_inputs(metric, predictions, references)
+    if ":" in metric:
+        return _custom(metric, list(predictions), list(references), options)
+    spec = _REGISTRY.get(metric)
+    if spec is None:
+        raise TunelabError(f"unknown metric {metric!r}; known metrics: {', '.join(metric_names())}, "
+                           "or a custom one written as 'package.module:function'.")
+    unknown = sorted(set(options) - spec.options)
+    if unknown:
+        raise TunelabError(f"metric {metric!r} does not take option(s) {', '.join(unknown)}; "
+                           f"it takes: {', '.join(sorted(spec.options)) or 'no options'}.")
+    missing = sorted(k for k in spec.required if options.get(k) is None)
+    if missing:
+        raise TunelabError(f"metric {metric!r} needs option(s) {', '.join(missing)}; pass {spec.hint}.")
+    return spec.fn(metric, list(predictions), refs, options)

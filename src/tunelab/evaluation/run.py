@@ -1,0 +1,110 @@
+"""Evaluate a model (base, base + adapter, or a run directory) on a dataset with one metric.
+
+The model answers each example's conversation (every message before the final assistant turn),
+rendered with the same chat template as training; the final assistant message is the reference.
+``loss`` is special: it scores the reference answers by per-token loss and perplexity instead of
+generating.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.atomic import write_text_atomic
+from tunelab.data import Example, prepare_tokenizer, tokenize_examples
+from tunelab.errors import TunelabError
+from tunelab.models.load import load_model, load_tokenizer, resolve_model_path
+from tunelab.training.manifest import read_manifest
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    description: str
+
+
+def load_for_eval(model: str, adapter: str | None = None) -> LoadedModel:
+    """Load a base model, a base plus PEFT adapter, or the result of a run directory.
+
+    Args:
+        model: Embedded alias, HF dir, .gguf, hub id, or a tunelab run directory (holds manifest.json).
+        adapter: A PEFT adapter directory to apply on top of ``model``.
+    """
+    run_manifest = read_manifest(Path(model)) if Path(model).is_dir() else None
+    if run_manifest is not None:
+        artifact = Path(model) / run_manifest.get("artifact", "adapter")
+        if not artifact.is_dir():
+            raise TunelabError(f"{model}: the run has no {artifact.name}/ yet (unfinished?); finish it with `tunelab train ... --resume`")
+        if artifact.name == "adapter":
+            return load_for_eval(run_manifest["model"]["resolved"], str(artifact))
+        return LoadedModel(load_model(str(artifact)), load_tokenizer(str(artifact)), f"run {model}")
+    path = resolve_model_path(model)
+    base = load_model(path)
+    if adapter is None:
+        tokenizer = load_tokenizer(path)
+        prepare_tokenizer(tokenizer, "auto")
+        return LoadedModel(base, tokenizer, model)
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise TunelabError(f"--adapter {adapter}: no adapter_config.json there; point it at a PEFT adapter directory (a run's adapter/)")
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else path)
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))  # the chat-template fallback added tokens in training
+    return LoadedModel(PeftModel.from_pretrained(base, adapter_dir), tokenizer, f"{model} + {adapter}")
+
+
+def split_example(example: Example) -> tuple[list[dict], str]:
+    """(conversation to answer, reference answer): the final assistant message is the reference."""
+    messages = list(example.messages)
+    return messages[:-1], messages[-1]["content"]
+
+
+def evaluate(loaded: LoadedModel, examples: list[Example], metric: str, *, max_new_tokens: int = 128,
+             batch_size: int = 16, options: dict | None = None) -> dict[str, Any]:
+    """Score ``loaded`` on ``examples``; returns the report (score plus every example's prediction)."""
+    started = time.time()
+    if metric in ("loss", "perplexity"):
+        report = _loss_report(loaded, examples, batch_size)
+    else:
+        report = _generation_report(loaded, examples, metric, max_new_tokens, batch_size, options or {})
+    report.update(model=loaded.description, n=len(examples), seconds=round(time.time() - started, 2))
+    return report
+
+
+def _generation_report(loaded, examples, metric, max_new_tokens, batch_size, options) -> dict[str, Any]:
+    from tunelab.evaluation.generate import generate_answers
+    from tunelab.evaluation.metrics import score
+
+    score(metric, [], [], **options)  # unknown metric or missing options fail now, before generating
+    conversations, references = zip(*(split_example(e) for e in examples)) if examples else ((), ())
+    predictions = generate_answers(loaded.model, loaded.tokenizer, list(conversations), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    result = score(metric, predictions, list(references), **options)
+    rows = [
+        {"source": e.source, "prompt": c[-1]["content"] if c else "", "reference": r, "prediction": p, "score": s, **({"details": d} if d else {})}
+        for e, c, r, p, s, d in zip(examples, conversations, references, predictions, result.per_example, result.details or [{}] * len(examples))
+    ]
+    return {"metric": metric, "score": result.score, "options": {k: str(v) for k, v in options.items()}, "examples": rows}
+
+
+def _loss_report(loaded, examples, batch_size) -> dict[str, Any]:
+    import torch
+
+    from tunelab.training.validation import validation_loss
+
+    tokenized, _ = tokenize_examples(examples, loaded.tokenizer, loss_on="last_turn", max_length=4096, too_long="truncate")
+    device = next(loaded.model.parameters()).device
+    metrics = validation_loss(loaded.model, tokenized, batch_size=batch_size, pad_id=loaded.tokenizer.pad_token_id,
+                              device=device, autocast=lambda: torch.autocast(device.type, enabled=False))
+    return {"metric": "loss", "score": metrics["eval_loss"], "perplexity": metrics["eval_ppl"], "examples": []}
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> None:
+    write_text_atomic(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
