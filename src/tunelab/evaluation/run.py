@@ -18,7 +18,7 @@ from tunelab.atomic import write_text_atomic
 from tunelab.data import Example, prepare_tokenizer, tokenize_examples
 from tunelab.errors import TunelabError
 from tunelab.models.load import load_model, load_tokenizer, resolve_model_path
-from tunelab.training.manifest import read_manifest
+from tunelab.training.rundir import read_run_manifest
 
 
 @dataclass
@@ -35,7 +35,7 @@ def load_for_eval(model: str, adapter: str | None = None) -> LoadedModel:
         model: Embedded alias, HF dir, .gguf, hub id, or a tunelab run directory (holds manifest.json).
         adapter: A PEFT adapter directory to apply on top of ``model``.
     """
-    run_manifest = read_manifest(Path(model)) if Path(model).is_dir() else None
+    run_manifest = read_run_manifest(Path(model)) if Path(model).is_dir() else None
     if run_manifest is not None:
         artifact = Path(model) / run_manifest.get("artifact", "adapter")
         if not artifact.is_dir():

@@ -28,6 +28,9 @@ class LoraOptions(BaseModel):
     use_rslora: bool = False
     use_dora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
+    trainable_token_indices: list[int] | None = Field(
+        None, description="embedding rows to train as well; set automatically for tokens the chat-template fallback adds"
+    )
 
 
 @register_method
@@ -47,6 +50,7 @@ class LoRA:
             use_rslora=options.use_rslora,
             use_dora=options.use_dora,
             bias=options.bias,
+            trainable_token_indices=options.trainable_token_indices,
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, config)

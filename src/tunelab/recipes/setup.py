@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunelab.config.schema import RunConfig
-from tunelab.data import Example, TokenizedExample, TokenizeStats, load_examples, prepare_tokenizer, tokenize_examples
+from tunelab.data import IGNORE_INDEX, Example, TokenizedExample, TokenizeStats, load_examples, prepare_tokenizer, tokenize_examples
 from tunelab.errors import DataError
 from tunelab.models.load import load_tokenizer, resolve_model_path
 
@@ -70,6 +70,13 @@ def tokenize(config: RunConfig, tokenizer, examples: Examples, added_tokens: lis
     train, train_stats = tokenize_examples(examples.train, tokenizer, **kwargs)
     if not train:
         raise DataError([f"no training example is left after tokenization ({len(train_stats.dropped)} dropped as too long); raise data.max_length"], what="data.train")
+    untrained = [ex.source for ex in train if all(label == IGNORE_INDEX for label in ex.labels)]
+    if untrained:
+        raise DataError(
+            [f"{source}: no token of this example is trained (the chat template renders no assistant answer to learn); "
+             "check data.chat_template and data.loss_on with `tunelab data inspect`" for source in untrained],
+            what="data.train",
+        )
     evals, eval_stats = ([], None)
     if examples.eval:
         evals, eval_stats = tokenize_examples(examples.eval, tokenizer, **kwargs)

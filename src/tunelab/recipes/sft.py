@@ -23,18 +23,19 @@ import yaml
 from rich.console import Console
 
 from tunelab.atomic import atomic_dir, write_text_atomic
-from tunelab.config.load import config_differences, config_hash, method_options, resolved_dict
+from tunelab.config.load import config_hash, method_options, resolved_dict
 from tunelab.config.schema import RunConfig
 from tunelab.data import collate, data_fingerprint
 from tunelab.errors import TunelabError
 from tunelab.methods import count_parameters, get_method, trainable_parameters
 from tunelab.models.load import load_model
 from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
-from tunelab.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from tunelab.training.checkpoint import load_checkpoint, save_checkpoint
 from tunelab.training.loss import summed_token_loss, trained_token_count
-from tunelab.training.manifest import build_manifest, read_manifest, write_manifest
+from tunelab.training.manifest import write_manifest
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.progress import training_progress
+from tunelab.training.rundir import check_run_dir, dir_size_mb, finish_manifest, new_manifest
 from tunelab.training.schedule import lr_at, warmup_steps
 from tunelab.training.validation import validation_loss
 
@@ -57,13 +58,66 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
 
     # 1. Validate everything cheap before anything expensive: data records, then the run directory.
     examples = read_examples(config)
-    data_hash = data_fingerprint(config.data.train_files() + config.data.eval_files())
-    resume_from = _check_run_dir(run_dir, resume, force, resolved, data_hash)
+    data_hash = data_fingerprint(_hashed_inputs(config))
+    resume_from, previous = check_run_dir(run_dir, resume, force, resolved, data_hash)
 
-    # 2. Tokenizer, tokenized data, model with the tuning method applied.
+    # 2. Tokenizer, tokenized data, model with the tuning method applied, optimizer (and checkpoint state).
     model_path, tokenizer, added_tokens = load_prepared_tokenizer(config)
     data = tokenize(config, tokenizer, examples, added_tokens)
+    if config.data.eval_files() and not data.eval:
+        console.print("[yellow]warning:[/] every eval example was dropped as too long; no validation loss will be computed")
+    total = _total_steps(config, len(data.train))
     accelerator = _accelerator(config.train.precision)
+    model, method, params = _build_model(config, model_path, tokenizer, added_tokens)
+    optimizer = torch.optim.AdamW(params.values(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    start_step, scaler_state = _restore(resume_from, params, optimizer, total, run_dir, resume, console)
+    if previous and previous.get("status") == "finished" and start_step == total:
+        console.print(f"{run_dir} already finished ({total} steps); nothing to do.")
+        return TrainResult(run_dir, run_dir / method.artifact, total, previous.get("final_train_loss"),
+                           (previous.get("final_eval") or {}).get("eval_loss"), 0.0)
+    n_trainable, n_total = count_parameters(model)
+    console.print(
+        f"[bold]{config.method.name}[/] on {config.model.path}: {n_trainable:,} trainable of {n_total:,} parameters "
+        f"({100 * n_trainable / n_total:.3f}%); {len(data.train)} train / {len(data.eval)} eval examples, "
+        f"{data.train_stats.trained_tokens:,} trained tokens; device {accelerator.device}, precision {accelerator.mixed_precision}"
+    )
+
+    # 3. The run directory describes itself from the start.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    manifest = new_manifest(
+        previous, start_step if resume else None,
+        model={"spec": config.model.path, "resolved": model_path}, method=config.method.name,
+        config_hash=config_hash(resolved), data_hash=data_hash, data_files=_hashed_inputs(config),
+        precision=accelerator.mixed_precision, device=str(accelerator.device),
+        trainable_parameters=n_trainable, total_parameters=n_total, artifact=method.artifact,
+    )
+    write_manifest(run_dir, manifest)
+
+    # 4. Train; a diverged run is marked failed and leaves no artifact.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if scaler_state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(scaler_state)
+    started = time.time()
+    try:
+        last_loss, last_eval = _train_loop(config, model, optimizer, params, data, accelerator, run_dir, start_step, tokenizer, console)
+    except TunelabError:
+        write_manifest(run_dir, {**manifest, "status": "failed"})
+        raise
+    train_seconds = time.time() - started
+
+    # 5. Save the artifact (atomically) with the tokenizer and its chat template; finish the manifest.
+    artifact_dir = run_dir / method.artifact
+    with atomic_dir(artifact_dir) as tmp:
+        method.save(accelerator.unwrap_model(model), tmp)
+        tokenizer.save_pretrained(tmp)
+    write_manifest(run_dir, finish_manifest(manifest, train_seconds=round(train_seconds, 2), final_train_loss=last_loss, final_eval=last_eval))
+    console.print(f"Saved {method.artifact} to [bold]{artifact_dir}[/] ({dir_size_mb(artifact_dir):.1f} MB).")
+    return TrainResult(run_dir, artifact_dir, total, last_loss, (last_eval or {}).get("eval_loss"), train_seconds)
+
+
+def _build_model(config: RunConfig, model_path: str, tokenizer, added_tokens: list[str]):
+    """Load the model and apply the tuning method; returns (model, method, trainable parameters by name)."""
     torch.manual_seed(config.train.seed)
     model = load_model(model_path, config.model.dtype, config.model.trust_remote_code)
     if added_tokens:
@@ -72,48 +126,44 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     method = get_method(config.method.name)
-    model = method.apply(model, method_options(config))
+    options = method_options(config)
+    if added_tokens and "trainable_token_indices" in type(options).model_fields and options.trainable_token_indices is None:
+        # Tokens added by the chat-template fallback start random; train their rows so the model can
+        # read <|im_start|> and learn to emit <|im_end|>.
+        options = options.model_copy(update={"trainable_token_indices": tokenizer.convert_tokens_to_ids(added_tokens)})
+    try:
+        model = method.apply(model, options)
+    except ValueError as exc:  # e.g. peft: target modules not found in the model
+        raise TunelabError(f"method {config.method.name}: {exc}") from None
     params = trainable_parameters(model)
-    n_trainable, n_total = count_parameters(model)
-    console.print(
-        f"[bold]{config.method.name}[/] on {config.model.path}: {n_trainable:,} trainable of {n_total:,} parameters "
-        f"({100 * n_trainable / n_total:.3f}%); {len(data.train)} train / {len(data.eval)} eval examples, "
-        f"{data.train_stats.trained_tokens:,} trained tokens; device {accelerator.device}, precision {accelerator.mixed_precision}"
-    )
-    optimizer = torch.optim.AdamW(params.values(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    if any(p.dtype == torch.float16 for p in params.values()):
+        raise TunelabError(
+            "model.dtype: float16 weights cannot be trained directly (AdamW underflows and the run turns to NaN); "
+            "load float32 (model.dtype=float32) and use train.precision=fp16 or bf16 for mixed precision"
+        )
+    return model, method, params
 
-    # 3. The run directory describes itself from the start.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    manifest = build_manifest(
-        status="running", model={"spec": config.model.path, "resolved": model_path}, method=config.method.name,
-        config_hash=config_hash(resolved), data_hash=data_hash,
-        data_files=config.data.train_files() + config.data.eval_files(),
-        trainable_parameters=n_trainable, total_parameters=n_total, artifact=method.artifact,
-    )
-    write_manifest(run_dir, manifest)
 
-    # 4. Train.
-    start_step = 0
-    if resume_from is not None:
-        start_step = load_checkpoint(resume_from, params, optimizer)["step"]
-        console.print(f"Resuming from {resume_from} (step {start_step}).")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    started = time.time()
-    last_loss, last_eval = _train_loop(config, model, optimizer, params, data, accelerator, run_dir, start_step, tokenizer, console)
-    train_seconds = time.time() - started
+def _restore(checkpoint: Path | None, params, optimizer, total: int, run_dir: Path, resume: bool, console) -> tuple[int, dict | None]:
+    """Load the checkpoint to resume from; returns (its step, the fp16 grad-scaler state if any)."""
+    if checkpoint is None:
+        if resume:
+            console.print(f"No checkpoint in {run_dir} yet: starting again from step 0.")
+        return 0, None
+    state = load_checkpoint(checkpoint, params, optimizer)
+    if state["step"] > total:
+        raise TunelabError(f"--resume: the newest checkpoint is at step {state['step']}, beyond this config's {total} steps; "
+                           "raise train.max_steps/train.epochs or start a new run")
+    console.print(f"Resuming from {checkpoint} (step {state['step']}).")
+    return state["step"], state.get("grad_scaler")
 
-    # 5. Save the artifact (atomically) with the tokenizer and its chat template; finish the manifest.
-    artifact_dir = run_dir / method.artifact
-    unwrapped = accelerator.unwrap_model(model)
-    with atomic_dir(artifact_dir) as tmp:
-        method.save(unwrapped, tmp)
-        tokenizer.save_pretrained(tmp)
-    manifest.update(status="finished", train_seconds=round(train_seconds, 2), final_train_loss=last_loss, final_eval=last_eval)
-    write_manifest(run_dir, manifest)
-    console.print(f"Saved {method.artifact} to [bold]{artifact_dir}[/] ({_dir_size_mb(artifact_dir):.1f} MB).")
-    steps = _total_steps(config, len(data.train))
-    return TrainResult(run_dir, artifact_dir, steps, last_loss, (last_eval or {}).get("eval_loss"), train_seconds)
+
+def _hashed_inputs(config: RunConfig) -> list[str]:
+    """Files whose content decides the training result: the data, and a chat template given as a file."""
+    files = config.data.train_files() + config.data.eval_files()
+    if Path(config.data.chat_template).is_file():
+        files.append(config.data.chat_template)
+    return files
 
 
 def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, start_step, tokenizer, console):
@@ -148,7 +198,7 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
                 elapsed = max(time.time() - window_start, 1e-9)
-                last_loss = float(loss_sum) / max(step_tokens, 1)
+                last_loss = _require_finite(loss_sum, done) / max(step_tokens, 1)
                 record = {"step": done, "epoch": round(done / per_epoch, 4), "loss": last_loss, "lr": lr,
                           "tokens_per_s": tokens_seen / elapsed, "trained_tokens": step_tokens}
                 if grad_norm is not None:
@@ -164,7 +214,9 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
                 log.log({"step": done, **last_eval})
                 progress.console.print(f"step {done}: eval_loss {last_eval['eval_loss']:.4f}  ppl {last_eval['eval_ppl']:.2f}")
             if done % save_every == 0 or done == total:
-                save_checkpoint(run_dir / "checkpoints", done, params, optimizer, {"epoch": epoch}, cfg.keep_last)
+                _require_finite(loss_sum, done)  # never checkpoint a diverged model
+                extra = {"epoch": epoch, **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler else {})}
+                save_checkpoint(run_dir / "checkpoints", done, params, optimizer, extra, cfg.keep_last)
             _crash_for_tests(done)
     log.close()
     return last_loss, last_eval
@@ -185,6 +237,16 @@ def _accumulate_gradients(model, micro_batches: list[dict], step_tokens: int, ac
         accelerator.backward(loss / max(step_tokens, 1))
         loss_sum += loss.detach()
     return loss_sum
+
+
+def _require_finite(loss_sum: torch.Tensor, step: int) -> float:
+    value = float(loss_sum)
+    if not math.isfinite(value):
+        raise TunelabError(
+            f"step {step}: the loss is {value}; training diverged and was stopped (no artifact written). "
+            "Lower train.lr, keep train.max_grad_norm set, or train in float32 (model.dtype=float32, train.precision=fp32)."
+        )
+    return value
 
 
 def _crash_for_tests(step: int) -> None:
@@ -220,36 +282,3 @@ def _accelerator(precision: str):
     if precision == "fp16" and not cuda:
         raise TunelabError("train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
     return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
-
-
-def _check_run_dir(run_dir: Path, resume: bool, force: bool, resolved: dict, data_hash: str) -> Path | None:
-    """Refuse to clobber a run, or to resume one whose config or data changed; return the checkpoint to resume."""
-    manifest = read_manifest(run_dir)
-    if not resume:
-        if manifest is not None or (run_dir.is_dir() and any(run_dir.iterdir())):
-            raise TunelabError(
-                f"output_dir {run_dir} already holds files. Continue that run with --resume, "
-                f"or choose a new directory (e.g. output_dir={run_dir}-2)."
-            )
-        return None
-    if manifest is None:
-        raise TunelabError(f"--resume: {run_dir} holds no run (no manifest.json); run without --resume to start one")
-    problems = []
-    if manifest.get("config_hash") != config_hash(resolved):
-        old_path = run_dir / "config.yaml"
-        old = yaml.safe_load(old_path.read_text()) if old_path.is_file() else {}
-        problems += [f"config changed: {d}" for d in config_differences(old, resolved)] or ["config changed"]
-    if manifest.get("data_hash") != data_hash:
-        problems.append("the training or evaluation data changed since the run started (content hash differs)")
-    if problems and not force:
-        listed = "\n".join(f"  - {p}" for p in problems)
-        raise TunelabError(
-            f"refusing to resume {run_dir}:\n{listed}\nRestore the original config/data, start a new run in another "
-            "output_dir, or pass --force to resume anyway (the result will then differ from an uninterrupted run)."
-        )
-    checkpoints = checkpoint_dirs(run_dir / "checkpoints")
-    return checkpoints[-1] if checkpoints else None
-
-
-def _dir_size_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6

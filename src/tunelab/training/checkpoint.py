@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.atomic import atomic_dir
+from tunelab.errors import TunelabError
 
 _NAME = re.compile(r"^step-(\d{8})$")
 
@@ -85,8 +86,12 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimi
     saved = load_file(path / "trainable.safetensors")
     missing = sorted(set(trainable) - set(saved))
     unexpected = sorted(set(saved) - set(trainable))
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    mismatched = [n for n in set(trainable) & set(saved) if saved[n].shape != trainable[n].shape]
+    if missing or unexpected or mismatched:
+        raise TunelabError(
+            f"checkpoint {path} does not fit this model and method (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"different shape {sorted(mismatched)[:3]}); resume with the method options the run started with"
+        )
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(saved[name].to(param.device, param.dtype))

@@ -63,8 +63,3 @@ def build_manifest(**fields: Any) -> dict[str, Any]:
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
     write_text_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-
-
-def read_manifest(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
