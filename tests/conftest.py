@@ -58,6 +58,7 @@ def make_config(tmp_path, chat_data, tiny_llama):
             "train.lr=1e-2",
             "train.max_steps=6",
             "train.warmup_ratio=0",
+            "eval.probe=false",
         ] + (["method.name=lora", "method.r=4"] if method == "lora" else [f"method.name={method}"])
         return load_config(None, base + list(overrides))
 

@@ -30,7 +30,7 @@ def test_lora_on_embedded_model_learns_and_loads_with_peft(tmp_path, monkeypatch
 
     monkeypatch.chdir(REPO)
     cfg = load_config(CONFIG, [f"output_dir={tmp_path / 'run'}", "train.max_steps=10", "train.lr=1e-3", "train.warmup_ratio=0",
-                               "train.save_every=5", "train.eval_every=10"])
+                               "train.save_every=5", "train.eval_every=10", "eval.limit=4", "eval.probe=false", "eval.few_shot=0"])
     result = sft.main(cfg)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -72,3 +72,40 @@ def test_gguf_file_path_converts_to_the_same_weights(tmp_path, monkeypatch):
     with safe_open(alias_dir / "model.safetensors", "pt") as a, safe_open(converted / "model.safetensors", "pt") as b:
         assert a.get_tensor(name).equal(b.get_tensor(name))
     assert resolve_model_path(str(gguf)) == str(converted)  # cached: no second conversion
+
+
+def test_sql_before_after_with_independent_rescoring(tmp_path, monkeypatch):
+    """A short SQL run on the real model: eval.json's scores are reproduced by a scorer written here."""
+    import re
+    import sqlite3
+    from collections import Counter
+
+    from tunelab.examples.sql.task import build_database
+
+    monkeypatch.chdir(REPO)
+    db = build_database(tmp_path / "shop.sqlite")
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("\n".join((REPO / "src/tunelab/evaluation/probes/general.jsonl").read_text().splitlines()[:6]) + "\n")
+    cfg = load_config(REPO / "configs/smollm2-135m-instruct/sft_lora_sql.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"eval.db={db}", "train.max_steps=8", "eval.limit=8", "eval.few_shot=1",
+        f"eval.probe={probe}"])
+    result = sft.main(cfg)
+    report = json.loads((result.run_dir / "eval.json").read_text())
+
+    def rows(connection, sql):
+        try:
+            return connection.execute(sql).fetchall()
+        except sqlite3.Error:
+            return None
+
+    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    for key, section in [("zero_shot", report["baselines"]["zero_shot"]), ("tuned", report["tuned"])]:
+        right = 0
+        for example in section["examples"]:
+            sql = re.sub(r"^```(?:sql)?\s*|\s*```$", "", example["prediction"].strip()).strip().rstrip(";")
+            gold, predicted = rows(connection, example["reference"]), rows(connection, sql)
+            ordered = "ORDER BY" in example["reference"].upper()
+            same = predicted is not None and (predicted == gold if ordered else Counter(predicted) == Counter(gold))
+            right += same
+        assert section["score"] == right / len(section["examples"]), key
+    assert report["forgetting"]["items"] == 6 and "retention" in report["forgetting"]

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from tunelab.training.loss import summed_token_loss, trained_token_count
@@ -40,3 +41,51 @@ def test_token_normalised_accumulation_equals_one_big_batch():
     for xs, lab in parts:
         (summed_token_loss(head(xs), lab) / trained_token_count(lab) / len(parts)).backward()
     assert not torch.allclose(head.weight.grad, full, atol=1e-4)
+
+
+def _lora_model(arch: str):
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.models.tiny import build_tiny_model
+
+    model = build_tiny_model(arch, vocab_size=320, seed=1)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_trained_position_logits_give_the_same_loss_and_gradients(arch):
+    """The fast path (lm_head only at trained positions) must equal full logits, value and gradient."""
+    from tunelab.training.loss import _plain_causal_lm, summed_loss_of_batch
+
+    model = _lora_model(arch)
+    assert _plain_causal_lm(model) is not None  # the fast path is taken
+    torch.manual_seed(0)
+    ids = torch.randint(0, 320, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[mask == 0] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    fast = summed_loss_of_batch(model, batch)
+    fast.backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    full = summed_token_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+    full.backward()
+    assert torch.allclose(fast, full, rtol=1e-5)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(fast_grads[name], p.grad, atol=1e-6), name
+
+
+def test_prompt_tuning_style_wrappers_use_full_logits():
+    from peft import PromptTuningConfig, get_peft_model
+
+    from tunelab.models.tiny import build_tiny_model
+    from tunelab.training.loss import _plain_causal_lm
+
+    model = get_peft_model(build_tiny_model("llama", 320), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert _plain_causal_lm(model) is None

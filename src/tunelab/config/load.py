@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tunelab.config.schema import RESUME_SAFE_KEYS, RunConfig
+from tunelab.config.schema import RESUME_SAFE_KEYS, RESUME_SAFE_PREFIXES, RunConfig
 from tunelab.errors import ConfigError
 
 
@@ -174,14 +174,18 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
+def _changes_weights(key: str) -> bool:
+    return key not in RESUME_SAFE_KEYS and not key.startswith(RESUME_SAFE_PREFIXES)
+
+
 def config_hash(resolved: dict[str, Any]) -> str:
     """Hash of the settings that change the trained weights (``RESUME_SAFE_KEYS`` excluded)."""
-    flat = {k: v for k, v in _flatten(resolved).items() if k not in RESUME_SAFE_KEYS}
+    flat = {k: v for k, v in _flatten(resolved).items() if _changes_weights(k)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable list of weight-changing keys that differ between two resolved configs."""
     a, b = _flatten(old), _flatten(new)
-    keys = sorted((set(a) | set(b)) - RESUME_SAFE_KEYS)
+    keys = sorted(k for k in set(a) | set(b) if _changes_weights(k))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]

@@ -97,6 +97,30 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
 
 
+class EvalConfig(BaseModel):
+    """Before/after evaluation on ``data.eval``, in-context baselines and the forgetting probe.
+
+    Keys other than those below are options of the metric (e.g. ``labels`` for ``accuracy``).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    metric: str = "exact_match"
+    db: str | None = Field(None, description="SQLite database for sql_exec (opened read-only)")
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(16, gt=0)
+    before: bool = Field(True, description="also evaluate the untuned model (zero-shot baseline)")
+    few_shot: int = Field(0, ge=0, description="k-shot baseline of the untuned model with k train examples (0 = off)")
+    probe: bool | str = Field(True, description="forgetting probe: true = built-in general probe, a JSONL path, or false")
+    limit: int | None = Field(None, gt=0, description="evaluate only the first N eval examples")
+
+    def metric_options(self) -> dict[str, Any]:
+        options = dict(self.model_extra or {})
+        if self.db is not None:
+            options["db"] = self.db
+        return options
+
+
 class RunConfig(_Section):
     """The whole ``tunelab train`` configuration."""
 
@@ -104,6 +128,7 @@ class RunConfig(_Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = "runs/latest"
 
     @field_validator("model", mode="before")
@@ -121,3 +146,4 @@ class RunConfig(_Section):
 RESUME_SAFE_KEYS = frozenset(
     {"train.save_every", "train.keep_last", "train.log_every", "train.eval_every", "output_dir"}
 )
+RESUME_SAFE_PREFIXES = ("eval.",)

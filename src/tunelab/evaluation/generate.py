@@ -29,7 +29,7 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], *, max_n
             texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations[start : start + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+                                 eos_token_id=tokenizer.eos_token_id, use_cache=True)
             new_tokens = out[:, enc["input_ids"].shape[1] :]  # (B, generated)
             answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
     finally:

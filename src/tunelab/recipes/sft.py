@@ -29,9 +29,11 @@ from tunelab.data import collate, data_fingerprint
 from tunelab.errors import TunelabError
 from tunelab.methods import count_parameters, get_method, trainable_parameters
 from tunelab.models.load import load_model
+from tunelab.evaluation.run import LoadedModel
+from tunelab.recipes.evaluation_stage import check_eval_settings, evaluate_after, evaluate_before, save_before
 from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
 from tunelab.training.checkpoint import load_checkpoint, save_checkpoint
-from tunelab.training.loss import summed_token_loss, trained_token_count
+from tunelab.training.loss import summed_loss_of_batch, trained_token_count
 from tunelab.training.manifest import write_manifest
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.progress import training_progress
@@ -60,6 +62,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     examples = read_examples(config)
     data_hash = data_fingerprint(_hashed_inputs(config))
     resume_from, previous = check_run_dir(run_dir, resume, force, resolved, data_hash)
+    check_eval_settings(config)
 
     # 2. Tokenizer, tokenized data, model with the tuning method applied, optimizer (and checkpoint state).
     model_path, tokenizer, added_tokens = load_prepared_tokenizer(config)
@@ -68,7 +71,9 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         console.print("[yellow]warning:[/] every eval example was dropped as too long; no validation loss will be computed")
     total = _total_steps(config, len(data.train))
     accelerator = _accelerator(config.train.precision)
-    model, method, params = _build_model(config, model_path, tokenizer, added_tokens)
+    base = _load_base(config, model_path, tokenizer, added_tokens).to(accelerator.device)
+    before = evaluate_before(config, LoadedModel(base, tokenizer, "untuned"), examples, run_dir, console)
+    model, method, params = _apply_method(config, base, tokenizer, added_tokens)
     optimizer = torch.optim.AdamW(params.values(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     start_step, scaler_state = _restore(resume_from, params, optimizer, total, run_dir, resume, console)
     if previous and previous.get("status") == "finished" and start_step == total:
@@ -93,6 +98,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         trainable_parameters=n_trainable, total_parameters=n_total, artifact=method.artifact,
     )
     write_manifest(run_dir, manifest)
+    save_before(run_dir, before)
 
     # 4. Train; a diverged run is marked failed and leaves no artifact.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -111,17 +117,29 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     with atomic_dir(artifact_dir) as tmp:
         method.save(accelerator.unwrap_model(model), tmp)
         tokenizer.save_pretrained(tmp)
-    write_manifest(run_dir, finish_manifest(manifest, train_seconds=round(train_seconds, 2), final_train_loss=last_loss, final_eval=last_eval))
     console.print(f"Saved {method.artifact} to [bold]{artifact_dir}[/] ({dir_size_mb(artifact_dir):.1f} MB).")
+
+    # 6. What it learned and what it forgot: the tuned model against the untuned one.
+    tuned = accelerator.unwrap_model(model)
+    tuned.config.use_cache = True
+    report = evaluate_after(config, LoadedModel(tuned, tokenizer, "tuned"), examples, before, run_dir, console)
+    write_manifest(run_dir, finish_manifest(manifest, train_seconds=round(train_seconds, 2), final_train_loss=last_loss,
+                                            final_eval=last_eval, eval_summary=_eval_summary(report)))
     return TrainResult(run_dir, artifact_dir, total, last_loss, (last_eval or {}).get("eval_loss"), train_seconds)
 
 
-def _build_model(config: RunConfig, model_path: str, tokenizer, added_tokens: list[str]):
-    """Load the model and apply the tuning method; returns (model, method, trainable parameters by name)."""
+def _load_base(config: RunConfig, model_path: str, tokenizer, added_tokens: list[str]):
+    """The untuned model, with embeddings resized for tokens a chat-template fallback added."""
     torch.manual_seed(config.train.seed)
     model = load_model(model_path, config.model.dtype, config.model.trust_remote_code)
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def _apply_method(config: RunConfig, model, tokenizer, added_tokens: list[str]):
+    """Apply the tuning method; returns (model, method, trainable parameters by name)."""
+    torch.manual_seed(config.train.seed)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -156,6 +174,17 @@ def _restore(checkpoint: Path | None, params, optimizer, total: int, run_dir: Pa
                            "raise train.max_steps/train.epochs or start a new run")
     console.print(f"Resuming from {checkpoint} (step {state['step']}).")
     return state["step"], state.get("grad_scaler")
+
+
+def _eval_summary(report: dict) -> dict:
+    """The headline numbers of eval.json, for the manifest."""
+    summary = {f"{k}_score": v["score"] for k, v in report.get("baselines", {}).items()}
+    if "tuned" in report:
+        summary["tuned_score"] = report["tuned"]["score"]
+    if "forgetting" in report:
+        summary["probe_retention"] = report["forgetting"]["retention"]
+        summary["probe_lost"] = [item["id"] for item in report["forgetting"]["lost"]]
+    return summary
 
 
 def _hashed_inputs(config: RunConfig) -> list[str]:
@@ -232,8 +261,7 @@ def _accumulate_gradients(model, micro_batches: list[dict], step_tokens: int, ac
     for batch in micro_batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = summed_token_loss(logits, batch["labels"])
+            loss = summed_loss_of_batch(model, batch)
         accelerator.backward(loss / max(step_tokens, 1))
         loss_sum += loss.detach()
     return loss_sum

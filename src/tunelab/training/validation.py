@@ -7,7 +7,7 @@ import math
 import torch
 
 from tunelab.data import TokenizedExample, collate
-from tunelab.training.loss import summed_token_loss, trained_token_count
+from tunelab.training.loss import summed_loss_of_batch, trained_token_count
 
 
 @torch.no_grad()
@@ -30,8 +30,7 @@ def validation_loss(model, examples: list[TokenizedExample], *, batch_size: int,
         tokens += trained_token_count(batch["labels"])
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += summed_token_loss(logits, batch["labels"]).double()
+            total += summed_loss_of_batch(model, batch).double()
     if was_training:
         model.train()
     loss = float(total) / max(tokens, 1)

@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from tunelab.data import Example
+from tunelab.errors import TunelabError
+from tunelab.evaluation.report import _accepted, few_shot_examples, load_probe, retention
+
+
+def test_builtin_probe_loads_and_user_probe_errors_name_the_line(tmp_path):
+    items = load_probe(True)
+    assert len(items) >= 30 and all(i["answers"] for i in items)
+    assert load_probe(False) is None
+    bad = tmp_path / "p.jsonl"
+    bad.write_text(json.dumps({"id": "a", "question": "q?", "answers": ["x"]}) + "\n" + '{"question": "no answers"}\n')
+    with pytest.raises(TunelabError, match=r"p.jsonl:2"):
+        load_probe(str(bad))
+
+
+def test_answers_match_as_whole_words_only():
+    assert _accepted("The capital is Paris.", ["paris"])
+    assert not _accepted("Parisian food", ["paris"])
+    assert _accepted("2 + 3 = 5", ["5", "five"]) and not _accepted("15", ["5"])
+
+
+def test_retention_counts_lost_and_gained_items():
+    items = [{"id": str(i), "question": f"q{i}", "answers": ["x"]} for i in range(4)]
+    before = [{"id": str(i), "answer": "", "right": r} for i, r in enumerate([True, True, False, True])]
+    after = [{"id": str(i), "answer": f"a{i}", "right": r} for i, r in enumerate([True, False, True, True])]
+    result = retention(items, before, after)
+    assert result["right_before"] == 3 and result["right_after"] == 3
+    assert result["retention"] == pytest.approx(2 / 3)
+    assert [x["id"] for x in result["lost"]] == ["1"] and result["lost"][0]["after"] == "a1"
+    assert result["gained"] == ["2"]
+
+
+def test_few_shot_puts_train_turns_after_the_system_prompt():
+    system = {"role": "system", "content": "S"}
+    train = [Example((system, {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}), f"t:{i}") for i in range(5)]
+    target = Example((system, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}), "e:1")
+    [shot] = few_shot_examples([target], train, k=2, seed=0)
+    roles = [m["role"] for m in shot.messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert shot.messages[-2]["content"] == "Q" and shot.messages[-1]["content"] == "A" and shot.source == "e:1"
