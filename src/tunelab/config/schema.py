@@ -108,7 +108,7 @@ class EvalConfig(BaseModel):
     metric: str = "exact_match"
     db: str | None = Field(None, description="SQLite database for sql_exec (opened read-only)")
     max_new_tokens: int = Field(128, gt=0)
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(32, gt=0, description="prompts per generation batch (decoding is memory-bound: larger is faster)")
     before: bool = Field(True, description="also evaluate the untuned model (zero-shot baseline)")
     few_shot: int = Field(0, ge=0, description="k-shot baseline of the untuned model with k train examples (0 = off)")
     probe: bool | str = Field(True, description="forgetting probe: true = built-in general probe, a JSONL path, or false")
