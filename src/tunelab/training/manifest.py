@@ -41,6 +41,9 @@ def git_commit() -> str | None:
     """The commit of the tunelab checkout, with '-dirty' if it has local changes; None outside git."""
     root = Path(tunelab.__file__).parent
     try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=5)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() / "src" / "tunelab" != root.resolve():
+            return None  # not tunelab's own checkout (e.g. installed inside another repository)
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if commit.returncode != 0:
             return None
