@@ -133,6 +133,57 @@ def models_fetch(alias: str = typer.Argument("smollm2-135m-instruct")) -> None:
     print(ensure_embedded(alias))
 
 
+@app.command("compare")
+@_friendly
+def compare_command(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    methods: str = typer.Option(None, "--methods", help="comma-separated candidates, e.g. zero_shot,few_shot,rag,lora,full (default: all)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="sweep directory (default: compare-<output_dir name> beside output_dir)"),
+) -> None:
+    """Fine-tune or not, and how? Run every candidate on the same task and write one report.
+
+    Re-running the same command continues an interrupted sweep: finished candidates are reused.
+    """
+    from tunelab.compare.sweep import parse_candidates, run_compare
+
+    if not config.is_file():
+        raise TunelabError(f"config file {config} not found")
+    run_compare(config, overrides or [], parse_candidates(methods), out, console)
+
+
+@app.command("methods")
+@_friendly
+def methods_command(
+    model: str = typer.Option(None, "--model", "-m", help="measure each method's trainable parameters and artifact size on this model"),
+) -> None:
+    """List the tuning methods; with --model, what each costs on that model (default options)."""
+    from tunelab.methods import get_method, method_names
+
+    table = Table(title=f"Tuning methods{' on ' + model if model else ''} (default options)")
+    columns = ("method", "default lr", "artifact", "mergeable", "trainable", "% of model", "artifact MB") if model \
+        else ("method", "options (defaults)", "default lr", "artifact", "mergeable")
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("trainable", "% of model", "artifact MB") else "left")
+    rows = {}
+    if model:
+        from tunelab.methods.overview import method_costs
+
+        with console.status("measuring ...") as status:
+            rows = {r["method"]: r for r in method_costs(model, on_method=lambda n: status.update(f"measuring {n} ..."))}
+    for name in method_names():
+        method = get_method(name)
+        defaults = ", ".join(f"{k}={v}" for k, v in method.options_class().model_dump().items() if v not in (None, [], {}))
+        cells = [name] + ([] if model else [defaults or "-"]) + [f"{method.default_lr:g}", method.artifact, "yes" if method.mergeable else "no"]
+        row = rows.get(name)
+        if row and "error" in row:
+            cells += ["-", "-", row["error"][:60]]
+        elif row:
+            cells += [f"{row['trainable_parameters']:,}", f"{100 * row['trainable_parameters'] / row['total_parameters']:.3f}%", f"{row['artifact_mb']:.1f}"]
+        table.add_row(*cells)
+    Console().print(table)
+
+
 @app.command("eval")
 @_friendly
 def eval_command(

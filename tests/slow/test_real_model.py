@@ -109,3 +109,23 @@ def test_sql_before_after_with_independent_rescoring(tmp_path, monkeypatch):
             right += same
         assert section["score"] == right / len(section["examples"]), key
     assert report["forgetting"]["items"] == 6 and "retention" in report["forgetting"]
+
+
+def test_compare_sweep_on_embedded_model(tmp_path, monkeypatch):
+    """A reduced sweep on the real model: the report's numbers are the candidates' own, and RAG retrieves."""
+    from tunelab.compare.sweep import parse_candidates, run_compare
+    from tunelab.examples.sql.task import build_database
+
+    monkeypatch.chdir(REPO)
+    db = build_database(tmp_path / "shop.sqlite")
+    sweep = run_compare(REPO / "configs/smollm2-135m-instruct/sft_lora_sql.yaml",
+                        [f"eval.db={db}", "eval.limit=6", "eval.probe=false", "train.max_steps=3", "eval.batch_size=16",
+                         f"output_dir={tmp_path / 'run'}"],
+                        parse_candidates("zero_shot,rag,ia3"), tmp_path / "sweep")
+    report = json.loads((sweep / "report.json").read_text())
+    rows = {c["name"]: c for c in report["candidates"]}
+    own = json.loads((sweep / "ia3" / "eval.json").read_text())
+    assert rows["ia3"]["status"] == "finished" and rows["ia3"]["score"] == own["tuned"]["score"]
+    assert rows["rag"]["score"] == own["baselines"]["rag"]["score"]
+    assert rows["rag"]["score"] > rows["zero_shot"]["score"]  # retrieved same-intent examples help the untuned model
+    assert report["recommendation"]["text"]

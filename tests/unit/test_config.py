@@ -62,4 +62,12 @@ def test_config_hash_ignores_bookkeeping_keys(tmp_path):
     path = write(tmp_path, "data: {train: t.jsonl}\n")
     base = config_hash(resolved_dict(load_config(path)))
     assert config_hash(resolved_dict(load_config(path, ["train.save_every=5", "output_dir=elsewhere"]))) == base
-    assert config_hash(resolved_dict(load_config(path, ["train.lr=1e-3"]))) != base
+    assert config_hash(resolved_dict(load_config(path, ["train.lr=3e-5"]))) != base
+
+
+def test_learning_rate_defaults_to_the_methods_recommendation(tmp_path):
+    path = write(tmp_path, "data: {train: t.jsonl}\n")
+    assert load_config(path).train.lr == 1e-3  # lora
+    assert load_config(path, ["method.name=full"]).train.lr == 5e-5
+    assert load_config(path, ["method.name=prompt"]).train.lr == 3e-2
+    assert load_config(path, ["method.name=full", "train.lr=1e-5"]).train.lr == 1e-5

@@ -129,6 +129,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if problems:
         raise ConfigError(problems, source=source)
     assert config is not None
+    if config.train.lr is None:
+        from tunelab.methods import get_method
+
+        config.train.lr = get_method(config.method.name).default_lr
     return config
 
 

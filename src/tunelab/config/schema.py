@@ -83,7 +83,7 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
     batch_size: int = Field(8, gt=0, description="examples per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    lr: float = Field(2e-4, gt=0)
+    lr: float | None = Field(None, gt=0, description="peak learning rate; default: the method's recommended rate (see `tunelab methods`)")
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
@@ -95,6 +95,8 @@ class TrainConfig(_Section):
     eval_every: int | None = Field(None, gt=0, description="validation loss every N steps (default: at each checkpoint)")
     log_every: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
+    packing: bool = Field(False, description="concatenate each micro-batch's examples into one row without padding "
+                          "(attention never crosses examples; same loss, less wasted compute)")
 
 
 class EvalConfig(BaseModel):
@@ -111,6 +113,10 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(32, gt=0, description="prompts per generation batch (decoding is memory-bound: larger is faster)")
     before: bool = Field(True, description="also evaluate the untuned model (zero-shot baseline)")
     few_shot: int = Field(0, ge=0, description="k-shot baseline of the untuned model with k train examples (0 = off)")
+    rag: int = Field(0, ge=0, description="retrieval baseline of the untuned model: top-k BM25 matches as context (0 = off)")
+    rag_documents: str | None = Field(None, description="folder of .txt/.md files to retrieve from; default: the train examples")
+    before_from: str | None = Field(None, description="reuse the untuned model's results from this eval_before.json "
+                                     "(tunelab compare shares one between its candidates)")
     probe: bool | str = Field(True, description="forgetting probe: true = built-in general probe, a JSONL path, or false")
     limit: int | None = Field(None, gt=0, description="evaluate only the first N eval examples")
 

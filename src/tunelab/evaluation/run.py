@@ -17,6 +17,7 @@ from typing import Any
 from tunelab.atomic import write_text_atomic
 from tunelab.data import Example, prepare_tokenizer, tokenize_examples
 from tunelab.errors import TunelabError
+from tunelab.methods import artifact_method, get_method
 from tunelab.models.load import load_model, load_tokenizer, resolve_model_path
 from tunelab.training.rundir import read_run_manifest
 
@@ -29,36 +30,52 @@ class LoadedModel:
 
 
 def load_for_eval(model: str, adapter: str | None = None) -> LoadedModel:
-    """Load a base model, a base plus PEFT adapter, or the result of a run directory.
+    """Load a base model, a base plus a tuning artifact, or the result of a run directory.
 
     Args:
         model: Embedded alias, HF dir, .gguf, hub id, or a tunelab run directory (holds manifest.json).
-        adapter: A PEFT adapter directory to apply on top of ``model``.
+        adapter: An artifact to apply on top of ``model``: a PEFT adapter directory (LoRA, QLoRA, IA3,
+            prefix, prompt) or a tunelab adapter / freeze-tuning directory.
     """
     run_manifest = read_run_manifest(Path(model)) if Path(model).is_dir() else None
     if run_manifest is not None:
         artifact = Path(model) / run_manifest.get("artifact", "adapter")
         if not artifact.is_dir():
             raise TunelabError(f"{model}: the run has no {artifact.name}/ yet (unfinished?); finish it with `tunelab train ... --resume`")
-        if artifact.name == "adapter":
-            return load_for_eval(run_manifest["model"]["resolved"], str(artifact))
-        return LoadedModel(load_model(str(artifact)), load_tokenizer(str(artifact)), f"run {model}")
+        if artifact.name == "model":
+            return LoadedModel(load_model(str(artifact)), load_tokenizer(str(artifact)), f"run {model}")
+        method = get_method(run_manifest.get("method", "lora"))
+        return _with_artifact(run_manifest["model"]["resolved"], artifact, method, _run_method_options(Path(model), method), f"run {model}")
     path = resolve_model_path(model)
-    base = load_model(path)
     if adapter is None:
         tokenizer = load_tokenizer(path)
         prepare_tokenizer(tokenizer, "auto")
-        return LoadedModel(base, tokenizer, model)
-    from peft import PeftModel
+        return LoadedModel(load_model(path), tokenizer, model)
+    method = artifact_method(Path(adapter))
+    if method is None:
+        raise TunelabError(f"--adapter {adapter}: not a tuning artifact (no adapter_config.json, tunelab_adapter.json or "
+                           "tunelab_freeze.json); point it at a run's adapter/ or weights/ folder")
+    return _with_artifact(path, Path(adapter), method, None, f"{model} + {adapter}")
 
-    adapter_dir = Path(adapter)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise TunelabError(f"--adapter {adapter}: no adapter_config.json there; point it at a PEFT adapter directory (a run's adapter/)")
-    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else path)
+
+def _run_method_options(run_dir: Path, method):
+    """The method options a run was trained with (its config.yaml), for loading the base the same way."""
+    import yaml
+
+    section = dict((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("method") or {})
+    section.pop("name", None)
+    return method.options_class(**section)
+
+
+def _with_artifact(base_path: str, artifact: Path, method, options, description: str) -> LoadedModel:
+    """The base model loaded as the method needs (QLoRA: quantized), with the artifact applied."""
+    extra = method.base_load_kwargs(options) if options is not None else {}
+    base = load_model(base_path, **extra)
+    has_tokenizer = (artifact / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(artifact) if has_tokenizer else base_path)
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer))  # the chat-template fallback added tokens in training
-    return LoadedModel(PeftModel.from_pretrained(base, adapter_dir), tokenizer, f"{model} + {adapter}")
+    return LoadedModel(method.load(base, artifact), tokenizer, description)
 
 
 def split_example(example: Example) -> tuple[list[dict], str]:

@@ -1,8 +1,9 @@
 """Tuning methods behind one registry. Importing a method's module registers it."""
 
-from tunelab.methods import full, lora  # noqa: F401  (registration side effect)
+from tunelab.methods import adapter, freeze, full, ia3, lora, prompt_tuning, qlora  # noqa: F401  (registration side effect)
 from tunelab.methods.base import (
     TuningMethod,
+    artifact_method,
     count_parameters,
     get_method,
     method_names,
@@ -12,6 +13,7 @@ from tunelab.methods.base import (
 
 __all__ = [
     "TuningMethod",
+    "artifact_method",
     "count_parameters",
     "get_method",
     "method_names",

@@ -4,14 +4,16 @@ A method is one object with an options class (pydantic) and four verbs: ``apply`
 trainable the method's way), ``save`` / ``load`` (its artifact) and ``merge`` (fold it into the base
 weights, where that is possible). Methods register themselves by name with :func:`register_method`;
 adding a method means adding a module to this package and importing it in ``__init__``; no central
-if/elif anywhere else.
+if/elif anywhere else. ``tunelab.methods.common`` has the defaults and the peft-backed base class.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import torch
 from pydantic import BaseModel
 from torch import nn
 
@@ -23,6 +25,16 @@ class TuningMethod(Protocol):
     name: str
     options_class: type[BaseModel]
     artifact: str  # name of the run-dir folder holding the result: "adapter" or "model"
+    mergeable: bool  # merge() folds the update into the base weights (same outputs, no extra modules)
+    detachable: bool  # disabled() gives back the base model's function (False where base weights change)
+    # Run features the method cannot be combined with, checked before training starts; any of
+    # "packing" (several examples per row) and "gradient_checkpointing".
+    incompatible: frozenset[str]
+    default_lr: float  # train.lr when the config leaves it out: methods with few parameters need larger steps
+
+    def base_load_kwargs(self, options: BaseModel) -> dict:
+        """Extra ``from_pretrained`` arguments for loading the base model (quantisation for QLoRA), else {}."""
+        ...
 
     def apply(self, model: nn.Module, options: BaseModel) -> nn.Module:
         """Return the model prepared for training; only the method's parameters require grad."""
@@ -37,7 +49,14 @@ class TuningMethod(Protocol):
         ...
 
     def merge(self, model: nn.Module) -> nn.Module:
-        """Return a plain model with the method's update folded into the weights."""
+        """Return a plain model with the method's update folded into the weights.
+
+        Raises TunelabError where the method cannot be merged (``mergeable`` is False).
+        """
+        ...
+
+    def disabled(self, model: nn.Module) -> AbstractContextManager:
+        """Context in which ``model`` computes exactly what the base model did (``detachable`` methods)."""
         ...
 
 
@@ -67,6 +86,13 @@ def trainable_parameters(model: nn.Module) -> dict[str, "nn.Parameter"]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def _logical_numel(p) -> int:
+    """Weights a parameter stands for: a 4-bit quantized tensor packs two weights per stored byte."""
+    quant_state = getattr(p, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights are counted once."""
     seen, trainable, total = set(), 0, 0
@@ -74,7 +100,26 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        n = _logical_numel(p)
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total
+
+
+# Files that identify an artifact's method when it is given without its run directory.
+_ARTIFACT_MARKERS = {"tunelab_adapter.json": "adapter", "tunelab_freeze.json": "freeze"}
+
+
+def artifact_method(directory: Path) -> TuningMethod | None:
+    """The method that can load the artifact in ``directory``: a PEFT adapter, or one of tunelab's own."""
+    import json
+
+    for marker, name in _ARTIFACT_MARKERS.items():
+        if (directory / marker).is_file():
+            return get_method(name)
+    peft_config = directory / "adapter_config.json"
+    if peft_config.is_file():
+        peft_type = str(json.loads(peft_config.read_text()).get("peft_type", "LORA")).lower()
+        return get_method({"prefix_tuning": "prefix", "prompt_tuning": "prompt"}.get(peft_type, peft_type))
+    return None

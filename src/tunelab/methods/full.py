@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from tunelab.methods.base import register_method
+from tunelab.methods.common import MethodDefaults
 
 
 class FullOptions(BaseModel):
@@ -15,12 +16,14 @@ class FullOptions(BaseModel):
 
 
 @register_method
-class FullFineTuning:
+class FullFineTuning(MethodDefaults):
     """Update rule: W <- W - lr * AdamW(dL/dW) for every parameter W."""
 
     name = "full"
     options_class = FullOptions
     artifact = "model"
+    mergeable = True  # nothing to fold: the weights are the model
+    default_lr = 5e-5
 
     def apply(self, model: nn.Module, options: FullOptions) -> nn.Module:
         for p in model.parameters():

@@ -63,13 +63,14 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES.get(name, torch.float32)
 
 
-def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False):
-    """Load a causal LM from a resolved path, safetensors only."""
+def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, **extra):
+    """Load a causal LM from a resolved path, safetensors only; ``extra`` goes to ``from_pretrained``
+    (a tuning method's quantization config and device map)."""
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+            path, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as exc:
         raise _hub_error(path, exc) from None

@@ -63,6 +63,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     data_hash = data_fingerprint(_hashed_inputs(config))
     resume_from, previous = check_run_dir(run_dir, resume, force, resolved, data_hash)
     check_eval_settings(config)
+    check_method_fits(config)
 
     # 2. Tokenizer, tokenized data, model with the tuning method applied, optimizer (and checkpoint state).
     model_path, tokenizer, added_tokens = load_prepared_tokenizer(config)
@@ -71,7 +72,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         console.print("[yellow]warning:[/] every eval example was dropped as too long; no validation loss will be computed")
     total = _total_steps(config, len(data.train))
     accelerator = _accelerator(config.train.precision)
-    base = _load_base(config, model_path, tokenizer, added_tokens).to(accelerator.device)
+    base = _load_base(config, model_path, tokenizer, added_tokens, accelerator.device)
     before = evaluate_before(config, LoadedModel(base, tokenizer, "untuned"), examples, run_dir, console)
     model, method, params = _apply_method(config, base, tokenizer, added_tokens)
     optimizer = torch.optim.AdamW(params.values(), lr=config.train.lr, weight_decay=config.train.weight_decay)
@@ -104,37 +105,65 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     model, optimizer = accelerator.prepare(model, optimizer)
     if scaler_state and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(scaler_state)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     started = time.time()
     try:
-        last_loss, last_eval = _train_loop(config, model, optimizer, params, data, accelerator, run_dir, start_step, tokenizer, console)
+        last_loss, last_eval, tokens_trained = _train_loop(config, model, optimizer, params, data, accelerator, run_dir, start_step,
+                                                           tokenizer, console)
     except TunelabError:
         write_manifest(run_dir, {**manifest, "status": "failed"})
         raise
     train_seconds = time.time() - started
+    costs = {"train_seconds": round(train_seconds, 2), "tokens_per_s": round(tokens_trained / max(train_seconds, 1e-9), 1),
+             **peak_memory()}
 
     # 5. Save the artifact (atomically) with the tokenizer and its chat template; finish the manifest.
     artifact_dir = run_dir / method.artifact
     with atomic_dir(artifact_dir) as tmp:
         method.save(accelerator.unwrap_model(model), tmp)
         tokenizer.save_pretrained(tmp)
-    console.print(f"Saved {method.artifact} to [bold]{artifact_dir}[/] ({dir_size_mb(artifact_dir):.1f} MB).")
+    costs["artifact_mb"] = round(dir_size_mb(artifact_dir), 3)
+    console.print(f"Saved {method.artifact} to [bold]{artifact_dir}[/] ({costs['artifact_mb']:.1f} MB); "
+                  f"trainable parameters {n_trainable:,} ({100 * n_trainable / n_total:.3f}% of {n_total:,}).")
 
     # 6. What it learned and what it forgot: the tuned model against the untuned one.
     tuned = accelerator.unwrap_model(model)
     tuned.config.use_cache = True
     report = evaluate_after(config, LoadedModel(tuned, tokenizer, "tuned"), examples, before, run_dir, console)
-    write_manifest(run_dir, finish_manifest(manifest, train_seconds=round(train_seconds, 2), final_train_loss=last_loss,
+    write_manifest(run_dir, finish_manifest(manifest, **costs, final_train_loss=last_loss,
                                             final_eval=last_eval, eval_summary=_eval_summary(report)))
     return TrainResult(run_dir, artifact_dir, total, last_loss, (last_eval or {}).get("eval_loss"), train_seconds)
 
 
-def _load_base(config: RunConfig, model_path: str, tokenizer, added_tokens: list[str]):
-    """The untuned model, with embeddings resized for tokens a chat-template fallback added."""
+def check_method_fits(config: RunConfig) -> None:
+    """Refuse, before anything loads, run features the tuning method cannot be combined with."""
+    method = get_method(config.method.name)
+    asked = {"packing": config.train.packing, "gradient_checkpointing": config.train.gradient_checkpointing}
+    clashes = sorted(feature for feature, on in asked.items() if on and feature in method.incompatible)
+    if clashes:
+        raise TunelabError(f"method {method.name} cannot be combined with " + ", ".join(f"train.{c}=true" for c in clashes)
+                           + " (it changes the sequence the model attends over); set " + ", ".join(f"train.{c}=false" for c in clashes))
+
+
+def peak_memory() -> dict:
+    """Peak memory of this process: CUDA allocations on a GPU, else the resident set size (whole process lifetime)."""
+    if torch.cuda.is_available():
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1), "peak_memory_kind": "cuda_max_allocated"}
+    import resource
+
+    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "peak_memory_kind": "cpu_peak_rss"}
+
+
+def _load_base(config: RunConfig, model_path: str, tokenizer, added_tokens: list[str], device):
+    """The untuned model on ``device``, loaded as the method needs (quantized for QLoRA), with embeddings
+    resized for tokens a chat-template fallback added."""
     torch.manual_seed(config.train.seed)
-    model = load_model(model_path, config.model.dtype, config.model.trust_remote_code)
+    extra = get_method(config.method.name).base_load_kwargs(method_options(config))
+    model = load_model(model_path, config.model.dtype, config.model.trust_remote_code, **extra)
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
-    return model
+    return model if "device_map" in extra else model.to(device)
 
 
 def _apply_method(config: RunConfig, model, tokenizer, added_tokens: list[str]):
@@ -149,6 +178,12 @@ def _apply_method(config: RunConfig, model, tokenizer, added_tokens: list[str]):
         # Tokens added by the chat-template fallback start random; train their rows so the model can
         # read <|im_start|> and learn to emit <|im_end|>.
         options = options.model_copy(update={"trainable_token_indices": tokenizer.convert_tokens_to_ids(added_tokens)})
+    elif added_tokens and method.name != "full" and "trainable_token_indices" not in type(options).model_fields:
+        raise TunelabError(
+            f"the model has no chat template, so tunelab added the tokens {added_tokens}, whose embeddings start random; "
+            f"method {method.name} cannot train them. Give data.chat_template (a template using the model's own tokens) "
+            "or use method.name=lora, qlora or full"
+        )
     try:
         model = method.apply(model, options)
     except ValueError as exc:  # e.g. peft: target modules not found in the model
@@ -196,7 +231,7 @@ def _hashed_inputs(config: RunConfig) -> list[str]:
 
 
 def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, start_step, tokenizer, console):
-    """The optimisation loop; returns (last logged train loss, last validation metrics)."""
+    """The optimisation loop; returns (last logged train loss, last validation metrics, input tokens processed)."""
     cfg = config.train
     total = _total_steps(config, len(data.train))
     per_epoch = _steps_per_epoch(config, len(data.train))
@@ -204,9 +239,10 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
     save_every = cfg.save_every or per_epoch
     eval_every = cfg.eval_every or save_every
     pad_id = tokenizer.pad_token_id
+    make_batch = _packed_collate() if cfg.packing else collate
     log = MetricsLog(run_dir, resume_step=start_step)
     last_loss, last_eval, order_epoch, order = None, None, -1, []
-    tokens_seen, window_start = 0, time.time()
+    tokens_seen, tokens_total, window_start = 0, 0, time.time()
     model.train()
     with training_progress(console) as progress:
         task = progress.add_task("train", total=total, completed=start_step, loss="-", lr="-", tok_s="-")
@@ -214,13 +250,15 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
             epoch, index = divmod(step, per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = _epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch), epoch
-            micro = [collate([data.train[i] for i in ids], pad_id) for ids in order[index * cfg.grad_accum : (index + 1) * cfg.grad_accum]]
+            micro = [make_batch([data.train[i] for i in ids], pad_id) for ids in order[index * cfg.grad_accum : (index + 1) * cfg.grad_accum]]
             step_tokens = sum(trained_token_count(b["labels"]) for b in micro)
             lr = lr_at(step, base_lr=cfg.lr, total_steps=total, warmup=warmup, kind=cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = _accumulate_gradients(model, micro, step_tokens, accelerator)
-            tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro)
+            step_input_tokens = sum(_real_tokens(b) for b in micro)
+            tokens_seen += step_input_tokens
+            tokens_total += step_input_tokens
             grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -248,7 +286,7 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
                 save_checkpoint(run_dir / "checkpoints", done, params, optimizer, extra, cfg.keep_last)
             _crash_for_tests(done)
     log.close()
-    return last_loss, last_eval
+    return last_loss, last_eval, tokens_total
 
 
 def _accumulate_gradients(model, micro_batches: list[dict], step_tokens: int, accelerator) -> torch.Tensor:
@@ -265,6 +303,17 @@ def _accumulate_gradients(model, micro_batches: list[dict], step_tokens: int, ac
         accelerator.backward(loss / max(step_tokens, 1))
         loss_sum += loss.detach()
     return loss_sum
+
+
+def _packed_collate():
+    from tunelab.data.packing import collate_packed
+
+    return collate_packed
+
+
+def _real_tokens(batch: dict) -> int:
+    """Non-padding tokens of a batch (a packed batch has no padding and no attention mask)."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
 def _require_finite(loss_sum: torch.Tensor, step: int) -> float:

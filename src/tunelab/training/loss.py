@@ -2,12 +2,18 @@
 
 A mean of per-micro-batch means over-weights short micro-batches; we sum the cross-entropy over every
 trained token of a micro-batch and divide by the trained-token count of the whole accumulated step.
+
+Batches are padded (``attention_mask``) or packed (``position_ids`` restarting at 0 for each example,
+no mask; see ``tunelab.data.packing``); both give the same summed loss for the same examples.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from tunelab.data.packing import check_packed_attention
+from tunelab.errors import TunelabError
 
 IGNORE_INDEX = -100
 
@@ -33,17 +39,29 @@ def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 # Architectures whose logits are exactly lm_head(final hidden state): no logit scaling or soft-capping.
 _PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "olmo2"})
 
+# PEFT methods whose layers sit inside the decoder (they replace or scale its linear layers), so the
+# decoder's last hidden state followed by lm_head is still exactly the model's output.
+_IN_DECODER_PEFT_TYPES = frozenset({"LORA", "IA3"})
+
+
+def _peft_config(model):
+    """The active PEFT config of a PEFT-wrapped model, else None."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        return model.peft_config[model.active_adapter]
+    return None
+
 
 def _plain_causal_lm(model):
     """The underlying HF model if its trained-position fast path is exact, else None.
 
-    Exact for plain models and LoRA (its layers sit inside the decoder); not for prompt/prefix tuning,
-    whose PEFT wrapper changes the inputs, nor for heads with scaling or soft-capping.
+    Exact for plain models (also with modules added inside the decoder, such as bottleneck adapters or
+    freeze tuning) and for LoRA and IA3 (their layers sit inside the decoder); not for prompt/prefix
+    tuning, whose PEFT wrapper changes the inputs, nor for heads with scaling or soft-capping.
     """
     base = model
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        config = model.peft_config[model.active_adapter]
-        if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
+    config = _peft_config(model)
+    if config is not None:
+        if str(getattr(config.peft_type, "value", config.peft_type)) not in _IN_DECODER_PEFT_TYPES:
             return None
         base = model.get_base_model()
     if getattr(base.config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
@@ -53,19 +71,53 @@ def _plain_causal_lm(model):
     return base
 
 
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
+    """Keyword arguments for the forward pass of a padded or packed batch.
+
+    A padded batch has an ``attention_mask``; a packed one has ``position_ids`` restarting at 0 for each
+    example and no mask (see ``tunelab.data.packing``). transformers derives the per-example attention
+    from those position ids only when it is given no KV cache, hence ``use_cache=False`` for packed
+    batches.
+    """
+    inputs: dict[str, torch.Tensor | bool] = {"input_ids": batch["input_ids"]}
+    if batch.get("attention_mask") is not None:
+        inputs["attention_mask"] = batch["attention_mask"]
+    if batch.get("position_ids") is not None:
+        inputs["position_ids"] = batch["position_ids"]
+        inputs["use_cache"] = False
+    return inputs
+
+
 def summed_loss_of_batch(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token loss of a batch, computing logits only at trained positions when exact.
 
     Most tokens of an instruction example are prompt (often > 80 %), so projecting only the trained
     positions onto the vocabulary saves most of the lm_head matmul and cross-entropy, in memory and time.
     Falls back to full logits where that shortcut would not be exact.
+
+    Args:
+        model: A causal LM, PEFT-wrapped or not.
+        batch: ``input_ids`` and ``labels`` (B, T), plus either ``attention_mask`` (padded batch) or
+            ``position_ids`` without a mask (packed batch, see ``tunelab.data.packing``).
     """
+    inputs = _model_inputs(batch)
+    labels = batch["labels"]  # (B, T)
+    if "position_ids" in inputs:
+        check_packed_attention(model, rows=labels.shape[0])
     base = _plain_causal_lm(model)
     if base is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return summed_token_loss(logits, batch["labels"])
-    hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
-    targets = batch["labels"][:, 1:]  # (B, T-1)
+        config = _peft_config(model)
+        if "position_ids" in inputs and config is not None and getattr(config, "is_prompt_learning", False):
+            kind = getattr(config.peft_type, "value", config.peft_type)
+            raise TunelabError(
+                f"packing cannot be used with {kind} (its virtual tokens are added once per row, "
+                "not per example); set train.packing=false"
+            )
+        logits = model(**inputs).logits  # (B, T, V), or (B, P+T, V) with P virtual tokens in front (prompt tuning)
+        return summed_token_loss(logits[:, -labels.shape[1] :], labels)
+    inputs["use_cache"] = False
+    hidden = base.model(**inputs).last_hidden_state  # (B, T, H)
+    targets = labels[:, 1:]  # (B, T-1)
     trained = targets != IGNORE_INDEX
     logits = base.get_output_embeddings()(hidden[:, :-1][trained]).float()  # (N, V) for N trained positions
     return F.cross_entropy(logits, targets[trained], reduction="sum")

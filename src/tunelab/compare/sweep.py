@@ -1,0 +1,289 @@
+"""``tunelab compare``: one task, many ways to adapt the model, one report.
+
+The sweep reads top to bottom:
+
+1. validate the config and the candidate list (nothing loads before this passes);
+2. evaluate the untuned model once: zero-shot, k-shot, RAG and the forgetting probe
+   (``untuned/eval_before.json``), shared by every trained candidate through ``eval.before_from``;
+3. train each method as a normal run directory ``<sweep>/<method>/`` in its own process (isolated
+   crashes and a true per-candidate peak memory), with the same data, epochs/steps and batch size;
+   a finished candidate is skipped and an interrupted one resumed, so re-running the same command
+   continues the sweep where it stopped;
+4. collect each candidate's numbers from its own ``manifest.json``, ``eval.json`` and
+   ``metrics.jsonl`` and write ``report.md``, ``report.html`` and ``report.json``.
+
+Learning rates: the method named in the config keeps the config's ``train.lr`` and options; every other
+method trains with its own recommended rate (``tunelab methods``) and default options, except that
+options a method also accepts (LoRA's for QLoRA) are carried over.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from tunelab.atomic import write_text_atomic
+from tunelab.compare.report import CandidateResult, write_report
+from tunelab.config import load_config
+from tunelab.config.load import resolved_dict
+from tunelab.config.schema import RunConfig
+from tunelab.errors import TunelabError
+from tunelab.methods import get_method, method_names
+from tunelab.training.rundir import read_run_manifest
+
+BASELINE_CANDIDATES = ("zero_shot", "few_shot", "rag")
+DEFAULT_SHOTS = 3  # k for few_shot / rag when the config does not set eval.few_shot / eval.rag
+
+
+def candidate_names() -> list[str]:
+    return list(BASELINE_CANDIDATES) + method_names()
+
+
+def parse_candidates(spec: str | None) -> list[str]:
+    """``"zero_shot,lora,full"`` -> validated list (all candidates when None)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()] if spec else candidate_names()
+    unknown = [n for n in names if n not in candidate_names()]
+    if unknown:
+        raise TunelabError(f"--methods: unknown candidate(s) {', '.join(unknown)}; choose from {', '.join(candidate_names())}")
+    if len(set(names)) != len(names):
+        raise TunelabError("--methods: a candidate is listed twice")
+    return names
+
+
+def default_sweep_dir(config: RunConfig) -> Path:
+    out = Path(config.output_dir)
+    return out.parent / f"compare-{out.name}"
+
+
+def run_compare(config_path: Path, overrides: list[str], candidates: list[str], sweep_dir: Path | None = None,
+                console: Console | None = None) -> Path:
+    """Run (or continue) the sweep and write its report; returns the sweep directory."""
+    console = console or Console(stderr=True)
+    # 1. Validate.
+    config = load_config(config_path, overrides)
+    if not config.data.eval_files():
+        raise TunelabError("tunelab compare needs held-out data to score candidates on: set data.eval")
+    from tunelab.recipes.evaluation_stage import check_eval_settings
+    from tunelab.recipes.setup import read_examples
+
+    check_eval_settings(config)
+    examples = read_examples(config)
+    sweep_dir = Path(sweep_dir or default_sweep_dir(config))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    trained = [c for c in candidates if c not in BASELINE_CANDIDATES]
+    write_text_atomic(sweep_dir / "sweep.yaml", yaml.safe_dump(
+        {"config": str(config_path), "overrides": overrides, "candidates": candidates}, sort_keys=False))
+
+    # 2. The untuned model, once.
+    started = time.time()
+    before_path = sweep_dir / "untuned" / "eval_before.json"
+    if not before_path.is_file():
+        console.rule("[bold]untuned model: baselines and forgetting probe")
+        _evaluate_untuned(config, candidates, examples, before_path.parent, console)
+
+    # 3. Each trained candidate in its own process.
+    durations: list[float] = []
+    for index, name in enumerate(trained, 1):
+        eta = _eta(durations, len(trained) - index + 1)
+        console.rule(f"[bold]candidate {index}/{len(trained)}: {name}[/]" + (f"  (sweep ETA {eta})" if eta else ""))
+        seconds = _train_candidate(config, config_path, overrides, name, sweep_dir, before_path, console, f"{name} {index}/{len(trained)}")
+        if seconds is not None:
+            durations.append(seconds)
+
+    # 4. Collect and report.
+    import json
+
+    before = json.loads(before_path.read_text())
+    results = [_baseline_result(name, before, config) for name in candidates if name in BASELINE_CANDIDATES]
+    results += [_trained_result(name, sweep_dir / name, config) for name in trained]
+    meta = {
+        "model": config.model.path, "config": str(config_path), "overrides": overrides, "metric": config.eval.metric,
+        "eval_examples": len(examples.eval[: config.eval.limit] if config.eval.limit else examples.eval),
+        "train_examples": len(examples.train),
+        "budget": _budget(config), "device": _device(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "sweep_seconds_this_invocation": round(time.time() - started, 1),
+    }
+    md, html = write_report(sweep_dir, results, meta)
+    console.print(f"Report: [bold]{md}[/] and [bold]{html}[/]")
+    return sweep_dir
+
+
+def _evaluate_untuned(config: RunConfig, candidates: list[str], examples, untuned_dir: Path, console: Console) -> None:
+    """zero-shot (always), k-shot and RAG as asked, and the probe, on the untuned model."""
+    from tunelab.evaluation.run import LoadedModel
+    from tunelab.models.load import load_model
+    from tunelab.recipes.evaluation_stage import evaluate_before, save_before
+    from tunelab.recipes.setup import load_prepared_tokenizer
+
+    shots = config.eval.few_shot or DEFAULT_SHOTS
+    k = config.eval.rag or DEFAULT_SHOTS
+    eval_cfg = config.eval.model_copy(update={"before": True, "few_shot": shots if "few_shot" in candidates else 0,
+                                              "rag": k if "rag" in candidates else 0, "before_from": None})
+    config = config.model_copy(update={"eval": eval_cfg})
+    model_path, tokenizer, added = load_prepared_tokenizer(config)
+    model = load_model(model_path, config.model.dtype, config.model.trust_remote_code)
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
+    import torch
+
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    untuned_dir.mkdir(parents=True, exist_ok=True)
+    result = evaluate_before(config, LoadedModel(model, tokenizer, "untuned"), examples, untuned_dir, console)
+    save_before(untuned_dir, result)
+
+
+def candidate_tree(config: RunConfig, name: str, run_dir: Path, before_path: Path) -> dict:
+    """The candidate's config: the base config with this method, its learning rate, and shared baselines."""
+    tree = resolved_dict(config)
+    base_method = dict(tree["method"])
+    options = {k: v for k, v in base_method.items() if k != "name"}
+    method = get_method(name)
+    carried = {k: v for k, v in options.items() if k in method.options_class.model_fields}
+    tree["method"] = {"name": name, **carried}
+    if base_method["name"] != name:
+        tree["train"]["lr"] = method.default_lr
+    if name in ("prefix", "prompt"):
+        tree["train"]["packing"] = False
+        tree["train"]["gradient_checkpointing"] = False
+    tree["output_dir"] = str(run_dir)
+    tree["eval"].update(few_shot=0, rag=0, before=True, before_from=str(before_path))
+    return tree
+
+
+def _train_candidate(config: RunConfig, config_path: Path, overrides: list[str], name: str, sweep_dir: Path,
+                     before_path: Path, console: Console, label: str) -> float | None:
+    """Train one candidate (or continue it); returns its duration, or None when it was already done / failed."""
+    run_dir = sweep_dir / name
+    manifest = read_run_manifest(run_dir)
+    tree = candidate_tree(config, name, run_dir, before_path)
+    if manifest:
+        _check_same_candidate(run_dir, manifest, tree)
+    if manifest and manifest.get("status") == "finished":
+        console.print(f"{name}: finished earlier with the same config, reusing {run_dir}")
+        return None
+    if run_dir.exists() and manifest is None:
+        shutil.rmtree(run_dir)  # an attempt that died before writing anything useful
+    config_file = sweep_dir / "configs" / f"{name}.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(config_file, yaml.safe_dump(tree, sort_keys=False))
+    command = [sys.executable, "-m", "tunelab.cli", "train", str(config_file)] + (["--resume"] if manifest else [])
+    started = time.time()
+    log_path = sweep_dir / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        env = {**os.environ, "COLUMNS": "160"}  # the child's output is a pipe: keep its lines whole
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+        try:
+            for line in process.stdout:
+                log.write(line)
+                console.print(f"[dim]\\[{label}][/] {line.rstrip()}", highlight=False, markup=True, soft_wrap=True)
+            code = process.wait()
+        except KeyboardInterrupt:
+            process.terminate()
+            process.wait()
+            raise
+    if code != 0:
+        console.print(f"[red]{name} failed (exit status {code}); its output is in {log_path}. The sweep goes on.[/]")
+        return None
+    return time.time() - started
+
+
+def _check_same_candidate(run_dir: Path, manifest: dict, tree: dict) -> None:
+    """A candidate already in the sweep directory must have been made from the same config."""
+    from tunelab.config.load import config_differences, config_hash
+
+    resolved = resolved_dict(RunConfig.model_validate(tree))
+    if manifest.get("config_hash") == config_hash(resolved):
+        return
+    old_path = run_dir / "config.yaml"
+    old = yaml.safe_load(old_path.read_text()) if old_path.is_file() else {}
+    differences = "; ".join(config_differences(old, resolved)[:5]) or "config hash differs"
+    raise TunelabError(f"{run_dir} was trained with a different config ({differences}); this sweep directory belongs to "
+                       "another comparison: pass a new --out, or delete that candidate to retrain it")
+
+
+def _eta(durations: list[float], remaining: int) -> str | None:
+    if not durations:
+        return None
+    seconds = sum(durations) / len(durations) * remaining
+    return f"~{seconds / 60:.0f} min" if seconds >= 90 else f"~{seconds:.0f} s"
+
+
+def _baseline_result(name: str, before: dict, config: RunConfig) -> CandidateResult:
+    entry = before.get(name)
+    if entry is None:
+        return CandidateResult.from_dict({"name": name, "kind": "baseline", "status": "skipped", "metric": config.eval.metric,
+                                          "error": "not evaluated (no eval examples?)"})
+    return CandidateResult.from_dict({
+        "name": name, "kind": "baseline", "status": "finished", "run_dir": None, "metric": config.eval.metric,
+        "score": entry["score"], "retention": None, "probe_lost": [], "trainable_parameters": 0, "artifact_mb": 0.0,
+        "train_seconds": 0.0, "eval_seconds": entry.get("seconds"),
+    })
+
+
+def _trained_result(name: str, run_dir: Path, config: RunConfig) -> CandidateResult:
+    import json
+
+    manifest = read_run_manifest(run_dir) or {}
+    eval_path = run_dir / "eval.json"
+    if manifest.get("status") != "finished" or not eval_path.is_file():
+        log = run_dir.parent / "logs" / f"{name}.log"
+        return CandidateResult.from_dict({"name": name, "kind": "trained", "status": "failed", "run_dir": str(run_dir),
+                                          "metric": config.eval.metric, "error": _last_error(log)})
+    report = json.loads(eval_path.read_text())
+    forgetting = report.get("forgetting") or {}
+    curve = []
+    metrics = run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in record:
+            curve.append((record["step"], record["loss"]))
+    return CandidateResult.from_dict({
+        "name": name, "kind": "trained", "status": "finished", "run_dir": str(run_dir), "metric": report["metric"],
+        "score": report["tuned"]["score"] if "tuned" in report else None,
+        "retention": forgetting.get("retention"), "probe_right_before": forgetting.get("right_before"),
+        "probe_right_after": forgetting.get("right_after"), "probe_items": forgetting.get("items"),
+        "probe_lost": [item["id"] for item in forgetting.get("lost", [])],
+        "trainable_parameters": manifest.get("trainable_parameters"), "total_parameters": manifest.get("total_parameters"),
+        "artifact_mb": manifest.get("artifact_mb"), "peak_memory_mb": manifest.get("peak_memory_mb"),
+        "peak_memory_kind": manifest.get("peak_memory_kind"), "train_seconds": manifest.get("train_seconds"),
+        "tokens_per_s": manifest.get("tokens_per_s"), "loss_curve": curve,
+        "eval_seconds": report.get("tuned", {}).get("seconds"),
+    })
+
+
+def _last_error(log: Path) -> str:
+    if not log.is_file():
+        return "did not run"
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["failed"])[-1][-300:]
+
+
+def _budget(config: RunConfig) -> str:
+    t = config.train
+    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch(s)"
+    return f"same for every trained candidate: {length}, batch {t.batch_size} x accumulation {t.grad_accum}, same examples and order (seed {t.seed})"
+
+
+def _device() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import os
+
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()})"

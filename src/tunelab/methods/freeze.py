@@ -1,0 +1,95 @@
+"""Freeze tuning: train only the last N transformer blocks (and/or named parameters), freeze the rest.
+
+The oldest transfer-learning recipe, and the cheap middle ground between PEFT and full fine-tuning:
+the update is a plain change of some base weights, so the artifact stores only those tensors
+(safetensors) plus a small JSON file, and loading writes them back into a fresh base model. peft has no
+such method, hence this module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tunelab.errors import TunelabError
+from tunelab.methods.base import register_method
+from tunelab.methods.common import MethodDefaults
+
+CONFIG_FILE = "tunelab_freeze.json"
+WEIGHTS_FILE = "trained_weights.safetensors"
+
+
+class FreezeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    last_n_blocks: int = Field(2, ge=0, description="train the last N transformer blocks")
+    modules: list[str] = Field(default_factory=list, description="also train parameters whose name matches any of these regexes, e.g. ['norm.weight$']")
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, blocks) of the model's stack of transformer blocks: its longest ModuleList."""
+    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)]
+    if not lists:
+        raise TunelabError("method freeze: found no list of transformer blocks in this model; use method.modules to name parameters")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def _trained_names(model: nn.Module, options: FreezeOptions) -> list[str]:
+    prefix, blocks = decoder_blocks(model)
+    if options.last_n_blocks > len(blocks):
+        raise TunelabError(f"method.last_n_blocks: the model has {len(blocks)} blocks, asked for {options.last_n_blocks}")
+    first = len(blocks) - options.last_n_blocks
+    block_prefixes = tuple(f"{prefix}.{i}." for i in range(first, len(blocks)))
+    patterns = [re.compile(p) for p in options.modules]
+    names = [name for name, _ in model.named_parameters()
+             if name.startswith(block_prefixes) or any(p.search(name) for p in patterns)]
+    if not names:
+        raise TunelabError("method freeze: nothing to train; set method.last_n_blocks > 0 or method.modules")
+    return names
+
+
+@register_method
+class FreezeTuning(MethodDefaults):
+    name = "freeze"
+    options_class = FreezeOptions
+    artifact = "weights"
+    mergeable = True  # the update already is a change of base weights
+    default_lr = 1e-4
+
+    def apply(self, model: nn.Module, options: FreezeOptions) -> nn.Module:
+        trained = set(_trained_names(model, options))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trained)
+        model._tunelab_freeze = options
+        return model
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        options: FreezeOptions = model._tunelab_freeze
+        tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        (directory / CONFIG_FILE).write_text(json.dumps(
+            {"method": self.name, "options": options.model_dump(), "base_model": model.config._name_or_path}, indent=2) + "\n")
+
+    def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
+        try:
+            options = FreezeOptions(**json.loads((directory / CONFIG_FILE).read_text())["options"])
+            tensors = load_file(str(directory / WEIGHTS_FILE))
+        except (OSError, ValueError, KeyError) as exc:
+            raise TunelabError(f"{directory}: not a freeze-tuning artifact ({exc})") from None
+        model = self.apply(base_model, options)
+        params = dict(model.named_parameters())
+        expected = {name for name, p in params.items() if p.requires_grad}
+        if set(tensors) != expected or any(tensors[n].shape != params[n].shape for n in expected):
+            raise TunelabError(f"{directory / WEIGHTS_FILE}: its tensors do not match this base model's blocks")
+        for name, tensor in tensors.items():
+            params[name].data.copy_(tensor)
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model

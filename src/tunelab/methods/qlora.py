@@ -1,0 +1,72 @@
+"""QLoRA (Dettmers et al. 2023, arXiv:2305.14314): LoRA over a base quantized with bitsandbytes.
+
+The frozen base is stored in 4-bit NormalFloat (optionally with double quantisation of the scales) or
+8-bit, and dequantized block by block in ``compute_dtype`` during the forward pass; the LoRA matrices stay
+in full precision and are the only trained weights. The artifact is an ordinary PEFT LoRA adapter.
+bitsandbytes runs on CUDA and (from 0.45) on CPU; where it is missing or cannot run, ``base_load_kwargs``
+fails before anything loads, with the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from tunelab.errors import TunelabError
+from tunelab.methods.base import register_method
+from tunelab.methods.common import PeftMethod
+from tunelab.methods.lora import LoraOptions, lora_config
+
+
+class QLoraOptions(LoraOptions):
+    bits: Literal[4, 8] = Field(4, description="base weight precision")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="also quantize the quantization constants (4-bit only)")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the 4-bit weights are dequantized to; auto = bfloat16 on GPUs that have it, else float32"
+    )
+
+
+def _compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+@register_method
+class QLoRA(PeftMethod):
+    name = "qlora"
+    options_class = QLoraOptions
+    mergeable = False  # merging into quantized weights loses the update's precision
+    default_lr = 1e-3
+
+    def base_load_kwargs(self, options: QLoraOptions) -> dict:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise TunelabError("method qlora needs bitsandbytes: pip install 'tunelab[qlora]' (or pip install bitsandbytes)") from None
+        if options.bits == 8:
+            config = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.quant_type,
+                                        bnb_4bit_use_double_quant=options.double_quant,
+                                        bnb_4bit_compute_dtype=_compute_dtype(options.compute_dtype))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return {"quantization_config": config, "device_map": {"": device}}
+
+    def peft_config(self, model: nn.Module, options: QLoraOptions):
+        return lora_config(LoraOptions(**options.model_dump(include=set(LoraOptions.model_fields))))
+
+    def apply(self, model: nn.Module, options: QLoraOptions) -> nn.Module:
+        from peft import prepare_model_for_kbit_training
+
+        if not getattr(model, "is_quantized", False):
+            raise TunelabError("method qlora: the base model was not loaded quantized (load it with base_load_kwargs)")
+        checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        return super().apply(model, options)

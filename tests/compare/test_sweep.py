@@ -1,0 +1,84 @@
+"""tunelab compare on a tiny model: every candidate is a normal run; the report restates their own files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tunelab.compare.sweep import candidate_tree, parse_candidates, run_compare
+from tunelab.errors import TunelabError
+
+
+@pytest.fixture
+def sweep_config(tmp_path, chat_data, tiny_llama):
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": str(tiny_llama), "method": {"name": "lora", "r": 4},
+        "data": {"train": str(chat_data["train"]), "eval": str(chat_data["eval"])},
+        "train": {"max_steps": 2, "batch_size": 4, "warmup_ratio": 0},
+        "eval": {"max_new_tokens": 4, "probe": True},
+        "output_dir": str(tmp_path / "run"),
+    }))
+    return path
+
+
+def test_sweep_report_matches_each_candidates_own_files(sweep_config, tmp_path):
+    sweep = run_compare(sweep_config, [], parse_candidates("zero_shot,few_shot,rag,lora,prompt"), tmp_path / "sweep")
+    report = json.loads((sweep / "report.json").read_text())
+    rows = {c["name"]: c for c in report["candidates"]}
+    assert set(rows) == {"zero_shot", "few_shot", "rag", "lora", "prompt"}
+    untuned = json.loads((sweep / "untuned" / "eval_before.json").read_text())
+    for name in ("zero_shot", "few_shot", "rag"):
+        assert rows[name]["score"] == untuned[name]["score"]
+    for name in ("lora", "prompt"):
+        own = json.loads((sweep / name / "eval.json").read_text())
+        manifest = json.loads((sweep / name / "manifest.json").read_text())
+        assert rows[name]["status"] == "finished"
+        assert rows[name]["score"] == own["tuned"]["score"]
+        assert rows[name]["retention"] == own["forgetting"]["retention"]
+        assert rows[name]["trainable_parameters"] == manifest["trainable_parameters"]
+        assert rows[name]["artifact_mb"] == manifest["artifact_mb"]
+        assert rows[name]["train_seconds"] == manifest["train_seconds"]
+        # the shared untuned evaluation was reused, not recomputed
+        assert own["baselines"]["zero_shot"]["score"] == untuned["zero_shot"]["score"]
+    html = (sweep / "report.html").read_text()
+    md = (sweep / "report.md").read_text()
+    assert "lora" in html and "prompt" in md and "<svg" in html
+
+    # Re-running the same command reuses finished candidates instead of training them again.
+    stamp = (sweep / "lora" / "manifest.json").stat().st_mtime_ns
+    run_compare(sweep_config, [], parse_candidates("zero_shot,few_shot,rag,lora,prompt"), tmp_path / "sweep")
+    assert (sweep / "lora" / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_a_failing_candidate_is_reported_and_the_sweep_goes_on(sweep_config, tmp_path):
+    # The config's own method options are carried to its candidate: freeze with more blocks than the model has fails.
+    tree = yaml.safe_load(sweep_config.read_text())
+    tree["method"] = {"name": "freeze", "last_n_blocks": 9}
+    sweep_config.write_text(yaml.safe_dump(tree))
+    sweep = run_compare(sweep_config, [], parse_candidates("zero_shot,freeze,ia3"), tmp_path / "sweep")
+    rows = {c["name"]: c for c in json.loads((sweep / "report.json").read_text())["candidates"]}
+    assert rows["freeze"]["status"] == "failed" and "last_n_blocks" in rows["freeze"]["error"]
+    assert rows["ia3"]["status"] == "finished"
+
+
+def test_candidate_configs_are_comparable(sweep_config, tmp_path):
+    from tunelab.config import load_config
+
+    config = load_config(sweep_config, ["train.lr=5e-4"])
+    lora = candidate_tree(config, "lora", tmp_path / "l", tmp_path / "b.json")
+    full = candidate_tree(config, "full", tmp_path / "f", tmp_path / "b.json")
+    qlora = candidate_tree(config, "qlora", tmp_path / "q", tmp_path / "b.json")
+    assert lora["train"]["lr"] == 5e-4 and full["train"]["lr"] == 5e-5  # the config's rate only for its own method
+    assert qlora["method"]["r"] == 4 and "r" not in full["method"]  # options carried where the method takes them
+    for tree in (lora, full, qlora):
+        assert tree["train"]["max_steps"] == 2 and tree["train"]["batch_size"] == 4 and tree["data"] == lora["data"]
+
+
+def test_unknown_candidates_are_refused_before_anything_runs():
+    with pytest.raises(TunelabError, match="unknown candidate"):
+        parse_candidates("lora,bogus")
+    with pytest.raises(TunelabError, match="twice"):
+        parse_candidates("lora,lora")

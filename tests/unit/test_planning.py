@@ -1,0 +1,282 @@
+"""tunelab.planning: parameter counts, trainable counts, memory behaviour, the H100 anchors, CPU measurement."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from tunelab.config.load import load_config, method_options
+from tunelab.errors import TunelabError
+from tunelab.methods import count_parameters, get_method, trainable_parameters
+from tunelab.planning import GPUS, GiB, ModelShape, load_shape, plan, print_plan, profile_data, resolve_device
+
+SMOLLM2 = Path("/tmp/tlcache/models/smollm2-135m-instruct")
+
+# The anchor shapes, as `shared/anchors/lora_throughput.py` builds them (random weights, real shapes).
+ANCHOR_SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+# GPU figures taken from shared/anchors/README.md (H100 80GB, torch.cuda.max_memory_allocated, seq 2048), not
+# measured by this test: HF + peft LoRA r=16 on all linear layers, dropout 0, bf16 weights under bf16 autocast,
+# `out = model(input_ids, labels=ids); out.loss.backward()` (logits at every position, kept through backward),
+# no padding; full fine-tuning: float32 weights under bf16 autocast.
+_LORA = ["method.name=lora", "method.r=16", "method.dropout=0", "method.target_modules=all-linear", "model.dtype=bfloat16"]
+ANCHORS = [
+    # (shape, method overrides, micro-batch, gradient checkpointing, kernels, measured peak GiB)
+    ("llama-3.2-1b", _LORA, 8, True, "hf", 31.1),
+    ("llama-3.2-1b", _LORA, 8, False, "hf", 58.5),
+    ("llama-3.2-1b", _LORA, 8, False, "liger", 26.1),
+    ("llama-3.2-1b", _LORA, 8, False, "liger", 26.4),  # + torch.compile (not modelled: same as liger)
+    ("llama-3.2-1b", _LORA, 8, True, "liger", 6.0),
+    ("llama-3.2-1b", ["method.name=full", "model.dtype=float32"], 4, True, "hf", 29.2),
+    ("llama-3.1-8b", _LORA, 4, True, "hf", 31.4),
+    ("llama-3.1-8b", _LORA, 4, True, "liger", 19.8),
+]
+
+
+def _config(model: Path, *overrides: str, data: str = "/nonexistent/train.jsonl"):
+    return load_config(None, [f"model={model}", f"data.train={data}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def anchor_dirs(tmp_path_factory) -> dict[str, Path]:
+    from transformers import LlamaConfig
+
+    dirs = {}
+    for name, shape in ANCHOR_SHAPES.items():
+        dirs[name] = tmp_path_factory.mktemp(name)
+        LlamaConfig(**shape, max_position_embeddings=8192).save_pretrained(dirs[name])  # config.json only
+    return dirs
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------ parameter counts
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_parameter_count_from_config_equals_the_model(fixture, request):
+    path = request.getfixturevalue(fixture)
+    shape = load_shape(_config(path))
+    assert sum(shape.parameter_table().values()) == count_parameters(_load(path))[1]
+
+
+def test_parameter_names_are_the_models(tiny_qwen2):
+    table = load_shape(_config(tiny_qwen2)).parameter_table()
+    model = _load(tiny_qwen2)
+    assert table == {name: p.numel() for name, p in model.named_parameters()}
+
+
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="SmolLM2-135M not cached in /tmp/tlcache")
+def test_parameter_count_of_the_real_model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # the real architecture, without reading weights
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(SMOLLM2))
+    assert sum(load_shape(_config(SMOLLM2)).parameter_table().values()) == count_parameters(model)[1]
+
+
+def test_qwen3_shape_counts_qk_norms():
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(ModelShape.from_config(config).parameter_table().values()) == count_parameters(model)[1]
+
+
+@pytest.mark.parametrize("method, options", [
+    ("lora", ["method.r=4"]),
+    ("lora", ["method.r=8", "method.target_modules=[q_proj, v_proj]"]),
+    ("full", []),
+    ("freeze", ["method.last_n_blocks=1"]),
+    ("ia3", []),
+    ("prompt", ["method.num_virtual_tokens=5"]),
+    ("prefix", ["method.num_virtual_tokens=5"]),
+    ("adapter", ["method.bottleneck=8"]),
+])
+def test_trainable_count_equals_the_applied_method(tiny_llama, method, options):
+    config = _config(tiny_llama, f"method.name={method}", *options)
+    model = get_method(method).apply(_load(tiny_llama), method_options(config))
+    expected = sum(p.numel() for p in trainable_parameters(model).values())
+    assert plan(config, "cpu").trainable_params == expected
+
+
+# --------------------------------------------------------------------------------------- memory shape
+def test_memory_grows_with_batch_and_sequence_and_checkpointing_lowers_it():
+    def peak(*overrides: str) -> int:
+        return plan(_config(SMOLLM2 if SMOLLM2.is_dir() else _anchor_free_dir(), *overrides), "h100-80gb").memory.total
+
+    base = peak("train.batch_size=4", "data.max_length=512")
+    assert peak("train.batch_size=8", "data.max_length=512") > base
+    assert peak("train.batch_size=4", "data.max_length=1024") > base
+    assert peak("train.batch_size=4", "data.max_length=512", "train.gradient_checkpointing=true") < base
+    assert peak("train.batch_size=4", "data.max_length=512", "method.name=full") > base
+
+
+def _anchor_free_dir() -> Path:
+    pytest.skip("SmolLM2-135M not cached")
+
+
+def test_qlora_plan_is_below_lora(anchor_dirs):
+    model = anchor_dirs["llama-3.1-8b"]
+    common = ["train.batch_size=2", "data.max_length=1024", "train.gradient_checkpointing=true", "method.r=16"]
+    lora = plan(_config(model, "method.name=lora", *common), "l4")
+    qlora = plan(_config(model, "method.name=qlora", "method.bits=4", *common), "l4")
+    eight = plan(_config(model, "method.name=qlora", "method.bits=8", *common), "l4")
+    assert qlora.memory.total < eight.memory.total < lora.memory.total
+    # ~0.52 byte per quantised block weight; embeddings, lm_head and norms float32 (peft's kbit preparation)
+    assert qlora.memory.weights == pytest.approx(0.516 * 6.98e9 + 4 * 1.05e9, rel=0.01)
+    assert not lora.fits and qlora.fits
+
+
+def test_phases_and_components_agree(tiny_llama):
+    p = plan(_config(tiny_llama, "train.batch_size=4", "data.max_length=128"), "h100-80gb")
+    assert p.memory.total == p.memory.phases[p.memory.peak_phase] + p.memory.overhead
+    assert p.memory.peak_phase == max(p.memory.phases, key=p.memory.phases.get)
+    assert p.memory.overhead == int(0.5 * GiB)
+
+
+@pytest.mark.parametrize("shape, overrides, batch, checkpointing, kernels, measured", ANCHORS)
+def test_anchor_gpu_peaks_within_ten_percent(anchor_dirs, shape, overrides, batch, checkpointing, kernels, measured):
+    config = _config(anchor_dirs[shape], *overrides, f"train.batch_size={batch}", "data.max_length=2048",
+                     "train.precision=bf16", f"train.gradient_checkpointing={checkpointing}")
+    p = plan(config, "h100-80gb", kernels=kernels, held_logits=True, padded=False)
+    # the anchors report torch.cuda.max_memory_allocated: tensors only, no CUDA context
+    assert p.memory.tensors / GiB == pytest.approx(measured, rel=0.10)
+
+
+# ------------------------------------------------------------------------ measured on this CPU (tiny)
+def _measured_cpu_peak(path: Path, config) -> int:
+    """Peak live tensor bytes of the second training step (Adam states present), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tunelab.training.loss import summed_loss_of_batch
+
+    torch.manual_seed(0)
+    model = _load(path).train()
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model = get_method(config.method.name).apply(model, method_options(config))
+    params = list(trainable_parameters(model).values())
+    optimizer = torch.optim.AdamW(params)
+    ids = torch.randint(4, model.config.vocab_size, (config.train.batch_size, config.data.max_length))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def step():
+        summed_loss_of_batch(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    base = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    base += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return base + peak
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method.name=lora", "train.batch_size=4", "data.max_length=128"],
+    ["method.name=lora", "train.batch_size=2", "data.max_length=256", "train.gradient_checkpointing=true"],
+    ["method.name=full", "train.batch_size=4", "data.max_length=128", "train.gradient_checkpointing=true"],
+])
+def test_cpu_estimate_matches_a_measured_step(tiny_llama, overrides):
+    config = _config(tiny_llama, *overrides)
+    estimate = plan(config, "cpu", padded=False).memory.tensors
+    assert estimate == pytest.approx(_measured_cpu_peak(tiny_llama, config), rel=0.10)
+
+
+# ---------------------------------------------------------------------------------- time and devices
+def test_time_follows_the_formula(tiny_llama):
+    config = _config(tiny_llama, "train.batch_size=4", "data.max_length=128", "train.epochs=2")
+    p = plan(config, "h100-80gb", tokens_per_epoch=1_000_000, mfu=0.5)
+    assert p.time.tokens_source == "given"
+    assert p.time.seconds == pytest.approx(2_000_000 * p.time.flops_per_token / (790e12 * 0.5))
+
+
+@pytest.mark.parametrize("method, factor", [("lora", 4), ("full", 6)])
+def test_flops_per_token_agree_with_the_anchors_formula(anchor_dirs, method, factor):
+    # anchors: (4 N for LoRA, 6 N full) + 12 L d T / 2, N = all parameters with lm_head counted once
+    shape = ANCHOR_SHAPES["llama-3.2-1b"]
+    p = plan(_config(anchor_dirs["llama-3.2-1b"], f"method.name={method}", "data.max_length=2048"), "h100-80gb",
+             tokens_per_epoch=2048)
+    anchor = factor * p.total_params + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * 2048 / 2
+    extra = p.trainable_params if method == "lora" else 0  # the adapter's own matmuls
+    assert p.time.flops_per_token == pytest.approx(anchor + 6 * extra - factor * extra, rel=0.01)
+    ckpt = plan(_config(anchor_dirs["llama-3.2-1b"], f"method.name={method}", "data.max_length=2048",
+                        "train.gradient_checkpointing=true"), "h100-80gb", tokens_per_epoch=2048)
+    assert ckpt.time.flops_per_token > p.time.flops_per_token  # the recomputed forward
+
+
+def test_time_counts_examples_when_tokens_are_unknown(make_config):
+    p = plan(make_config("train.max_steps=null", "train.epochs=1"), "h100-80gb")
+    assert p.time.tokens_per_epoch == 24 * 1024 and "upper bound" in p.time.tokens_source
+    assert p.time.steps == 6  # 24 examples, batch 4
+
+
+def test_profile_data_measures_the_real_batches(make_config):
+    config = make_config("train.max_steps=null")
+    profile = profile_data(config)
+    assert profile.examples == 24
+    assert profile.tokens <= profile.processed_tokens <= 24 * profile.longest
+    p = plan(config, "cpu", data=profile)
+    assert p.batch[1] == profile.peak_seq and p.time.tokens_per_epoch == profile.processed_tokens
+    assert p.memory.total < plan(config, "cpu").memory.total  # real batches are shorter than max_length
+
+
+def test_unknown_gpu_lists_the_known_ones():
+    with pytest.raises(TunelabError) as err:
+        resolve_device("h800")
+    for name in [*GPUS, "cpu", "current"]:
+        assert name in str(err.value)
+
+
+def test_current_device_falls_back_to_cpu_ram():
+    device = resolve_device(None)
+    if not torch.cuda.is_available():
+        assert device.kind == "cpu" and device.memory_bytes > 1 * GiB
+
+
+def test_too_big_gets_suggestions_and_prints(anchor_dirs):
+    config = _config(anchor_dirs["llama-3.2-1b"], "method.name=lora", "train.batch_size=8", "data.max_length=2048")
+    p = plan(config, "l4")
+    assert not p.fits and p.suggestions and "gradient_checkpointing" in p.suggestions[0]
+    assert "(fits)" in p.suggestions[-1]
+    assert p.fits_by_gpu["h100-80gb"] and not p.fits_by_gpu["l4"]
+    out = io.StringIO()
+    print_plan(p, Console(file=out, width=160))
+    text = out.getvalue()
+    assert "does not fit" in text and "h100-80gb" in text and "Assumptions" in text
+    json.dumps(p.memory.components())  # plain numbers, ready for --json
+
+
+def test_embedded_shape_matches_the_converted_model():
+    from tunelab.planning import _EMBEDDED_SHAPES
+
+    if not SMOLLM2.is_dir():
+        pytest.skip("SmolLM2-135M not cached in /tmp/tlcache")
+    assert load_shape(_config(SMOLLM2)) == _EMBEDDED_SHAPES["smollm2-135m-instruct"]
+
+
+def test_embedded_alias_is_planned_without_converting_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))  # an empty cache: nothing downloaded or converted
+    p = plan(load_config(None, ["data.train=/nonexistent.jsonl", "train.batch_size=2", "data.max_length=64"]), "cpu")
+    assert p.total_params - p.trainable_params == 134_515_008  # lora (the default method) adds the rest
+    assert not any(tmp_path.iterdir())
