@@ -152,6 +152,22 @@ def compare_command(
     run_compare(config, overrides or [], parse_candidates(methods), out, console)
 
 
+@app.command("plan")
+@_friendly
+def plan_command(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    gpu: str = typer.Option(None, "--gpu", help="a GPU name (h100-80gb, h200, a100-80gb, l4, rtx-4090, ...) or 'current'/'cpu'; default: this machine"),
+) -> None:
+    """Predict a config's peak memory and training time before running it (from the model's config.json only)."""
+    from tunelab.config import load_config
+    from tunelab.planning import plan, print_plan
+
+    if not config.is_file():
+        raise TunelabError(f"config file {config} not found")
+    print_plan(plan(load_config(config, overrides or []), gpu), Console())
+
+
 @app.command("methods")
 @_friendly
 def methods_command(

@@ -27,9 +27,10 @@ Peak memory = the largest of four phases of one optimizer step, plus a runtime o
   backward (loss)   static + activations + 12 B per logit: the float32 log-softmax output, its incoming and
                     its outgoing gradient are alive together (+ c when the loop keeps the output logits
                     through backward, as ``out = model(..., labels=...); out.loss.backward()`` does).
-  backward (blocks) static + activations + one recomputed block (with checkpointing) + a gradient working set
-                    of (3*c*I + 4*I (+ 4*I with dropout) when LoRA casts a 16-bit down_proj input to float32)
-                    per token (2*c*I with liger) + the lm_head gradient when it trains.
+  backward (blocks) the largest, over the blocks j in backward order, of static + the activations of blocks
+                    <= j (with checkpointing: their inputs + block j recomputed) + the gradients of lm_head
+                    and of the blocks after j + j's gradient working set per token: 3*c*I (2*c*I with
+                    liger), + 4*I (+ 4*I with dropout) when LoRA casts a 16-bit down_proj input to float32.
   optimizer step    static + all gradients + AdamW temporaries (foreach on CUDA: one trained-size buffer;
                     CPU: two copies of the largest trained tensor).
 Logit rows = B*(T-1)*completion_fraction: tunelab projects only trained positions onto the vocabulary
@@ -872,40 +873,51 @@ def _estimate_time(config: RunConfig, shape: ModelShape, m: _Method, device: Dev
 
 
 def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs) -> list[str]:
-    """Changes that lower the peak, applied one after another until the run fits, each with its new total."""
+    """Changes that lower the peak, tried in order and kept when they help, until the run fits."""
     from tunelab.config.schema import MethodConfig
 
-    steps: list[tuple[str, RunConfig]] = []
-    cfg = config.model_copy(deep=True)
+    limit, out = device.memory_bytes, []
+    current, best = config, _memory_of(config, shape, device, knobs)[0].total
 
-    def then(change: str) -> RunConfig:
-        nonlocal cfg
-        cfg = cfg.model_copy(deep=True)
-        steps.append((change, cfg))
-        return cfg
-
-    if not cfg.train.gradient_checkpointing and cfg.method.name not in ("prompt", "prefix"):
-        then("train.gradient_checkpointing=true").train.gradient_checkpointing = True
-    frozen_float32_base = cfg.method.name in _FROZEN_BASE and cfg.method.name != "qlora" and cfg.model.dtype in ("auto", "float32")
-    if frozen_float32_base and device.kind == "gpu":
-        then("model.dtype=bfloat16 (the frozen base in bf16; trained weights stay float32)").model.dtype = "bfloat16"
-    if cfg.method.name == "lora":
-        then("method.name=qlora (4-bit base)").method = MethodConfig(name="qlora", **cfg.method.options())
-    while cfg.train.batch_size > 1:
-        half = cfg.train.batch_size // 2 if cfg.train.batch_size % 2 == 0 else 1
-        accum = cfg.train.grad_accum * cfg.train.batch_size // half
-        new = then(f"train.batch_size={half} train.grad_accum={accum} (same effective batch)")
-        new.train.grad_accum, new.train.batch_size = accum, half
-        if _memory_of(new, shape, device, knobs)[0].total <= device.memory_bytes:
-            break
-    if cfg.data.max_length > 256:
-        then(f"data.max_length={cfg.data.max_length // 2} (longer examples are truncated or dropped)").data.max_length //= 2
-    out: list[str] = []
-    for change, candidate in steps:
+    def attempt(change: str, mutate) -> bool:
+        """Apply ``mutate`` to a copy of the current config; keep it if it lowers the peak. True once it fits."""
+        nonlocal current, best
+        candidate = current.model_copy(deep=True)
+        mutate(candidate)
         total = _memory_of(candidate, shape, device, knobs)[0].total
-        verdict = "fits" if total <= device.memory_bytes else "still too big"
-        out.append(f"{'+ ' if out else ''}{change}: {total / GiB:.1f} GiB ({verdict})")
-        if total <= 0.95 * device.memory_bytes:
+        if total < best:
+            current, best = candidate, total
+            out.append(f"{'+ ' if out else ''}{change}: {total / GiB:.1f} GiB ({'fits' if total <= limit else 'still too big'})")
+        return best <= 0.95 * limit
+
+    def set_attr(section: str, key: str, value):
+        return lambda cfg: setattr(getattr(cfg, section), key, value)
+
+    name = config.method.name
+    if not config.train.gradient_checkpointing and name not in ("prompt", "prefix"):
+        if attempt("train.gradient_checkpointing=true", set_attr("train", "gradient_checkpointing", True)):
+            return out
+    if name in _FROZEN_BASE and name != "qlora" and config.model.dtype in ("auto", "float32") and device.kind == "gpu":
+        if attempt("model.dtype=bfloat16 (the frozen base in bf16; trained weights stay float32)",
+                   set_attr("model", "dtype", "bfloat16")):
+            return out
+    if name == "lora" and attempt("method.name=qlora (4-bit base)",
+                                  lambda cfg: setattr(cfg, "method", MethodConfig(name="qlora", **cfg.method.options()))):
+        return out
+    while current.train.batch_size > 1:
+        batch = current.train.batch_size
+        half = batch // 2 if batch % 2 == 0 else 1
+        accum = current.train.grad_accum * batch // half
+        if attempt(f"train.batch_size={half} train.grad_accum={accum} (same effective batch)",
+                   lambda cfg: (set_attr("train", "batch_size", half)(cfg), set_attr("train", "grad_accum", accum)(cfg))):
+            return out
+        if current.train.batch_size == batch:  # the peak does not depend on the batch (optimizer step)
+            break
+    while current.data.max_length > 256:
+        length = current.data.max_length // 2
+        if attempt(f"data.max_length={length} (longer examples are truncated or dropped)", set_attr("data", "max_length", length)):
+            return out
+        if current.data.max_length != length:
             break
     return out
 

@@ -72,7 +72,13 @@ def test_candidate_configs_are_comparable(sweep_config, tmp_path):
     full = candidate_tree(config, "full", tmp_path / "f", tmp_path / "b.json")
     qlora = candidate_tree(config, "qlora", tmp_path / "q", tmp_path / "b.json")
     assert lora["train"]["lr"] == 5e-4 and full["train"]["lr"] == 5e-5  # the config's rate only for its own method
-    assert qlora["method"]["r"] == 4 and "r" not in full["method"]  # options carried where the method takes them
+    adapter = candidate_tree(config, "adapter", tmp_path / "a", tmp_path / "b.json")
+    assert qlora["method"]["r"] == 4 and "r" not in full["method"]  # options carried where the method extends lora's
+    assert adapter["method"] == {"name": "adapter"}  # lora's target_modules mean something else there
+    from tunelab.config.load import validate_method_options
+
+    for tree in (lora, full, qlora, adapter):
+        assert validate_method_options(tree["method"]) == []
     for tree in (lora, full, qlora):
         assert tree["train"]["max_steps"] == 2 and tree["train"]["batch_size"] == 4 and tree["data"] == lora["data"]
 

@@ -280,3 +280,9 @@ def test_embedded_alias_is_planned_without_converting_it(tmp_path, monkeypatch):
     p = plan(load_config(None, ["data.train=/nonexistent.jsonl", "train.batch_size=2", "data.max_length=64"]), "cpu")
     assert p.total_params - p.trainable_params == 134_515_008  # lora (the default method) adds the rest
     assert not any(tmp_path.iterdir())
+
+
+def test_suggestions_stop_when_nothing_helps(anchor_dirs):
+    # full fine-tuning of 8B: the optimizer step alone (weights, gradients, Adam) exceeds a T4 whatever the batch
+    p = plan(_config(anchor_dirs["llama-3.1-8b"], "method.name=full", "train.batch_size=4", "data.max_length=512"), "t4")
+    assert not p.fits and all("fits)" not in line for line in p.suggestions)

@@ -13,8 +13,8 @@ The sweep reads top to bottom:
    ``metrics.jsonl`` and write ``report.md``, ``report.html`` and ``report.json``.
 
 Learning rates: the method named in the config keeps the config's ``train.lr`` and options; every other
-method trains with its own recommended rate (``tunelab methods``) and default options, except that
-options a method also accepts (LoRA's for QLoRA) are carried over.
+method trains with its own recommended rate (``tunelab methods``) and default options, except that a
+method whose options extend the config's method's (QLoRA's extend LoRA's) gets those options too.
 """
 
 from __future__ import annotations
@@ -146,7 +146,10 @@ def candidate_tree(config: RunConfig, name: str, run_dir: Path, before_path: Pat
     base_method = dict(tree["method"])
     options = {k: v for k, v in base_method.items() if k != "name"}
     method = get_method(name)
-    carried = {k: v for k, v in options.items() if k in method.options_class.model_fields}
+    # Options carry over only to a method whose options extend the config's method's (LoRA's to QLoRA):
+    # the same key means the same thing there, and nowhere else (target_modules differs per method).
+    related = issubclass(method.options_class, get_method(base_method["name"]).options_class)
+    carried = {k: v for k, v in options.items() if related and k in method.options_class.model_fields}
     tree["method"] = {"name": name, **carried}
     if base_method["name"] != name:
         tree["train"]["lr"] = method.default_lr
