@@ -12,6 +12,7 @@ from tunelab.data.packing import (
     collate_packed_rows,
     pack_examples,
     packed_micro_batch,
+    row_budget,
 )
 from tunelab.errors import TunelabError
 from tunelab.training.loss import summed_loss_of_batch, summed_token_loss, trained_token_count
@@ -55,6 +56,20 @@ def test_an_over_long_example_gets_its_own_row():
     assert rows == [[0], [1], [2, 3]]
     with pytest.raises(TunelabError, match="positive"):
         pack_examples(examples, max_tokens=0)
+
+
+def test_rows_no_longer_than_the_longest_example_never_cost_more_than_padding():
+    """Token slots and attention work (sum of squared row lengths) stay at or below the padded batch's."""
+    g = torch.Generator().manual_seed(4)
+    for _ in range(20):
+        lengths = torch.randint(1, 60, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        examples = _examples(lengths)
+        width, batch = max(lengths), len(lengths)
+        row_lengths = [sum(lengths[i] for i in row) for row in pack_examples(examples, row_budget(examples, "sdpa"))]
+        assert max(row_lengths) == width and len(row_lengths) <= batch
+        assert len(row_lengths) * max(row_lengths) <= batch * width
+        assert sum(r * r for r in row_lengths) <= batch * width * width
+    assert row_budget(_examples([3, 9]), "flash_attention_2") is None  # varlen kernels: one row
 
 
 # ------------------------------------------------------------------------------- collation

@@ -144,6 +144,21 @@ def packed_micro_batch(examples: list[TokenizedExample], pad_id: int, max_tokens
     return collate_packed_rows(rows, pad_id)
 
 
+def row_budget(examples: list[TokenizedExample], attn_implementation: str | None) -> int | None:
+    """The row budget for :func:`packed_micro_batch` that never costs more than padding the same examples.
+
+    Flash-attention kernels (varlen) cost nothing per extra row length: one row (None). sdpa, eager and
+    flex build a (T x T) mask and compute every block of it, so a row's attention costs its length
+    squared; rows no longer than the longest example keep both the token slots and the attention work
+    at or below those of the padded batch (sum of r_i^2 <= W * sum of r_i <= B * W^2), and save the
+    most when lengths vary. Measured in bench/NOTES.md: one row of eight ~440-token examples made
+    forward+backward 2.3x slower on CPU sdpa.
+    """
+    if attn_implementation in VARLEN_PACKING_ATTENTION:
+        return None
+    return max(len(ex.input_ids) for ex in examples)
+
+
 def check_packed_attention(model, rows: int = 1) -> str:
     """Refuse attention implementations that would let packed examples see each other.
 

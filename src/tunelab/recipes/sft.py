@@ -239,7 +239,7 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
     save_every = cfg.save_every or per_epoch
     eval_every = cfg.eval_every or save_every
     pad_id = tokenizer.pad_token_id
-    make_batch = _packed_collate() if cfg.packing else collate
+    make_batch = _packed_batches(accelerator.unwrap_model(model)) if cfg.packing else collate
     log = MetricsLog(run_dir, resume_step=start_step)
     last_loss, last_eval, order_epoch, order = None, None, -1, []
     tokens_seen, tokens_total, window_start = 0, 0, time.time()
@@ -250,13 +250,14 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
             epoch, index = divmod(step, per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = _epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch), epoch
-            micro = [make_batch([data.train[i] for i in ids], pad_id) for ids in order[index * cfg.grad_accum : (index + 1) * cfg.grad_accum]]
+            micro_ids = order[index * cfg.grad_accum : (index + 1) * cfg.grad_accum]
+            micro = [make_batch([data.train[i] for i in ids], pad_id) for ids in micro_ids]
             step_tokens = sum(trained_token_count(b["labels"]) for b in micro)
             lr = lr_at(step, base_lr=cfg.lr, total_steps=total, warmup=warmup, kind=cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = _accumulate_gradients(model, micro, step_tokens, accelerator)
-            step_input_tokens = sum(_real_tokens(b) for b in micro)
+            step_input_tokens = sum(len(data.train[i].input_ids) for ids in micro_ids for i in ids)  # no padding
             tokens_seen += step_input_tokens
             tokens_total += step_input_tokens
             grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
@@ -305,15 +306,13 @@ def _accumulate_gradients(model, micro_batches: list[dict], step_tokens: int, ac
     return loss_sum
 
 
-def _packed_collate():
-    from tunelab.data.packing import collate_packed
+def _packed_batches(model):
+    """Collate function for train.packing: rows no longer than the micro-batch's longest example (so
+    packing never costs more than padding), one row for flash-attention's variable-length kernels."""
+    from tunelab.data.packing import packed_micro_batch, row_budget
 
-    return collate_packed
-
-
-def _real_tokens(batch: dict) -> int:
-    """Non-padding tokens of a batch (a packed batch has no padding and no attention mask)."""
-    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    attention = getattr(model.config, "_attn_implementation", "sdpa")
+    return lambda examples, pad_id: packed_micro_batch(examples, pad_id, row_budget(examples, attention))
 
 
 def _require_finite(loss_sum: torch.Tensor, step: int) -> float:
