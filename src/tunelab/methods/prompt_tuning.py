@@ -7,22 +7,39 @@ prepended to each attention's keys and values, optionally produced by a two-laye
 (the reparameterisation the paper uses for stability). Neither touches the base weights, so neither
 can be merged; both change the sequence the model sees, so several examples per row (packing) and
 gradient checkpointing are refused before training.
+
+Initialisation decides whether training starts from the base model or from a broken one. peft's random
+initialisations draw from N(0, 1), orders of magnitude away from the activations a trained model
+produces: on SmolLM2-135M a random 20-token prefix made the first training loss 10.6 against 1.8
+without it, and 15 steps did not repair it (bench/NOTES.md). So both methods start from a text by
+default (``init_text``, a neutral instruction unless given): prompt tuning from the text's token
+embeddings (peft's TEXT init), prefix tuning from the keys and values the base model itself computes
+for that text in every layer. The latter is written here because peft has no such initialisation;
+with it, the prefixed model at step 0 is exactly the base model reading the text first (tested).
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from tunelab.methods.base import register_method
+from tunelab.errors import TunelabError
 from tunelab.methods.common import PeftMethod
+
+DEFAULT_INIT_TEXT = "You are a careful assistant. Read the request and answer exactly what it asks."
 
 
 class PromptOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_virtual_tokens: int = Field(20, gt=0, description="length of the soft prompt")
-    init_text: str | None = Field(None, description="initialise the soft prompt from this text's embeddings; default random")
+    init: Literal["text", "vocab", "random"] = Field(
+        "text", description="start from init_text's embeddings, from random vocabulary embeddings, or from N(0, 1)")
+    init_text: str = Field(DEFAULT_INIT_TEXT, min_length=1, description="text for init: text (repeated or cut to the length)")
 
 
 class PrefixOptions(BaseModel):
@@ -31,6 +48,21 @@ class PrefixOptions(BaseModel):
     num_virtual_tokens: int = Field(20, gt=0, description="prefix length per layer")
     projection: bool = Field(False, description="produce the prefix through a 2-layer MLP (reparameterisation)")
     projection_hidden: int = Field(512, gt=0, description="hidden size of that MLP")
+    init: Literal["text", "random"] | None = Field(
+        None, description="text: the base model's keys/values for init_text; random: peft's N(0, 1); "
+                          "default text, or random with projection")
+    init_text: str = Field(DEFAULT_INIT_TEXT, min_length=1, description="text for init: text (repeated or cut to the length)")
+
+    @model_validator(mode="after")
+    def _init_fits_projection(self):
+        if self.init == "text" and self.projection:
+            raise ValueError("init: text sets the prefix keys/values directly, which projection: true replaces "
+                             "with an MLP's output; use init: random with projection, or projection: false")
+        return self
+
+    @property
+    def from_text(self) -> bool:
+        return (self.init or ("random" if self.projection else "text")) == "text"
 
 
 @register_method
@@ -43,13 +75,10 @@ class PromptTuning(PeftMethod):
     def peft_config(self, model: nn.Module, options: PromptOptions):
         from peft import PromptTuningConfig, PromptTuningInit
 
-        if options.init_text is None:
-            return PromptTuningConfig(num_virtual_tokens=options.num_virtual_tokens, task_type="CAUSAL_LM")
-        return PromptTuningConfig(
-            num_virtual_tokens=options.num_virtual_tokens, task_type="CAUSAL_LM",
-            prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=options.init_text,
-            tokenizer_name_or_path=model.config._name_or_path,
-        )
+        init = {"text": PromptTuningInit.TEXT, "vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM}
+        text = {"prompt_tuning_init_text": options.init_text, "tokenizer_name_or_path": model.config._name_or_path}
+        return PromptTuningConfig(num_virtual_tokens=options.num_virtual_tokens, task_type="CAUSAL_LM",
+                                  prompt_tuning_init=init[options.init], **(text if options.init == "text" else {}))
 
 
 @register_method
@@ -64,3 +93,56 @@ class PrefixTuning(PeftMethod):
 
         return PrefixTuningConfig(num_virtual_tokens=options.num_virtual_tokens, prefix_projection=options.projection,
                                   encoder_hidden_size=options.projection_hidden, task_type="CAUSAL_LM")
+
+    def apply(self, model: nn.Module, options: PrefixOptions) -> nn.Module:
+        tuned = super().apply(model, options)
+        if options.from_text:
+            _prefix_from_text(tuned, options.init_text, options.num_virtual_tokens)
+        return tuned
+
+
+def text_token_ids(model: nn.Module, text: str, length: int) -> list[int]:
+    """``text`` tokenized with the model's own tokenizer, repeated or cut to ``length`` tokens."""
+    from tunelab.models.load import load_tokenizer
+
+    ids = load_tokenizer(model.config._name_or_path)(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise TunelabError(f"method.init_text {text!r} has no tokens; give a non-empty text")
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+def _layer_keys_values(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of one layer, each (batch, kv_heads, tokens, head_dim), across transformers' cache APIs."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return cache.layers[layer].keys, cache.layers[layer].values
+    if hasattr(cache, "key_cache"):
+        return cache.key_cache[layer], cache.value_cache[layer]
+    return cache[layer]
+
+
+@torch.no_grad()
+def _prefix_from_text(peft_model: nn.Module, text: str, length: int) -> None:
+    """Set the prefix to the base model's own keys/values for ``text`` at positions 0..length-1.
+
+    peft stores the prefix as one embedding row per virtual token, laid out as (layer, key|value, head,
+    head_dim) flattened, which ``PeftModelForCausalLM.get_prompt`` views back into per-layer keys/values.
+    """
+    base = peft_model.get_base_model()
+    ids = torch.tensor([text_token_ids(base, text, length)], device=base.device)
+    was_training = base.training
+    base.eval()
+    try:
+        cache = base(input_ids=ids, use_cache=True).past_key_values
+    finally:
+        base.train(was_training)
+    config = peft_model.active_peft_config
+    rows = []
+    for layer in range(config.num_layers):
+        for tensor in _layer_keys_values(cache, layer):
+            rows.append(tensor[0].transpose(0, 1).reshape(length, -1))  # (tokens, kv_heads * head_dim)
+    weight = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
+    prefix = torch.cat(rows, dim=1)
+    if prefix.shape != weight.shape:
+        raise TunelabError(f"prefix init: the model's keys/values {tuple(prefix.shape)} do not fit peft's prefix "
+                           f"{tuple(weight.shape)} (model type {base.config.model_type}); set method.init: random")
+    weight.copy_(prefix.to(weight.dtype))
