@@ -140,6 +140,9 @@ def compare_command(
     overrides: OverridesArg = None,
     methods: str = typer.Option(None, "--methods", help="comma-separated candidates, e.g. zero_shot,few_shot,rag,lora,full (default: all)"),
     out: Optional[Path] = typer.Option(None, "--out", help="sweep directory (default: compare-<output_dir name> beside output_dir)"),
+    time_budget: Optional[float] = typer.Option(
+        None, "--time-budget", min=1, help="give every trained candidate the same seconds of training (train.max_seconds) "
+                                           "instead of the same steps; the config's epochs stay an upper bound"),
 ) -> None:
     """Fine-tune or not, and how? Run every candidate on the same task and write one report.
 
@@ -149,7 +152,8 @@ def compare_command(
 
     if not config.is_file():
         raise TunelabError(f"config file {config} not found")
-    run_compare(config, overrides or [], parse_candidates(methods), out, console)
+    budget = [f"train.max_seconds={time_budget:g}"] if time_budget else []
+    run_compare(config, (overrides or []) + budget, parse_candidates(methods), out, console)
 
 
 @app.command("plan")

@@ -88,3 +88,22 @@ def test_unknown_candidates_are_refused_before_anything_runs():
         parse_candidates("lora,bogus")
     with pytest.raises(TunelabError, match="twice"):
         parse_candidates("lora,lora")
+
+
+def test_time_budget_gives_every_candidate_the_same_seconds(sweep_config, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tunelab import cli
+    from tunelab.compare import sweep as sweep_module
+    from tunelab.config import load_config
+
+    calls = []
+    monkeypatch.setattr(sweep_module, "run_compare", lambda *args, **kwargs: calls.append(args))
+    result = CliRunner().invoke(cli.app, ["compare", str(sweep_config), "train.seed=1", "--methods", "lora,full", "--time-budget", "90"])
+    assert result.exit_code == 0, result.output
+    assert calls[0][1] == ["train.seed=1", "train.max_seconds=90"]
+
+    config = load_config(sweep_config, calls[0][1])
+    trees = [candidate_tree(config, name, tmp_path / name, tmp_path / "b.json") for name in ("lora", "full", "prompt")]
+    assert {tree["train"]["max_seconds"] for tree in trees} == {90}
+    assert "90 s of training each (at most 2 steps)" in sweep_module._budget(config)

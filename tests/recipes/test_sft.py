@@ -261,3 +261,22 @@ def test_packing_trains_exactly_like_padding(make_config):
     packed = sft.main(make_config("train.max_steps=4", "method.dropout=0", "train.packing=true", output="packed"))
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(losses(padded.run_dir), losses(packed.run_dir)))
     assert len(losses(packed.run_dir)) == 4
+
+
+def test_max_seconds_stops_training_and_anneals_the_schedule_on_time(make_config, monkeypatch):
+    """Every optimizer step 'takes' 10 s: a 25 s budget ends a 12-step run after step 3, the learning
+    rate follows the time spent rather than the steps, and a resume has nothing left to do."""
+    ticks = iter(range(0, 10_000, 10))  # the loop reads the clock before and after each step: 10 s per step
+    monkeypatch.setattr(sft, "_clock", lambda: next(ticks))
+    cfg = make_config("train.max_steps=12", "train.max_seconds=25", "train.warmup_ratio=0", "train.schedule=linear", output="t")
+    result = sft.main(cfg)
+    assert result.steps == 3
+    records = [r for r in metrics(result.run_dir) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # Step 3 (0-based 2) starts with 20 of 25 s spent: the schedule stands at 0.8 of 12 steps, not 2 of 12.
+    assert records[-1]["lr"] == pytest.approx(cfg.train.lr * (1 - 0.8 * 12 / 12))
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["steps_done"] == 3 and manifest["stopped_by"] == "max_seconds"
+    assert (result.run_dir / "adapter").is_dir()
+    again = sft.main(cfg, resume=True)
+    assert again.steps == 3 and again.train_loss == result.train_loss

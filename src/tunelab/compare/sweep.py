@@ -6,7 +6,8 @@ The sweep reads top to bottom:
 2. evaluate the untuned model once: zero-shot, k-shot, RAG and the forgetting probe
    (``untuned/eval_before.json``), shared by every trained candidate through ``eval.before_from``;
 3. train each method as a normal run directory ``<sweep>/<method>/`` in its own process (isolated
-   crashes and a true per-candidate peak memory), with the same data, epochs/steps and batch size;
+   crashes and a true per-candidate peak memory), with the same data, epochs/steps and batch size
+   (or the same seconds of training with ``--time-budget``, which sets ``train.max_seconds``);
    a finished candidate is skipped and an interrupted one resumed, so re-running the same command
    continues the sweep where it stopped;
 4. collect each candidate's numbers from its own ``manifest.json``, ``eval.json`` and
@@ -277,6 +278,8 @@ def _last_error(log: Path) -> str:
 def _budget(config: RunConfig) -> str:
     t = config.train
     length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch(s)"
+    if t.max_seconds:
+        length = f"{t.max_seconds:g} s of training each (at most {length})"
     return f"same for every trained candidate: {length}, batch {t.batch_size} x accumulation {t.grad_accum}, same examples and order (seed {t.seed})"
 
 

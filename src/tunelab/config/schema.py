@@ -81,6 +81,9 @@ class TrainConfig(_Section):
 
     epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
+    max_seconds: float | None = Field(None, gt=0, description="stop after this many seconds of optimizer steps (summed "
+                                      "over resumes; epochs/max_steps stay an upper bound); the learning-rate schedule "
+                                      "then follows whichever budget is further spent")
     batch_size: int = Field(8, gt=0, description="examples per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float | None = Field(None, gt=0, description="peak learning rate; default: the method's recommended rate (see `tunelab methods`)")
@@ -95,8 +98,9 @@ class TrainConfig(_Section):
     eval_every: int | None = Field(None, gt=0, description="validation loss every N steps (default: at each checkpoint)")
     log_every: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
-    packing: bool = Field(False, description="concatenate each micro-batch's examples into one row without padding "
-                          "(attention never crosses examples; same loss, less wasted compute)")
+    packing: bool = Field(False, description="concatenate each micro-batch's examples into rows without padding "
+                          "(one row with flash-attention, rows no longer than the longest example otherwise; attention "
+                          "never crosses examples; same loss, less wasted compute when lengths vary)")
 
 
 class EvalConfig(BaseModel):

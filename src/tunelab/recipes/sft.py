@@ -76,10 +76,11 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     before = evaluate_before(config, LoadedModel(base, tokenizer, "untuned"), examples, run_dir, console)
     model, method, params = _apply_method(config, base, tokenizer, added_tokens)
     optimizer = torch.optim.AdamW(params.values(), lr=config.train.lr, weight_decay=config.train.weight_decay)
-    start_step, scaler_state = _restore(resume_from, params, optimizer, total, run_dir, resume, console)
-    if previous and previous.get("status") == "finished" and start_step == total:
-        console.print(f"{run_dir} already finished ({total} steps); nothing to do.")
-        return TrainResult(run_dir, run_dir / method.artifact, total, previous.get("final_train_loss"),
+    start_step, scaler_state, seconds_spent = _restore(resume_from, params, optimizer, total, run_dir, resume, console)
+    out_of_time = config.train.max_seconds is not None and seconds_spent >= config.train.max_seconds
+    if previous and previous.get("status") == "finished" and (start_step == total or out_of_time):
+        console.print(f"{run_dir} already finished ({start_step} steps); nothing to do.")
+        return TrainResult(run_dir, run_dir / method.artifact, start_step, previous.get("final_train_loss"),
                            (previous.get("final_eval") or {}).get("eval_loss"), 0.0)
     n_trainable, n_total = count_parameters(model)
     console.print(
@@ -109,14 +110,17 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         torch.cuda.reset_peak_memory_stats()
     started = time.time()
     try:
-        last_loss, last_eval, tokens_trained = _train_loop(config, model, optimizer, params, data, accelerator, run_dir, start_step,
-                                                           tokenizer, console)
+        last_loss, last_eval, tokens_trained, steps_done = _train_loop(
+            config, model, optimizer, params, data, accelerator, run_dir, start_step, seconds_spent, tokenizer, console)
     except TunelabError:
         write_manifest(run_dir, {**manifest, "status": "failed"})
         raise
     train_seconds = time.time() - started
     costs = {"train_seconds": round(train_seconds, 2), "tokens_per_s": round(tokens_trained / max(train_seconds, 1e-9), 1),
-             **peak_memory()}
+             "steps_done": steps_done, **peak_memory()}
+    if steps_done < total:
+        costs["stopped_by"] = "max_seconds"
+        console.print(f"train.max_seconds={config.train.max_seconds:g} reached after {steps_done} of {total} steps.")
 
     # 5. Save the artifact (atomically) with the tokenizer and its chat template; finish the manifest.
     artifact_dir = run_dir / method.artifact
@@ -133,7 +137,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     report = evaluate_after(config, LoadedModel(tuned, tokenizer, "tuned"), examples, before, run_dir, console)
     write_manifest(run_dir, finish_manifest(manifest, **costs, final_train_loss=last_loss,
                                             final_eval=last_eval, eval_summary=_eval_summary(report)))
-    return TrainResult(run_dir, artifact_dir, total, last_loss, (last_eval or {}).get("eval_loss"), train_seconds)
+    return TrainResult(run_dir, artifact_dir, steps_done, last_loss, (last_eval or {}).get("eval_loss"), train_seconds)
 
 
 def check_method_fits(config: RunConfig) -> None:
@@ -197,18 +201,20 @@ def _apply_method(config: RunConfig, model, tokenizer, added_tokens: list[str]):
     return model, method, params
 
 
-def _restore(checkpoint: Path | None, params, optimizer, total: int, run_dir: Path, resume: bool, console) -> tuple[int, dict | None]:
-    """Load the checkpoint to resume from; returns (its step, the fp16 grad-scaler state if any)."""
+def _restore(checkpoint: Path | None, params, optimizer, total: int, run_dir: Path, resume: bool,
+             console) -> tuple[int, dict | None, float]:
+    """Load the checkpoint to resume from; returns (its step, the fp16 grad-scaler state if any, seconds of
+    optimizer steps spent up to it)."""
     if checkpoint is None:
         if resume:
             console.print(f"No checkpoint in {run_dir} yet: starting again from step 0.")
-        return 0, None
+        return 0, None, 0.0
     state = load_checkpoint(checkpoint, params, optimizer)
     if state["step"] > total:
         raise TunelabError(f"--resume: the newest checkpoint is at step {state['step']}, beyond this config's {total} steps; "
                            "raise train.max_steps/train.epochs or start a new run")
     console.print(f"Resuming from {checkpoint} (step {state['step']}).")
-    return state["step"], state.get("grad_scaler")
+    return state["step"], state.get("grad_scaler"), state.get("train_seconds", 0.0)
 
 
 def _eval_summary(report: dict) -> dict:
@@ -230,8 +236,10 @@ def _hashed_inputs(config: RunConfig) -> list[str]:
     return files
 
 
-def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, start_step, tokenizer, console):
-    """The optimisation loop; returns (last logged train loss, last validation metrics, input tokens processed)."""
+def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, start_step, seconds_spent, tokenizer, console):
+    """The optimisation loop; returns (last logged train loss, last validation metrics, input tokens processed,
+    steps done). ``train.max_seconds`` ends it early: time is counted over optimizer steps only (not
+    validation or checkpoints), summed over resumes (``seconds_spent`` so far)."""
     cfg = config.train
     total = _total_steps(config, len(data.train))
     per_epoch = _steps_per_epoch(config, len(data.train))
@@ -250,10 +258,12 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
             epoch, index = divmod(step, per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = _epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch), epoch
+            step_started = _clock()
             micro_ids = order[index * cfg.grad_accum : (index + 1) * cfg.grad_accum]
             micro = [make_batch([data.train[i] for i in ids], pad_id) for ids in micro_ids]
             step_tokens = sum(trained_token_count(b["labels"]) for b in micro)
-            lr = lr_at(step, base_lr=cfg.lr, total_steps=total, warmup=warmup, kind=cfg.schedule)
+            lr = lr_at(_schedule_step(step, total, seconds_spent, cfg.max_seconds), base_lr=cfg.lr, total_steps=total,
+                       warmup=warmup, kind=cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = _accumulate_gradients(model, micro, step_tokens, accelerator)
@@ -263,8 +273,10 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
             grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            seconds_spent += _clock() - step_started
             done = step + 1
-            if done % cfg.log_every == 0 or done == total:
+            last = done == total or (cfg.max_seconds is not None and seconds_spent >= cfg.max_seconds)
+            if done % cfg.log_every == 0 or last:
                 elapsed = max(time.time() - window_start, 1e-9)
                 last_loss = _require_finite(loss_sum, done) / max(step_tokens, 1)
                 record = {"step": done, "epoch": round(done / per_epoch, 4), "loss": last_loss, "lr": lr,
@@ -273,21 +285,34 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
                     record["grad_norm"] = float(grad_norm)
                 log.log(record)
                 progress.update(task, completed=done, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:,.0f}")
-                if not progress.console.is_terminal and (done % max(1, total // 10) == 0 or done == total):
+                if not progress.console.is_terminal and (done % max(1, total // 10) == 0 or last):
                     progress.console.print(f"step {done}/{total}  loss {last_loss:.4f}  lr {lr:.2e}  {tokens_seen / elapsed:,.0f} tok/s")
                 tokens_seen, window_start = 0, time.time()
-            if data.eval and (done % eval_every == 0 or done == total):
+            if data.eval and (done % eval_every == 0 or last):
                 last_eval = validation_loss(model, data.eval, batch_size=cfg.batch_size, pad_id=pad_id,
                                             device=accelerator.device, autocast=accelerator.autocast)
                 log.log({"step": done, **last_eval})
                 progress.console.print(f"step {done}: eval_loss {last_eval['eval_loss']:.4f}  ppl {last_eval['eval_ppl']:.2f}")
-            if done % save_every == 0 or done == total:
+            if done % save_every == 0 or last:
                 _require_finite(loss_sum, done)  # never checkpoint a diverged model
-                extra = {"epoch": epoch, **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler else {})}
+                extra = {"epoch": epoch, "train_seconds": seconds_spent,
+                         **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler else {})}
                 save_checkpoint(run_dir / "checkpoints", done, params, optimizer, extra, cfg.keep_last)
             _crash_for_tests(done)
+            if last:
+                break
     log.close()
-    return last_loss, last_eval, tokens_total
+    return last_loss, last_eval, tokens_total, done if total > start_step else start_step
+
+
+_clock = time.monotonic  # times optimizer steps for train.max_seconds (a test replaces it)
+
+
+def _schedule_step(step: int, total: int, seconds_spent: float, max_seconds: float | None) -> float:
+    """Where the learning-rate schedule stands: the step, or further on when the time budget is further spent."""
+    if max_seconds is None:
+        return step
+    return max(step, min(1.0, seconds_spent / max_seconds) * total)
 
 
 def _accumulate_gradients(model, micro_batches: list[dict], step_tokens: int, accelerator) -> torch.Tensor:
