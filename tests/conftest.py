@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from tunelab.config import load_config
 from tunelab.models.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenized_cache(tmp_path_factory):
+    """Tests (and the processes they start) cache tokenized data in a temporary folder, not the user's."""
+    folder = tmp_path_factory.mktemp("tokenized-cache")
+    previous = os.environ.get("TUNELAB_TOKENIZED_CACHE")
+    os.environ["TUNELAB_TOKENIZED_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("TUNELAB_TOKENIZED_CACHE", None)
+    else:
+        os.environ["TUNELAB_TOKENIZED_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

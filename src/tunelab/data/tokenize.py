@@ -103,8 +103,7 @@ def tokenize_examples(
     kept: list[TokenizedExample] = []
     stats = TokenizeStats()
     too_long_problems: list[str] = []
-    for example in examples:
-        enc = _encode(example, tokenizer, loss_on, special)
+    for example, enc in zip(examples, _encode_all(examples, tokenizer, loss_on, special)):
         if len(enc.ids) > max_length:
             if too_long == "error":
                 too_long_problems.append(
@@ -252,13 +251,31 @@ def _layout(example: Example, tokenizer, loss_on: str) -> tuple[str, list[tuple[
     return full, regions, spans
 
 
+ENCODE_BATCH = 512  # texts per call to the Rust tokenizer, which encodes a batch on all cores
+
+
+def _encode_all(examples: list[Example], tokenizer, loss_on: str, special: set[int]):
+    """:func:`_encode` for many examples, tokenizing them in batches (the layouts are rendered first)."""
+    for first in range(0, len(examples), ENCODE_BATCH):
+        layouts = [_layout(example, tokenizer, loss_on) for example in examples[first : first + ENCODE_BATCH]]
+        batch = tokenizer([text for text, _, _ in layouts], add_special_tokens=False, return_offsets_mapping=True)
+        for layout, ids, offsets in zip(layouts, batch["input_ids"], batch["offset_mapping"]):
+            yield _mask(layout, ids, offsets, tokenizer, loss_on, special)
+
+
 def _encode(example: Example, tokenizer, loss_on: str, special: set[int]) -> _Encoded:
     """Tokenize one example and flag each token as trained or not, with its role."""
-    text, regions, answer_spans = _layout(example, tokenizer, loss_on)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(enc["input_ids"])
-    offsets = [start for start, _ in enc["offset_mapping"]]
-    token_ends = [end for _, end in enc["offset_mapping"]]
+    layout = _layout(example, tokenizer, loss_on)
+    enc = tokenizer(layout[0], add_special_tokens=False, return_offsets_mapping=True)
+    return _mask(layout, enc["input_ids"], enc["offset_mapping"], tokenizer, loss_on, special)
+
+
+def _mask(layout, input_ids, offset_mapping, tokenizer, loss_on: str, special: set[int]) -> _Encoded:
+    """Flag each token of a tokenized layout as trained or not, with its role (and add EOS where needed)."""
+    _, regions, answer_spans = layout
+    ids: list[int] = list(input_ids)
+    offsets = [start for start, _ in offset_mapping]
+    token_ends = [end for _, end in offset_mapping]
     region_starts = [s for s, _, _ in regions]
     roles = []
     for pos in offsets:

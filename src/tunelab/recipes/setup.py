@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunelab.config.schema import RunConfig
-from tunelab.data import IGNORE_INDEX, Example, TokenizedExample, TokenizeStats, load_examples, prepare_tokenizer, tokenize_examples
+from tunelab.data import IGNORE_INDEX, Example, TokenizedExample, TokenizeStats, load_examples, prepare_tokenizer
+from tunelab.data.token_cache import cached_tokenize
 from tunelab.errors import DataError
 from tunelab.models.load import load_tokenizer, resolve_model_path
 
@@ -67,7 +68,7 @@ def tokenize(config: RunConfig, tokenizer, examples: Examples, added_tokens: lis
     """Tokenize train and eval examples with the configured loss mask and too-long policy."""
     data = config.data
     kwargs = dict(loss_on=data.loss_on, max_length=data.max_length, too_long=data.too_long)
-    train, train_stats = tokenize_examples(examples.train, tokenizer, **kwargs)
+    train, train_stats, _ = cached_tokenize(examples.train, tokenizer, **kwargs)
     if not train:
         raise DataError([f"no training example is left after tokenization ({len(train_stats.dropped)} dropped as too long); raise data.max_length"], what="data.train")
     untrained = [ex.source for ex in train if all(label == IGNORE_INDEX for label in ex.labels)]
@@ -79,5 +80,5 @@ def tokenize(config: RunConfig, tokenizer, examples: Examples, added_tokens: lis
         )
     evals, eval_stats = ([], None)
     if examples.eval:
-        evals, eval_stats = tokenize_examples(examples.eval, tokenizer, **kwargs)
+        evals, eval_stats, _ = cached_tokenize(examples.eval, tokenizer, **kwargs)
     return TokenizedData(train, train_stats, evals, eval_stats, added_tokens)
