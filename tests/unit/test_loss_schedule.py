@@ -17,6 +17,14 @@ def test_schedule_warmup_then_cosine_to_zero():
     assert lr_at(9, base_lr=3.0, total_steps=10, warmup=0, kind="constant") == 3.0
 
 
+def test_a_fractional_step_never_overshoots_the_peak_rate():
+    """A time-driven schedule (train.max_seconds) asks for fractional steps, also inside the warmup."""
+    kw = dict(base_lr=1.0, total_steps=30, warmup=3, kind="cosine")
+    rates = [lr_at(k / 100, **kw) for k in range(0, 3001)]
+    assert max(rates) == 1.0 and lr_at(2.63, **kw) == 1.0
+    assert all(a <= b for a, b in zip(rates[:300], rates[1:301]))  # warmup rises monotonically
+
+
 def test_token_normalised_accumulation_equals_one_big_batch():
     """Two micro-batches with different trained-token counts must give the gradient of one big batch."""
     torch.manual_seed(0)

@@ -9,10 +9,13 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return int(math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
 
 
-def lr_at(step: int, *, base_lr: float, total_steps: int, warmup: int, kind: str) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine/linear decay to 0 or constant."""
+def lr_at(step: float, *, base_lr: float, total_steps: int, warmup: int, kind: str) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine/linear decay to 0 or constant.
+
+    ``step`` may be fractional (a schedule driven by time, ``train.max_seconds``); the rate never exceeds ``base_lr``.
+    """
     if warmup > 0 and step < warmup:
-        return base_lr * (step + 1) / warmup
+        return base_lr * min(1.0, (step + 1) / warmup)
     if kind == "constant":
         return base_lr
     progress = (step - warmup) / max(1, total_steps - warmup)
