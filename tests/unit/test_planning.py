@@ -268,7 +268,7 @@ def test_too_big_gets_suggestions_and_prints(anchor_dirs):
 
 
 def test_embedded_shape_matches_the_converted_model():
-    from tunelab.planning import _EMBEDDED_SHAPES
+    from tunelab.planning.shape import _EMBEDDED_SHAPES
 
     if not SMOLLM2.is_dir():
         pytest.skip("SmolLM2-135M not cached in /tmp/tlcache")

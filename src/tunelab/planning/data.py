@@ -1,0 +1,56 @@
+"""The training data as the planner sees it: a tokenised profile of one epoch's micro-batches, or just the
+number of examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunelab.config.schema import RunConfig
+
+
+@dataclass(frozen=True)
+class DataProfile:
+    """The tokenised training data of one epoch, batched as tunelab batches it."""
+
+    examples: int
+    tokens: int  # real tokens
+    trained_tokens: int
+    processed_tokens: int  # tokens of the padded (or packed) micro-batches
+    longest: int
+    peak_rows: int  # the micro-batch with the most tokens: its rows and its tokens per row
+    peak_seq: int
+    peak_trained: int  # the most trained positions in one micro-batch
+
+
+def profile_data(config: RunConfig) -> DataProfile:
+    """Tokenise the training data with the model's tokenizer (no weights) and measure its micro-batches."""
+    import torch
+
+    from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
+
+    _, tokenizer, added = load_prepared_tokenizer(config)
+    data = tokenize(config, tokenizer, read_examples(config), added).train
+    lengths = [len(ex.input_ids) for ex in data]
+    trained = [sum(1 for t in ex.labels[1:] if t != -100) for ex in data]
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.train.seed * 1_000_003)).tolist()
+    b, processed, peak = config.train.batch_size, 0, (0, 1, 1)
+    for start in range(0, len(order), b):
+        ids = order[start:start + b]
+        rows, seq = (1, sum(lengths[i] for i in ids)) if config.train.packing else (len(ids), max(lengths[i] for i in ids))
+        processed += rows * seq
+        peak = max(peak, (rows * seq, rows, seq))
+    most_trained = max(sum(trained[i] for i in order[s:s + b]) for s in range(0, len(order), b))
+    return DataProfile(len(data), sum(lengths), sum(trained), processed, max(lengths), peak[1], peak[2], most_trained)
+
+
+def _count_examples(config: RunConfig) -> int | None:
+    """Records in data.train, read but not tokenised; None if a file cannot be read."""
+    from tunelab.data.readers import read_file
+
+    total = 0
+    for path in config.data.train_files():
+        raw = read_file(path)
+        if any(position == 0 for position, _ in raw.problems):
+            return None
+        total += len(raw.records)
+    return total

@@ -1,0 +1,241 @@
+"""``plan()``: resolves the device, shape, method and batch of a config, estimates its memory and time on it
+and on every catalog GPU, and suggests changes when it does not fit."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from tunelab.config.schema import RunConfig
+from tunelab.errors import TunelabError
+from tunelab.planning.data import DataProfile, _count_examples
+from tunelab.planning.devices import CPU_MFU, GPU_MFU, GPUS, Device, GiB, resolve_device
+from tunelab.planning.memory import MemoryEstimate, _Batch, _Env, _estimate_memory
+from tunelab.planning.method import _Method, _method
+from tunelab.planning.shape import ModelShape, load_shape
+from tunelab.planning.timing import TimeEstimate, _flops_per_token
+
+_FROZEN_BASE = ("lora", "qlora", "ia3", "adapter", "prompt", "prefix")
+
+
+@dataclass
+class Plan:
+    """Everything ``tunelab plan`` predicts for one config on one device."""
+
+    model: str
+    shape: ModelShape
+    method: str
+    device: Device
+    precision: str  # resolved: fp32 / bf16 / fp16
+    weight_bytes: int  # per base parameter (model.dtype)
+    batch: tuple[int, int]  # (rows, tokens per row) of the largest micro-batch
+    gradient_checkpointing: bool
+    total_params: int
+    trainable_params: int
+    memory: MemoryEstimate
+    time: TimeEstimate
+    fits: bool
+    tight: bool  # fits with under 5 % to spare: allocator fragmentation may tip it over
+    fits_by_gpu: dict[str, bool]
+    time_by_gpu: dict[str, float | None]
+    suggestions: list[str]
+    assumptions: list[str]
+
+
+@dataclass(frozen=True)
+class _Knobs:
+    tokens_per_epoch: int | None = None
+    data: DataProfile | None = None
+    completion_fraction: float = 1.0
+    mfu: float | None = None
+    kernels: Literal["hf", "liger"] = "hf"
+    held_logits: bool = False
+    padded: bool = True
+
+
+def _precision(config: RunConfig, device: Device) -> str:
+    """``train.precision`` resolved as the training loop resolves it."""
+    precision = config.train.precision
+    if precision == "auto":
+        return "bf16" if device.kind == "gpu" else "fp32"
+    if precision == "fp16" and device.kind == "cpu":
+        raise TunelabError("train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
+    return precision
+
+
+def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs) -> tuple[MemoryEstimate, _Method, _Batch]:
+    from tunelab.models.load import torch_dtype
+
+    precision, w, m = _precision(config, device), torch_dtype(config.model.dtype).itemsize, _method(config, shape)
+    if config.method.name == "adapter":
+        m.extra_bytes = w
+    t, d, train = config.data.max_length, knobs.data, config.train
+    if d is not None:
+        rows, seq = d.peak_rows, d.peak_seq
+        logit_rows = rows * (seq - 1) if m.full_logits else d.peak_trained
+    else:
+        rows, seq = (1, train.batch_size * t) if train.packing else (train.batch_size, t)
+        logit_rows = train.batch_size * (t - 1) * (1.0 if m.full_logits else knobs.completion_fraction)
+    batch = _Batch(rows, seq, logit_rows, knobs.padded or train.packing or m.prefix > 0)
+    mixed = precision in ("bf16", "fp16")
+    base = 4 if m.quant_bits else w
+    env = _Env(w=base, c=2 if mixed else base, autocast=mixed, gpu=device.kind == "gpu", liger=knobs.kernels == "liger",
+               gqa_repeat=batch.mask, quant_bits=m.quant_bits, kv_scale=(seq + m.prefix) / seq,
+               mask_kv=seq + m.virtual_tokens + m.prefix if batch.mask else 0)
+    memory = _estimate_memory(shape, m, env, batch, checkpointing=train.gradient_checkpointing,
+                              grad_accum=train.grad_accum, held_logits=knobs.held_logits)
+    return memory, m, batch
+
+
+def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | None = None, data: DataProfile | None = None,
+         completion_fraction: float = 1.0, mfu: float | None = None, kernels: Literal["hf", "liger"] = "hf",
+         held_logits: bool = False, padded: bool = True) -> Plan:
+    """Predict the peak memory and the training time of ``config`` on ``gpu``, from the model's config.json.
+
+    Args:
+        config: The run configuration.
+        gpu: A name from :data:`GPUS`, ``cpu``, or ``current``/None (this machine).
+        tokens_per_epoch: Tokens one epoch processes (padding included), if known.
+        data: A :func:`profile_data` result: its largest micro-batch sets the memory, its tokens the time.
+        completion_fraction: Share of positions that are trained (only they get logits); 1.0 = worst case.
+        mfu: Model FLOPs utilisation to assume (default 0.35 on a GPU, ``CPU_MFU`` on CPU).
+        kernels: ``liger`` models liger-kernel's RMSNorm/SwiGLU/RoPE and fused linear cross-entropy.
+        held_logits: The loop keeps the output logits through backward (HF's ``out.loss.backward()``).
+        padded: Rows carry a padding mask (sdpa then expands k/v to all heads); False for equal-length rows.
+
+    Raises:
+        TunelabError: unknown GPU, unreadable model config, a method the planner does not model.
+    """
+    from tunelab.models.load import torch_dtype
+
+    if not 0 < completion_fraction <= 1:
+        raise TunelabError("completion_fraction must be in (0, 1]: the share of positions whose next token is trained")
+    device, shape = resolve_device(gpu), load_shape(config)
+    knobs = _Knobs(tokens_per_epoch, data, completion_fraction, mfu, kernels, held_logits, padded)
+    memory, m, batch = _memory_of(config, shape, device, knobs)
+    table = shape.parameter_table()
+    examples = data.examples if data else _count_examples(config)
+    time_on = {name: _estimate_time(config, shape, m, g, knobs, examples) for name, g in GPUS.items()}
+    gpu_memory = memory if device.kind == "gpu" else _memory_of(config, shape, GPUS["h100-80gb"], knobs)[0]
+    fits = memory.total <= device.memory_bytes
+    result = Plan(
+        config.model.path, shape, config.method.name, device, _precision(config, device),
+        torch_dtype(config.model.dtype).itemsize,
+        (batch.rows, batch.seq + m.virtual_tokens), config.train.gradient_checkpointing,
+        sum(table.values()) + m.extra, sum(n for k, n in table.items() if k in m.trainable) + m.extra,
+        memory, _estimate_time(config, shape, m, device, knobs, examples), fits,
+        fits and memory.total > 0.95 * device.memory_bytes,
+        {name: gpu_memory.total <= g.memory_bytes for name, g in GPUS.items()},
+        {name: t.seconds for name, t in time_on.items()}, [], [],
+    )
+    if not fits or result.tight:
+        result.suggestions = _suggest(config, shape, device, knobs)
+    result.assumptions = _assumptions(result, knobs, m)
+    return result
+
+
+def _estimate_time(config: RunConfig, shape: ModelShape, m: _Method, device: Device, knobs: _Knobs,
+                   examples: int | None) -> TimeEstimate:
+    train, d = config.train, knobs.data
+    if knobs.tokens_per_epoch:
+        tokens, source = knobs.tokens_per_epoch, "given"
+    elif d:
+        tokens, source = d.processed_tokens, "tokenised data (padded micro-batches)"
+    elif examples is not None:
+        tokens, source = examples * config.data.max_length, "examples x max_length (an upper bound: most examples are shorter)"
+    else:
+        tokens, source = None, "unknown: data.train could not be read (pass the tokens per epoch)"
+    steps = None
+    if examples:
+        per_epoch = math.ceil(math.ceil(examples / train.batch_size) / train.grad_accum)
+        steps = train.max_steps or max(1, math.ceil(train.epochs * per_epoch))
+    row = tokens / examples if tokens and examples else config.data.max_length
+    if train.max_steps:
+        total = train.max_steps * train.grad_accum * train.batch_size * row
+    else:
+        total = tokens * train.epochs if tokens else None
+    if total and m.virtual_tokens:  # every row also runs the soft prompt
+        total *= (row + m.virtual_tokens) / row
+    completion = d.trained_tokens / max(d.tokens, 1) if d else knobs.completion_fraction
+    flops = _flops_per_token(shape, m, row, completion, train.gradient_checkpointing)
+    peak = device.peak_flops(_precision(config, device))
+    mfu = knobs.mfu or (GPU_MFU if device.kind == "gpu" else CPU_MFU)
+    seconds = total * flops / (peak * mfu) if total and peak else None
+    return TimeEstimate(flops, tokens, source, total, steps, peak, mfu, seconds)
+
+
+def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs) -> list[str]:
+    """Changes that lower the peak, tried in order and kept when they help, until the run fits."""
+    from tunelab.config.schema import MethodConfig
+
+    limit, out = device.memory_bytes, []
+    current, best = config, _memory_of(config, shape, device, knobs)[0].total
+
+    def attempt(change: str, mutate) -> bool:
+        """Apply ``mutate`` to a copy of the current config; keep it if it lowers the peak. True once it fits."""
+        nonlocal current, best
+        candidate = current.model_copy(deep=True)
+        mutate(candidate)
+        total = _memory_of(candidate, shape, device, knobs)[0].total
+        if total < best:
+            current, best = candidate, total
+            out.append(f"{'+ ' if out else ''}{change}: {total / GiB:.1f} GiB ({'fits' if total <= limit else 'still too big'})")
+        return best <= 0.95 * limit
+
+    def set_attr(section: str, key: str, value):
+        return lambda cfg: setattr(getattr(cfg, section), key, value)
+
+    name = config.method.name
+    if not config.train.gradient_checkpointing and name not in ("prompt", "prefix"):
+        if attempt("train.gradient_checkpointing=true", set_attr("train", "gradient_checkpointing", True)):
+            return out
+    if name in _FROZEN_BASE and name != "qlora" and config.model.dtype in ("auto", "float32") and device.kind == "gpu":
+        if attempt("model.dtype=bfloat16 (the frozen base in bf16; trained weights stay float32)",
+                   set_attr("model", "dtype", "bfloat16")):
+            return out
+    if name == "lora" and attempt("method.name=qlora (4-bit base)",
+                                  lambda cfg: setattr(cfg, "method", MethodConfig(name="qlora", **cfg.method.options()))):
+        return out
+    while current.train.batch_size > 1:
+        batch = current.train.batch_size
+        half = batch // 2 if batch % 2 == 0 else 1
+        accum = current.train.grad_accum * batch // half
+        if attempt(f"train.batch_size={half} train.grad_accum={accum} (same effective batch)",
+                   lambda cfg: (set_attr("train", "batch_size", half)(cfg), set_attr("train", "grad_accum", accum)(cfg))):
+            return out
+        if current.train.batch_size == batch:  # the peak does not depend on the batch (optimizer step)
+            break
+    while current.data.max_length > 256:
+        length = current.data.max_length // 2
+        if attempt(f"data.max_length={length} (longer examples are truncated or dropped)", set_attr("data", "max_length", length)):
+            return out
+        if current.data.max_length != length:
+            break
+    return out
+
+
+def _assumptions(p: Plan, knobs: _Knobs, m: _Method) -> list[str]:
+    gpu = p.device.kind == "gpu"
+    overhead = "CUDA context + allocator slack" if gpu else "the Python process; glibc may hold more"
+    notes = [f"runtime overhead {p.memory.overhead / GiB:.1f} GiB ({overhead})",
+             f"largest micro-batch {p.batch[0]} x {p.batch[1]} tokens"
+             + ("" if knobs.data else " (worst case: every row max_length long)")]
+    if m.full_logits:
+        notes.append("logits at every position (no trained-position shortcut for this method or model)")
+    elif not knobs.data:
+        notes.append(f"logits at {knobs.completion_fraction:.0%} of positions "
+                     "(the completion fraction; 100% is the worst case)")
+    if p.shape.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+        notes.append(f"model type {p.shape.model_type!r} approximated by a llama-style block")
+    if m.quant_bits:
+        notes.append("quantised base: bitsandbytes layout (NF4 blocks of 64, double-quantised scales)")
+    if p.time.seconds is not None:
+        peak = (p.time.peak_flops or 0) / 1e12
+        source = "measured matmul peak of the 2-core dev machine" if not gpu else "dense peak"
+        notes.append(f"time: {p.time.flops_per_token / 1e9:.3g} GFLOP/token at {peak:.3g} TFLOP/s ({source}) x MFU "
+                     f"{p.time.mfu:.2f} (assumed); tokens: {p.time.tokens_source}")
+    else:
+        why = p.time.tokens_source if p.time.total_tokens is None else "no FLOP/s figure for this device"
+        notes.append(f"time unknown: {why}")
+    return notes
