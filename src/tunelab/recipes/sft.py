@@ -86,7 +86,9 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     console.print(
         f"[bold]{config.method.name}[/] on {config.model.path}: {n_trainable:,} trainable of {n_total:,} parameters "
         f"({100 * n_trainable / n_total:.3f}%); {len(data.train)} train / {len(data.eval)} eval examples, "
-        f"{data.train_stats.trained_tokens:,} trained tokens; device {accelerator.device}, precision {accelerator.mixed_precision}"
+        f"{data.train_stats.trained_tokens:,} trained tokens; device {accelerator.device}, "
+        f"precision {'fp32' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision}",
+        soft_wrap=True,  # one line, also in a sweep's log
     )
 
     # 3. The run directory describes itself from the start.
@@ -129,7 +131,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         tokenizer.save_pretrained(tmp)
     costs["artifact_mb"] = round(dir_size_mb(artifact_dir), 3)
     console.print(f"Saved {method.artifact} to [bold]{artifact_dir}[/] ({costs['artifact_mb']:.1f} MB); "
-                  f"trainable parameters {n_trainable:,} ({100 * n_trainable / n_total:.3f}% of {n_total:,}).")
+                  f"trainable parameters {n_trainable:,} ({100 * n_trainable / n_total:.3f}% of {n_total:,}).", soft_wrap=True)
 
     # 6. What it learned and what it forgot: the tuned model against the untuned one.
     tuned = accelerator.unwrap_model(model)
