@@ -73,8 +73,6 @@ def train(
     from tunelab.config import load_config
     from tunelab.recipes import sft
 
-    if not config.is_file():
-        raise TunelabError(f"config file {config} not found")
     cfg = load_config(config, overrides or [])
     result = sft.main(cfg, resume=resume, force=force, console=console)
     loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
@@ -89,8 +87,6 @@ def data_inspect(config: ConfigArg, overrides: OverridesArg = None, example: int
     from tunelab.data import inspect_report, render_example
     from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
 
-    if not config.is_file():
-        raise TunelabError(f"config file {config} not found")
     cfg = load_config(config, overrides or [])
     examples = read_examples(cfg)
     _, tokenizer, added = load_prepared_tokenizer(cfg)
@@ -150,8 +146,6 @@ def compare_command(
     """
     from tunelab.compare.sweep import parse_candidates, run_compare
 
-    if not config.is_file():
-        raise TunelabError(f"config file {config} not found")
     budget = [f"train.max_seconds={time_budget:g}"] if time_budget else []
     run_compare(config, (overrides or []) + budget, parse_candidates(methods), out, console)
 
@@ -167,8 +161,6 @@ def plan_command(
     from tunelab.config import load_config
     from tunelab.planning import plan, print_plan
 
-    if not config.is_file():
-        raise TunelabError(f"config file {config} not found")
     print_plan(plan(load_config(config, overrides or []), gpu), Console())
 
 

@@ -71,3 +71,10 @@ def test_learning_rate_defaults_to_the_methods_recommendation(tmp_path):
     assert load_config(path, ["method.name=full"]).train.lr == 5e-5
     assert load_config(path, ["method.name=prompt"]).train.lr == 3e-2
     assert load_config(path, ["method.name=full", "train.lr=1e-5"]).train.lr == 1e-5
+
+
+def test_a_missing_config_file_is_named(tmp_path):
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config file .*missing\.yaml not found"):
+        load_config(tmp_path / "missing.yaml")

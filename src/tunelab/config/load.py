@@ -99,6 +99,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     source = str(path) if path else "config"
     text = ""
     if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError([f"config file {path} not found (give the path of a YAML run configuration)"], source=source)
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
