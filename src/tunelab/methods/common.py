@@ -8,6 +8,7 @@ options become a peft config.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -36,14 +37,15 @@ class MethodDefaults:
         raise TunelabError(f"method {self.name} changes the base weights in place; there is no base model to fall back to")
 
 
-class PeftMethod(MethodDefaults):
+class PeftMethod(MethodDefaults, ABC):
     """A method implemented by a peft config; the artifact is a standard PEFT adapter directory."""
 
     artifact = "adapter"
     detachable = True
 
+    @abstractmethod
     def peft_config(self, model: nn.Module, options: BaseModel):
-        raise NotImplementedError
+        """The peft config (``LoraConfig``, ``IA3Config``, ...) that ``options`` describe for ``model``."""
 
     def apply(self, model: nn.Module, options: BaseModel) -> nn.Module:
         from peft import get_peft_model

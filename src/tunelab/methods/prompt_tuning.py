@@ -65,12 +65,17 @@ class PrefixOptions(BaseModel):
         return (self.init or ("random" if self.projection else "text")) == "text"
 
 
+class SoftPromptMethod(PeftMethod):
+    """Prompt and prefix tuning: extra positions in front of every sequence, so no packing and no checkpointing."""
+
+    incompatible = frozenset({"packing", "gradient_checkpointing"})
+
+
 @register_method
-class PromptTuning(PeftMethod):
+class PromptTuning(SoftPromptMethod):
     name = "prompt"
     default_lr = 3e-2
     options_class = PromptOptions
-    incompatible = frozenset({"packing", "gradient_checkpointing"})
 
     def peft_config(self, model: nn.Module, options: PromptOptions):
         from peft import PromptTuningConfig, PromptTuningInit
@@ -82,11 +87,10 @@ class PromptTuning(PeftMethod):
 
 
 @register_method
-class PrefixTuning(PeftMethod):
+class PrefixTuning(SoftPromptMethod):
     name = "prefix"
     default_lr = 1e-2
     options_class = PrefixOptions
-    incompatible = frozenset({"packing", "gradient_checkpointing"})
 
     def peft_config(self, model: nn.Module, options: PrefixOptions):
         from peft import PrefixTuningConfig
