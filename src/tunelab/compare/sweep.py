@@ -120,22 +120,18 @@ def run_compare(config_path: Path, overrides: list[str], candidates: list[str], 
 def _evaluate_untuned(config: RunConfig, candidates: list[str], examples, untuned_dir: Path, console: Console) -> None:
     """zero-shot (always), k-shot and RAG as asked, and the probe, on the untuned model."""
     from tunelab.evaluation.run import LoadedModel
-    from tunelab.models.load import load_model
     from tunelab.recipes.evaluation_stage import evaluate_before, save_before
-    from tunelab.recipes.setup import load_prepared_tokenizer
+    from tunelab.recipes.setup import load_base_model, load_prepared_tokenizer
 
     shots = config.eval.few_shot or DEFAULT_SHOTS
     k = config.eval.rag or DEFAULT_SHOTS
     eval_cfg = config.eval.model_copy(update={"before": True, "few_shot": shots if "few_shot" in candidates else 0,
                                               "rag": k if "rag" in candidates else 0, "before_from": None})
     config = config.model_copy(update={"eval": eval_cfg})
-    model_path, tokenizer, added = load_prepared_tokenizer(config)
-    model = load_model(model_path, config.model.dtype, config.model.trust_remote_code)
-    if added:
-        model.resize_token_embeddings(len(tokenizer))
     import torch
 
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model_path, tokenizer, added = load_prepared_tokenizer(config)
+    model = load_base_model(config, model_path, tokenizer, added, "cuda" if torch.cuda.is_available() else "cpu")
     untuned_dir.mkdir(parents=True, exist_ok=True)
     result = evaluate_before(config, LoadedModel(model, tokenizer, "untuned"), examples, untuned_dir, console)
     save_before(untuned_dir, result)

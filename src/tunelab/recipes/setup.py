@@ -12,7 +12,7 @@ from tunelab.config.schema import RunConfig
 from tunelab.data import IGNORE_INDEX, Example, TokenizedExample, TokenizeStats, load_examples, prepare_tokenizer
 from tunelab.data.token_cache import cached_tokenize
 from tunelab.errors import DataError
-from tunelab.models.load import load_tokenizer, resolve_model_path
+from tunelab.models.load import load_model, load_tokenizer, resolve_model_path
 
 
 @dataclass
@@ -62,6 +62,18 @@ def load_prepared_tokenizer(config: RunConfig):
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.model.trust_remote_code)
     added = prepare_tokenizer(tokenizer, config.data.chat_template)
     return model_path, tokenizer, added
+
+
+def load_base_model(config: RunConfig, model_path: str, tokenizer, added_tokens: list[str], device, **load_kwargs):
+    """The untuned model on ``device``, with embeddings resized for tokens a chat-template fallback added.
+
+    ``load_kwargs`` go to ``from_pretrained`` (a method's quantisation); a model placed by ``device_map``
+    is left where it was put.
+    """
+    model = load_model(model_path, config.model.dtype, config.model.trust_remote_code, **load_kwargs)
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    return model if "device_map" in load_kwargs else model.to(device)
 
 
 def tokenize(config: RunConfig, tokenizer, examples: Examples, added_tokens: list[str]) -> TokenizedData:

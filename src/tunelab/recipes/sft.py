@@ -28,10 +28,9 @@ from tunelab.config.schema import RunConfig
 from tunelab.data import collate, data_fingerprint
 from tunelab.errors import TunelabError
 from tunelab.methods import count_parameters, get_method, trainable_parameters
-from tunelab.models.load import load_model
 from tunelab.evaluation.run import LoadedModel
 from tunelab.recipes.evaluation_stage import check_eval_settings, evaluate_after, evaluate_before, save_before
-from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
+from tunelab.recipes.setup import load_base_model, load_prepared_tokenizer, read_examples, tokenize
 from tunelab.training.checkpoint import load_checkpoint, save_checkpoint
 from tunelab.training.loss import summed_loss_of_batch, trained_token_count
 from tunelab.training.manifest import write_manifest
@@ -166,10 +165,7 @@ def _load_base(config: RunConfig, model_path: str, tokenizer, added_tokens: list
     resized for tokens a chat-template fallback added."""
     torch.manual_seed(config.train.seed)
     extra = get_method(config.method.name).base_load_kwargs(method_options(config))
-    model = load_model(model_path, config.model.dtype, config.model.trust_remote_code, **extra)
-    if added_tokens:
-        model.resize_token_embeddings(len(tokenizer))
-    return model if "device_map" in extra else model.to(device)
+    return load_base_model(config, model_path, tokenizer, added_tokens, device, **extra)
 
 
 def _apply_method(config: RunConfig, model, tokenizer, added_tokens: list[str]):
