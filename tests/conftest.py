@@ -35,6 +35,12 @@ def tiny_qwen2(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
 
 
+@pytest.fixture(scope="session")
+def six_block_llama(tmp_path_factory) -> Path:
+    """A tiny llama of six decoder blocks (gradient checkpointing of some of them)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-6"), "llama", layers=6)
+
+
 def chat_records(n: int, seed: int = 0) -> list[dict]:
     """Short deterministic conversations a tiny model can partly memorise."""
     words = ["red", "blue", "green", "black", "white", "pink"]

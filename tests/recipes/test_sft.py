@@ -280,3 +280,33 @@ def test_max_seconds_stops_training_and_anneals_the_schedule_on_time(make_config
     assert (result.run_dir / "adapter").is_dir()
     again = sft.main(cfg, resume=True)
     assert again.steps == 3 and again.train_loss == result.train_loss
+
+
+def test_auto_checkpointing_recomputes_only_the_blocks_the_plan_needs(make_config, six_block_llama, monkeypatch):
+    """On a device too small for the run without checkpointing but roomy enough for fewer than all blocks,
+    ``auto`` checkpoints some blocks; the losses are those of the run without checkpointing."""
+    import dataclasses
+
+    import tunelab.planning as planning
+    from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
+
+    def losses(run):
+        return [r["loss"] for r in metrics(run) if "loss" in r]
+
+    plain_cfg = make_config("train.max_steps=3", "train.gradient_checkpointing=false", model=six_block_llama, output="plain")
+    auto_cfg = make_config("train.max_steps=3", "train.gradient_checkpointing=auto", model=six_block_llama, output="auto")
+    _, tokenizer, added = load_prepared_tokenizer(auto_cfg)
+    profile = planning.profile_examples(auto_cfg, tokenize(auto_cfg, tokenizer, read_examples(auto_cfg), added).train)
+    shape, cpu = planning.load_shape(auto_cfg), planning.resolve_device("cpu")
+    peak = {on: planning.plan(make_config(f"train.gradient_checkpointing={on}", model=six_block_llama), "cpu", data=profile).memory.total
+            for on in ("false", "true")}
+    small = dataclasses.replace(cpu, memory_bytes=int((peak["false"] + peak["true"]) / 2 / planning.AUTO_CHECKPOINTING_SHARE))
+    assert 0 < planning.checkpointed_blocks(auto_cfg, shape, small, profile) < shape.layers
+
+    plain = sft.main(plain_cfg)
+    monkeypatch.setattr(planning, "resolve_device", lambda name=None: small)
+    auto = sft.main(auto_cfg)
+    blocks = {name: json.loads((r.run_dir / "manifest.json").read_text())["checkpointed_blocks"] for name, r in
+              (("plain", plain), ("auto", auto))}
+    assert blocks == {"plain": 0, "auto": planning.checkpointed_blocks(auto_cfg, shape, small, profile)}
+    assert losses(auto.run_dir) == pytest.approx(losses(plain.run_dir), rel=1e-5)

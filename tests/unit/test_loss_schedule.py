@@ -61,10 +61,12 @@ def _lora_model(arch: str):
     return model
 
 
+@pytest.mark.parametrize("host_index", [False, True], ids=["index-found-in-loss", "index-from-to_device"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_trained_position_logits_give_the_same_loss_and_gradients(arch):
-    """The fast path (lm_head only at trained positions) must equal full logits, value and gradient."""
-    from tunelab.training.loss import _plain_causal_lm, summed_loss_of_batch
+def test_trained_position_logits_give_the_same_loss_and_gradients(arch, host_index):
+    """The fast path (lm_head only at trained positions) must equal full logits, value and gradient,
+    whether the positions come with the batch (``to_device``, no GPU sync) or are found in the loss."""
+    from tunelab.training.loss import _plain_causal_lm, summed_loss_of_batch, to_device
 
     model = _lora_model(arch)
     assert _plain_causal_lm(model) is not None  # the fast path is taken
@@ -76,6 +78,9 @@ def test_trained_position_logits_give_the_same_loss_and_gradients(arch):
     labels[:, :5] = -100
     labels[mask == 0] = -100
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if host_index:
+        batch = to_device(batch, "cpu")
+        assert batch["trained_index"].tolist() == [t for t in range(4, 8)] + [9 + 4] + [18 + t for t in range(4, 8)]
 
     fast = summed_loss_of_batch(model, batch)
     fast.backward()

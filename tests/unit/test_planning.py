@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,10 @@ from rich.console import Console
 from tunelab.config.load import load_config, method_options
 from tunelab.errors import TunelabError
 from tunelab.methods import count_parameters, get_method, trainable_parameters
-from tunelab.planning import GPUS, GiB, ModelShape, load_shape, plan, print_plan, profile_data, resolve_device
+from tunelab.planning import (
+    GPUS, Device, GiB, ModelShape, checkpointed_blocks, load_shape, plan, print_plan, profile_data, resolve_device,
+)
+from tunelab.training.recompute import enable_checkpointing, limit_checkpointing
 
 SMOLLM2 = Path("/tmp/tlcache/models/smollm2-135m-instruct")
 
@@ -158,18 +162,21 @@ def test_anchor_gpu_peaks_within_ten_percent(anchor_dirs, shape, overrides, batc
 
 
 # ------------------------------------------------------------------------ measured on this CPU (tiny)
-def _measured_cpu_peak(path: Path, config) -> int:
-    """Peak live tensor bytes of the second training step (Adam states present), from the profiler."""
+def _measured_cpu_peak(path: Path, config, blocks: int | None = None) -> int:
+    """Peak live tensor bytes of the second training step (Adam states present), from the profiler, with
+    ``blocks`` checkpointed blocks (default: as the config resolves on this CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     from tunelab.training.loss import summed_loss_of_batch
 
     torch.manual_seed(0)
     model = _load(path).train()
-    if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if blocks is None:
+        blocks = checkpointed_blocks(config, load_shape(config), resolve_device("cpu"))
+    enable_checkpointing(model, blocks)
     model.config.use_cache = False
     model = get_method(config.method.name).apply(model, method_options(config))
+    assert limit_checkpointing(model, blocks) == blocks
     params = list(trainable_parameters(model).values())
     optimizer = torch.optim.AdamW(params)
     ids = torch.randint(4, model.config.vocab_size, (config.train.batch_size, config.data.max_length))
@@ -201,6 +208,30 @@ def test_cpu_estimate_matches_a_measured_step(tiny_llama, overrides):
     config = _config(tiny_llama, *overrides)
     estimate = plan(config, "cpu", padded=False).memory.tensors
     assert estimate == pytest.approx(_measured_cpu_peak(tiny_llama, config), rel=0.10)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_auto_checkpointing_picks_the_fewest_blocks_that_fit_and_the_measured_peak_agrees(six_block_llama, method):
+    """On a device between the plan without and with full checkpointing, ``auto`` checkpoints some but not
+    all blocks, the plan's peak is under the budget, and a measured step with those blocks agrees."""
+    config = _config(six_block_llama, f"method.name={method}", "train.batch_size=4", "data.max_length=256",
+                     "train.gradient_checkpointing=auto")
+    shape, cpu = load_shape(config), resolve_device("cpu")
+    none = plan(config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": False})}), "cpu")
+    every = plan(config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": True})}), "cpu")
+    assert every.memory.total < none.memory.total
+    device = Device("small", "cpu", int((none.memory.total + every.memory.total) / 2 / 0.95), note="test")
+    blocks = checkpointed_blocks(config, shape, device)
+    assert 0 < blocks < shape.layers
+    assert checkpointed_blocks(config, shape, replace(cpu, memory_bytes=10 * none.memory.total)) == 0
+    assert checkpointed_blocks(config, shape, replace(cpu, memory_bytes=every.memory.total // 2)) == shape.layers
+    from tunelab.planning.planner import _Knobs, _memory_of
+
+    chosen = _memory_of(config, shape, device, _Knobs(padded=False))[0]
+    fewer = _memory_of(config, shape, device, _Knobs(), blocks - 1)[0]
+    assert _memory_of(config, shape, device, _Knobs(), blocks)[0].total <= 0.95 * device.memory_bytes < fewer.total
+    measured = _measured_cpu_peak(six_block_llama, config, blocks)
+    assert chosen.tensors == pytest.approx(measured, rel=0.10)
 
 
 # ---------------------------------------------------------------------------------- time and devices
@@ -255,10 +286,14 @@ def test_current_device_falls_back_to_cpu_ram():
 
 
 def test_too_big_gets_suggestions_and_prints(anchor_dirs):
-    config = _config(anchor_dirs["llama-3.2-1b"], "method.name=lora", "train.batch_size=8", "data.max_length=2048")
+    config = _config(anchor_dirs["llama-3.2-1b"], "method.name=lora", "train.batch_size=8", "data.max_length=2048",
+                     "train.gradient_checkpointing=false")
     p = plan(config, "l4")
     assert not p.fits and p.suggestions and "gradient_checkpointing" in p.suggestions[0]
     assert "(fits)" in p.suggestions[-1]
+    auto = plan(config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": "auto"})}), "l4")
+    assert auto.checkpointed_blocks == auto.shape.layers  # auto already checkpoints every block; the rest is suggested
+    assert not auto.fits and "gradient_checkpointing" not in auto.suggestions[0] and "(fits)" in auto.suggestions[-1]
     assert p.fits_by_gpu["h100-80gb"] and not p.fits_by_gpu["l4"]
     out = io.StringIO()
     print_plan(p, Console(file=out, width=160))

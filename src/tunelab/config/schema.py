@@ -97,7 +97,9 @@ class TrainConfig(_Section):
     keep_last: int = Field(2, gt=0, description="checkpoints kept on disk")
     eval_every: int | None = Field(None, gt=0, description="validation loss every N steps (default: at each checkpoint)")
     log_every: int = Field(1, gt=0)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute block activations in backward to save memory: true = every block; auto = "
+        "only as many blocks as the memory plan (tunelab plan) needs to fit this device, usually none")
     packing: bool = Field(False, description="concatenate each micro-batch's examples into rows without padding "
                           "(one row with flash-attention, rows no longer than the longest example otherwise; attention "
                           "never crosses examples; same loss, less wasted compute when lengths vary)")

@@ -84,18 +84,18 @@ activation tracer, MemoryEstimate), ``timing`` (TimeEstimate, FLOPs per token), 
 ``profile_data``), ``planner`` (Plan, ``plan``, the time estimate, suggestions), ``output`` (``print_plan``).
 """
 
-from tunelab.planning.data import DataProfile, profile_data
+from tunelab.planning.data import DataProfile, profile_data, profile_examples
 from tunelab.planning.devices import (
     CPU_MATMUL_GFLOPS, CPU_MFU, CPU_OVERHEAD, GPU_MFU, GPU_OVERHEAD, GPUS, Device, GiB, resolve_device,
 )
 from tunelab.planning.memory import MemoryEstimate
 from tunelab.planning.output import print_plan
-from tunelab.planning.planner import Plan, plan
+from tunelab.planning.planner import AUTO_CHECKPOINTING_SHARE, Plan, checkpointed_blocks, plan
 from tunelab.planning.shape import ModelShape, load_shape
 from tunelab.planning.timing import TimeEstimate
 
 __all__ = [
-    "CPU_MATMUL_GFLOPS", "CPU_MFU", "CPU_OVERHEAD", "GPUS", "GPU_MFU", "GPU_OVERHEAD", "DataProfile", "Device", "GiB",
-    "MemoryEstimate", "ModelShape", "Plan", "TimeEstimate", "load_shape", "plan", "print_plan", "profile_data",
+    "AUTO_CHECKPOINTING_SHARE", "checkpointed_blocks", "CPU_MATMUL_GFLOPS", "CPU_MFU", "CPU_OVERHEAD", "GPUS", "GPU_MFU", "GPU_OVERHEAD", "DataProfile", "Device", "GiB",
+    "MemoryEstimate", "ModelShape", "Plan", "TimeEstimate", "load_shape", "plan", "print_plan", "profile_data", "profile_examples",
     "resolve_device",
 ]

@@ -24,12 +24,16 @@ class DataProfile:
 
 def profile_data(config: RunConfig) -> DataProfile:
     """Tokenise the training data with the model's tokenizer (no weights) and measure its micro-batches."""
-    import torch
-
     from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
 
     _, tokenizer, added = load_prepared_tokenizer(config)
-    data = tokenize(config, tokenizer, read_examples(config), added).train
+    return profile_examples(config, tokenize(config, tokenizer, read_examples(config), added).train)
+
+
+def profile_examples(config: RunConfig, data: list) -> DataProfile:
+    """Measure the micro-batches of one epoch of already tokenised examples (``TokenizedExample``)."""
+    import torch
+
     lengths = [len(ex.input_ids) for ex in data]
     trained = [sum(1 for t in ex.labels[1:] if t != -100) for ex in data]
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.train.seed * 1_000_003)).tolist()

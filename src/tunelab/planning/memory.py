@@ -209,8 +209,9 @@ def _weight_bytes(shape: ModelShape, m: _Method, w: int) -> int:
     return int(per * quantised + 4 * (sum(table.values()) - quantised))
 
 
-def _estimate_memory(shape: ModelShape, m: _Method, env: _Env, batch: _Batch, *, checkpointing: bool,
+def _estimate_memory(shape: ModelShape, m: _Method, env: _Env, batch: _Batch, *, checkpointing: int,
                      grad_accum: int, held_logits: bool) -> MemoryEstimate:
+    """``checkpointing``: how many blocks (the first ones) recompute their activations in backward."""
     table = shape.parameter_table()
     pbytes = 4 if m.quant_bits else env.w
     added = m.extra * m.extra_bytes
@@ -220,17 +221,22 @@ def _estimate_memory(shape: ModelShape, m: _Method, env: _Env, batch: _Batch, *,
     # the embedding output needs a gradient for a soft prompt, a trained embedding, or qlora's checkpointing
     h = _T("h0", shape.hidden, pbytes, m.input_grad or "model.embed_tokens.weight" in m.trainable
            or bool(m.quant_bits and checkpointing))
-    blocks: list[tuple[float, float, int, float, float]] = []  # per block on the gradient path:
-    saved = inputs = copies = 0.0  # (saved, input, weight copies, trained bytes, workspace)
+    # per block on the gradient path: (saved, kept until its backward, weight copies kept, its weight
+    # copies, trained bytes, workspace, checkpointed); a checkpointed block keeps only its input
+    blocks: list[tuple[float, float, int, int, float, float, bool]] = []
+    stored = copies = 0.0  # bytes per token kept from the forward; weight copies kept
     for i in range(shape.layers):
         block = _Block(env, shape, m, i)
         out = block.forward(h)
+        recomputed = i < checkpointing
+        own_saved = sum(block.saved.values())
+        keeps = (h.width * h.nbytes if out.grad else 0.0) if recomputed else own_saved
+        keeps_copies = 0 if recomputed else block.weight_copies
         if out.grad:
             own = sum(n for k, n in table.items() if k.startswith(f"model.layers.{i}.") and k in m.trainable) * pbytes
-            blocks.append((sum(block.saved.values()), h.width * h.nbytes, block.weight_copies,
-                           own + added / shape.layers, block.workspace()))
-            inputs += h.width * h.nbytes
-        saved, copies, h = saved + sum(block.saved.values()), copies + block.weight_copies, out
+            blocks.append((own_saved, keeps, keeps_copies, block.weight_copies, own + added / shape.layers,
+                           block.workspace(), recomputed))
+        stored, copies, h = stored + keeps, copies + keeps_copies, out
     head_trains = shape.head_param in m.trainable
     head = (4 * shape.hidden if h.grad and not env.liger else h.width * h.nbytes) * tokens  # final norm input
     head += h.width * h.nbytes * tokens if "model.norm.weight" in m.trainable else 0
@@ -246,8 +252,8 @@ def _estimate_memory(shape: ModelShape, m: _Method, env: _Env, batch: _Batch, *,
         logits_fwd = int(batch.logit_rows * shape.vocab * (12 if m.full_logits else 8 + held))
     mask = batch.rows * batch.seq * (batch.seq + m.virtual_tokens + m.prefix) if batch.mask else 0
     static = weights + added + opt + (grads if grad_accum > 1 else 0)
-    acts = int((inputs if checkpointing else saved) * tokens + head)
-    kept = int(head_copy + (0 if checkpointing else copies))
+    acts = int(stored * tokens + head)
+    kept = int(head_copy + copies)
     # autocast caches a copy of every trained float32 matmul weight for the whole forward
     cache = int(sum(n for k, n in table.items() if k in m.trainable and k.endswith("_proj.weight")) * env.c
                 ) if checkpointing and env.autocast and env.w != env.c else 0
@@ -255,17 +261,16 @@ def _estimate_memory(shape: ModelShape, m: _Method, env: _Env, batch: _Batch, *,
     # back-propagating block j: earlier blocks' activations, later blocks' gradients, j's working set
     back = (0, 0, 0, 0, 0)  # (total, activations, weight copies, gradients, workspace)
     done = head_grad if grad_accum == 1 else 0
-    left_saved, left_inputs, left_copies = saved * tokens, inputs * tokens, copies
-    for one_saved, one_input, one_copies, own, work in reversed(blocks):
-        if checkpointing:
-            a, c = left_inputs + one_saved * tokens, one_copies
+    left_stored, left_copies = stored * tokens, copies  # kept by the blocks <= j
+    for one_saved, keeps, keeps_copies, one_copies, own, work, recomputed in reversed(blocks):
+        if recomputed:  # block j's activations are rebuilt next to its kept input
+            a, c = left_stored + one_saved * tokens, left_copies + one_copies
         else:
-            a, c = left_saved, left_copies
+            a, c = left_stored, left_copies
         live = (int(a), int(c), int(done), int(work * tokens))
         back = max(back, (sum(live), *live))
         done += own if grad_accum == 1 else 0  # j's weight gradients replace its activations as it finishes
-        left_saved, left_inputs = left_saved - one_saved * tokens, left_inputs - one_input * tokens
-        left_copies -= one_copies
+        left_stored, left_copies = left_stored - keeps * tokens, left_copies - keeps_copies
     largest = max([n for k, n in table.items() if k in m.trainable] + [0]) * pbytes
     opt_temp = grads if env.gpu else 2 * largest  # foreach AdamW on CUDA; per-tensor sqrt/div on CPU
     phases = {

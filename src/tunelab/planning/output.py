@@ -26,6 +26,14 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _checkpointing(plan: Plan) -> str:
+    if not plan.checkpointed_blocks:
+        return ""
+    if plan.checkpointed_blocks == plan.shape.layers:
+        return ", gradient checkpointing"
+    return f", gradient checkpointing in {plan.checkpointed_blocks} of {plan.shape.layers} blocks"
+
+
 def print_plan(plan: Plan, console) -> None:
     """Render a plan with rich: memory by component, verdict, time, the GPU catalog, suggestions, assumptions."""
     from rich.table import Table
@@ -33,7 +41,7 @@ def print_plan(plan: Plan, console) -> None:
     mem, dev, t = plan.memory, plan.device, plan.time
     console.print(f"[bold]{plan.method}[/] on {plan.model}: {plan.trainable_params:,} trainable of {plan.total_params:,} "
                   f"parameters; {plan.precision}, {plan.weight_bytes} B per weight, "
-                  f"micro-batch {plan.batch[0]} x {plan.batch[1]}{', gradient checkpointing' if plan.gradient_checkpointing else ''}")
+                  f"micro-batch {plan.batch[0]} x {plan.batch[1]}{_checkpointing(plan)}")
     table = Table(title=f"Peak memory (during the {mem.peak_phase})")
     for column, justify in (("component", "left"), ("GiB", "right"), ("what", "left")):
         table.add_column(column, justify=justify)

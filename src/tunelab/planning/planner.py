@@ -30,7 +30,7 @@ class Plan:
     precision: str  # resolved: fp32 / bf16 / fp16
     weight_bytes: int  # per base parameter (model.dtype)
     batch: tuple[int, int]  # (rows, tokens per row) of the largest micro-batch
-    gradient_checkpointing: bool
+    checkpointed_blocks: int  # decoder blocks that recompute their activations (train.gradient_checkpointing)
     total_params: int
     trainable_params: int
     memory: MemoryEstimate
@@ -64,7 +64,43 @@ def _precision(config: RunConfig, device: Device) -> str:
     return precision
 
 
-def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs) -> tuple[MemoryEstimate, _Method, _Batch]:
+# ``train.gradient_checkpointing: auto`` checkpoints the fewest blocks that bring the plan under this share
+# of the device's memory (the plan calls a fit above it "tight").
+AUTO_CHECKPOINTING_SHARE = 0.95
+
+
+def checkpointed_blocks(config: RunConfig, shape: ModelShape, device: Device, data: DataProfile | None = None) -> int:
+    """How many decoder blocks ``train.gradient_checkpointing`` checkpoints on ``device``: all (true), none
+    (false, or a method that cannot be checkpointed), or for ``auto`` the fewest that make the planned peak
+    fit in ``AUTO_CHECKPOINTING_SHARE`` of the device's memory (all of them if nothing fits)."""
+    from tunelab.methods import get_method
+
+    setting = config.train.gradient_checkpointing
+    if setting is not True and setting != "auto":
+        return 0
+    if "gradient_checkpointing" in get_method(config.method.name).incompatible:
+        return 0
+    if setting is True:
+        return shape.layers
+    knobs, budget = _Knobs(data=data), AUTO_CHECKPOINTING_SHARE * device.memory_bytes
+
+    def fits(blocks: int) -> bool:
+        return _memory_of(config, shape, device, knobs, blocks)[0].total <= budget
+
+    if fits(0):
+        return 0
+    if not fits(shape.layers):
+        return shape.layers  # the most checkpointing can do; the plan's suggestions say what else to change
+    low, high = 0, shape.layers  # fits(low) is false, fits(high) is true; the peak falls as blocks grow
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
+def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs,
+               blocks: int | None = None) -> tuple[MemoryEstimate, _Method, _Batch]:
+    """The memory estimate with ``blocks`` checkpointed blocks (default: as the config resolves on ``device``)."""
     from tunelab.models.load import torch_dtype
 
     precision, w, m = _precision(config, device), torch_dtype(config.model.dtype).itemsize, _method(config, shape)
@@ -83,7 +119,9 @@ def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Kno
     env = _Env(w=base, c=2 if mixed else base, autocast=mixed, gpu=device.kind == "gpu", liger=knobs.kernels == "liger",
                gqa_repeat=batch.mask, quant_bits=m.quant_bits, kv_scale=(seq + m.prefix) / seq,
                mask_kv=seq + m.virtual_tokens + m.prefix if batch.mask else 0)
-    memory = _estimate_memory(shape, m, env, batch, checkpointing=train.gradient_checkpointing,
+    if blocks is None:
+        blocks = checkpointed_blocks(config, shape, device, d)
+    memory = _estimate_memory(shape, m, env, batch, checkpointing=blocks,
                               grad_accum=train.grad_accum, held_logits=knobs.held_logits)
     return memory, m, batch
 
@@ -122,7 +160,7 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
     result = Plan(
         config.model.path, shape, config.method.name, device, _precision(config, device),
         torch_dtype(config.model.dtype).itemsize,
-        (batch.rows, batch.seq + m.virtual_tokens), config.train.gradient_checkpointing,
+        (batch.rows, batch.seq + m.virtual_tokens), checkpointed_blocks(config, shape, device, data),
         sum(table.values()) + m.extra, sum(n for k, n in table.items() if k in m.trainable) + m.extra,
         memory, _estimate_time(config, shape, m, device, knobs, examples), fits,
         fits and memory.total > 0.95 * device.memory_bytes,
@@ -158,7 +196,7 @@ def _estimate_time(config: RunConfig, shape: ModelShape, m: _Method, device: Dev
     if total and m.virtual_tokens:  # every row also runs the soft prompt
         total *= (row + m.virtual_tokens) / row
     completion = d.trained_tokens / max(d.tokens, 1) if d else knobs.completion_fraction
-    flops = _flops_per_token(shape, m, row, completion, train.gradient_checkpointing)
+    flops = _flops_per_token(shape, m, row, completion, checkpointed_blocks(config, shape, device, d))
     peak = device.peak_flops(_precision(config, device))
     mfu = knobs.mfu or (GPU_MFU if device.kind == "gpu" else CPU_MFU)
     seconds = total * flops / (peak * mfu) if total and peak else None
@@ -187,7 +225,7 @@ def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs
         return lambda cfg: setattr(getattr(cfg, section), key, value)
 
     name = config.method.name
-    if not config.train.gradient_checkpointing and name not in ("prompt", "prefix"):
+    if config.train.gradient_checkpointing is not True and name not in ("prompt", "prefix"):
         if attempt("train.gradient_checkpointing=true", set_attr("train", "gradient_checkpointing", True)):
             return out
     if name in _FROZEN_BASE and name != "qlora" and config.model.dtype in ("auto", "float32") and device.kind == "gpu":

@@ -20,8 +20,9 @@ class TimeEstimate:
     seconds: float | None
 
 
-def _flops_per_token(shape: ModelShape, m: _Method, row: float, completion: float, checkpointing: bool) -> float:
-    """Training FLOPs per token (see the ``tunelab.planning`` docstring); ``row`` = mean tokens per row."""
+def _flops_per_token(shape: ModelShape, m: _Method, row: float, completion: float, checkpointing: int) -> float:
+    """Training FLOPs per token (see the ``tunelab.planning`` docstring); ``row`` = mean tokens per row,
+    ``checkpointing`` = how many blocks (the first ones) run their forward twice."""
     block = sum(a * b for a, b, _ in shape.linears().values())
     attn = 2 * shape.heads * shape.head_dim * (row + m.virtual_tokens + m.prefix)  # causal QK^T and AV
     in_path = m.input_grad or m.prefix > 0 or "model.embed_tokens.weight" in m.trainable
@@ -31,7 +32,7 @@ def _flops_per_token(shape: ModelShape, m: _Method, row: float, completion: floa
         in_path = in_path or trained > 0 or bool(m.lora or m.ia3_out or m.ia3_in or m.adapters)
         total += 2 * block + attn
         if in_path:
-            total += 2 * block + 2 * trained + 2 * attn + (2 * block + attn if checkpointing else 0)
+            total += 2 * block + 2 * trained + 2 * attn + (2 * block + attn if i < checkpointing else 0)
     head = shape.vocab * shape.hidden * (1.0 if m.full_logits else completion)
     total += 2 * head * (1 + in_path + (shape.head_param in m.trainable))
     return total + 6 * m.extra

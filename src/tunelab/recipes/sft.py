@@ -32,10 +32,11 @@ from tunelab.evaluation.run import LoadedModel
 from tunelab.recipes.evaluation_stage import check_eval_settings, evaluate_after, evaluate_before, save_before
 from tunelab.recipes.setup import load_base_model, load_prepared_tokenizer, read_examples, tokenize
 from tunelab.training.checkpoint import load_checkpoint, save_checkpoint
-from tunelab.training.loss import summed_loss_of_batch, trained_token_count
+from tunelab.training.loss import summed_loss_of_batch, to_device, trained_token_count
 from tunelab.training.manifest import write_manifest
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.progress import training_progress
+from tunelab.training.recompute import EVERY_BLOCK, enable_checkpointing, limit_checkpointing
 from tunelab.training.rundir import check_run_dir, dir_size_mb, finish_manifest, new_manifest
 from tunelab.training.schedule import lr_at, warmup_steps
 from tunelab.training.validation import validation_loss
@@ -71,9 +72,10 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         console.print("[yellow]warning:[/] every eval example was dropped as too long; no validation loss will be computed")
     total = _total_steps(config, len(data.train))
     accelerator = _accelerator(config.train.precision)
+    blocks = _checkpointed_blocks(config, data.train, console)
     base = _load_base(config, model_path, tokenizer, added_tokens, accelerator.device)
     before = evaluate_before(config, LoadedModel(base, tokenizer, "untuned"), examples, run_dir, console)
-    model, method, params = _apply_method(config, base, tokenizer, added_tokens)
+    model, method, params, blocks = _apply_method(config, base, tokenizer, added_tokens, blocks)
     optimizer = torch.optim.AdamW(params.values(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     start_step, scaler_state, seconds_spent = _restore(resume_from, params, optimizer, total, run_dir, resume, console)
     out_of_time = config.train.max_seconds is not None and seconds_spent >= config.train.max_seconds
@@ -99,6 +101,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         config_hash=config_hash(resolved), data_hash=data_hash, data_files=_hashed_inputs(config),
         precision=accelerator.mixed_precision, device=str(accelerator.device),
         trainable_parameters=n_trainable, total_parameters=n_total, artifact=method.artifact,
+        checkpointed_blocks=blocks,
     )
     write_manifest(run_dir, manifest)
     save_before(run_dir, before)
@@ -144,7 +147,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
 def check_method_fits(config: RunConfig) -> None:
     """Refuse, before anything loads, run features the tuning method cannot be combined with."""
     method = get_method(config.method.name)
-    asked = {"packing": config.train.packing, "gradient_checkpointing": config.train.gradient_checkpointing}
+    asked = {"packing": config.train.packing, "gradient_checkpointing": config.train.gradient_checkpointing is True}
     clashes = sorted(feature for feature, on in asked.items() if on and feature in method.incompatible)
     if clashes:
         raise TunelabError(f"method {method.name} cannot be combined with " + ", ".join(f"train.{c}=true" for c in clashes)
@@ -168,11 +171,32 @@ def _load_base(config: RunConfig, model_path: str, tokenizer, added_tokens: list
     return load_base_model(config, model_path, tokenizer, added_tokens, device, **extra)
 
 
-def _apply_method(config: RunConfig, model, tokenizer, added_tokens: list[str]):
-    """Apply the tuning method; returns (model, method, trainable parameters by name)."""
+def _checkpointed_blocks(config: RunConfig, train_examples: list, console) -> int:
+    """Decoder blocks to checkpoint: none, all, or for ``auto`` as many as the memory plan of this data on
+    this device needs (``tunelab.planning.checkpointed_blocks``)."""
+    setting = config.train.gradient_checkpointing
+    if setting != "auto":
+        return EVERY_BLOCK if setting else 0
+    from tunelab.planning import AUTO_CHECKPOINTING_SHARE, checkpointed_blocks, load_shape, profile_examples, resolve_device
+
+    try:
+        shape, device = load_shape(config), resolve_device("current")
+        blocks = checkpointed_blocks(config, shape, device, profile_examples(config, train_examples))
+    except TunelabError as exc:  # a model the planner cannot read
+        console.print(f"[yellow]warning:[/] no memory plan ({exc}); train.gradient_checkpointing=auto leaves it off")
+        return 0
+    if blocks:
+        console.print(f"gradient checkpointing in {blocks} of {shape.layers} blocks (train.gradient_checkpointing=auto: the "
+                      f"planned peak must fit {AUTO_CHECKPOINTING_SHARE:.0%} of {device.memory_bytes / 2**30:.1f} GiB; "
+                      "see tunelab plan)", soft_wrap=True)
+    return blocks
+
+
+def _apply_method(config: RunConfig, model, tokenizer, added_tokens: list[str], checkpointed: int = 0):
+    """Apply the tuning method with gradient checkpointing in the first ``checkpointed`` decoder blocks;
+    returns (model, method, trainable parameters by name, blocks that checkpoint)."""
     torch.manual_seed(config.train.seed)
-    if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model, checkpointed)
     model.config.use_cache = False
     method = get_method(config.method.name)
     options = method_options(config)
@@ -190,13 +214,14 @@ def _apply_method(config: RunConfig, model, tokenizer, added_tokens: list[str]):
         model = method.apply(model, options)
     except ValueError as exc:  # e.g. peft: target modules not found in the model
         raise TunelabError(f"method {config.method.name}: {exc}") from None
+    checkpointed = limit_checkpointing(model, checkpointed)
     params = trainable_parameters(model)
     if any(p.dtype == torch.float16 for p in params.values()):
         raise TunelabError(
             "model.dtype: float16 weights cannot be trained directly (AdamW underflows and the run turns to NaN); "
             "load float32 (model.dtype=float32) and use train.precision=fp16 or bf16 for mixed precision"
         )
-    return model, method, params
+    return model, method, params, checkpointed
 
 
 def _restore(checkpoint: Path | None, params, optimizer, total: int, run_dir: Path, resume: bool,
@@ -321,7 +346,7 @@ def _accumulate_gradients(model, micro_batches: list[dict], step_tokens: int, ac
     """
     loss_sum = torch.zeros((), device=accelerator.device)
     for batch in micro_batches:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = to_device(batch, accelerator.device)
         with accelerator.autocast():
             loss = summed_loss_of_batch(model, batch)
         accelerator.backward(loss / max(step_tokens, 1))

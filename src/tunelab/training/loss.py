@@ -23,6 +23,30 @@ def trained_token_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices ``row * T + t`` of the positions whose next token is trained, in row-major order.
+
+    Computed where the labels are (on the host, before the batch moves to a GPU), so the loss can gather
+    those positions with ``index_select`` instead of a boolean mask, whose output size the host would
+    have to wait for.
+    """
+    seq = labels.shape[1]
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * seq + cols
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """A collated batch on ``device``, with its ``trained_index`` (see :func:`trained_positions`).
+
+    On a GPU the host tensors are pinned and copied asynchronously: nothing here waits for the GPU.
+    """
+    device = torch.device(device)
+    moved = {**batch, "trained_index": trained_positions(batch["labels"])}
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in moved.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in moved.items()}
+
+
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained positions.
 
@@ -98,7 +122,9 @@ def summed_loss_of_batch(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     Args:
         model: A causal LM, PEFT-wrapped or not.
         batch: ``input_ids`` and ``labels`` (B, T), plus either ``attention_mask`` (padded batch) or
-            ``position_ids`` without a mask (packed batch, see ``tunelab.data.packing``).
+            ``position_ids`` without a mask (packed batch, see ``tunelab.data.packing``); optionally
+            ``trained_index`` from :func:`to_device` (without it the positions are found here, which
+            makes the host wait for a GPU).
     """
     inputs = _model_inputs(batch)
     labels = batch["labels"]  # (B, T)
@@ -117,7 +143,10 @@ def summed_loss_of_batch(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return summed_token_loss(logits[:, -labels.shape[1] :], labels)
     inputs["use_cache"] = False
     hidden = base.model(**inputs).last_hidden_state  # (B, T, H)
-    targets = labels[:, 1:]  # (B, T-1)
-    trained = targets != IGNORE_INDEX
-    logits = base.get_output_embeddings()(hidden[:, :-1][trained]).float()  # (N, V) for N trained positions
-    return F.cross_entropy(logits, targets[trained], reduction="sum")
+    index = batch.get("trained_index")
+    if index is None:
+        index = trained_positions(labels)
+    trained_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H) for N trained positions
+    targets = labels.reshape(-1).index_select(0, index + 1)  # the next token of each
+    logits = base.get_output_embeddings()(trained_hidden).float()  # (N, V)
+    return F.cross_entropy(logits, targets, reduction="sum")

@@ -7,7 +7,7 @@ import math
 import torch
 
 from tunelab.data import TokenizedExample, collate
-from tunelab.training.loss import summed_loss_of_batch, trained_token_count
+from tunelab.training.loss import summed_loss_of_batch, to_device, trained_token_count
 
 
 @torch.no_grad()
@@ -28,7 +28,7 @@ def validation_loss(model, examples: list[TokenizedExample], *, batch_size: int,
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_id)
         tokens += trained_token_count(batch["labels"])
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         with autocast():
             total += summed_loss_of_batch(model, batch).double()
     if was_training:
