@@ -23,10 +23,14 @@ Peak memory = the largest of four phases of one optimizer step, plus a runtime o
                     No separate master copy: with model.dtype auto the trained params are the float32
                     master weights and autocast computes in bf16.
   forward (loss)    static + activations + autocast weight copies + 8 B (12 B without the trained-position
-                    shortcut) per logit.
+                    shortcut) per logit; above ``chunk_rows(V)`` trained positions the loop's chunked
+                    cross-entropy (training/linear_cross_entropy.py) holds instead an N*d gradient of the
+                    hidden states (+ a float32 V*d one when lm_head trains) and one chunk of logits
+                    (4 + c B per logit of the chunk).
   backward (loss)   static + activations + 12 B per logit: the float32 log-softmax output, its incoming and
                     its outgoing gradient are alive together (+ c when the loop keeps the output logits
-                    through backward, as ``out = model(..., labels=...); out.loss.backward()`` does).
+                    through backward, as ``out = model(..., labels=...); out.loss.backward()`` does);
+                    chunked: the saved gradients and their scaled copies.
   backward (blocks) the largest, over the blocks j in backward order, of static + the activations of blocks
                     <= j (with checkpointing: their inputs + block j recomputed) + the gradients of lm_head
                     and of the blocks after j + j's gradient working set per token: 3*c*I (2*c*I with
@@ -45,7 +49,9 @@ dtype; sdpa/flash attention keeps q, k, v, the output and H float32 log-sum-exps
 scores). With a padding (or packing) mask, k and v are expanded to all heads, the boolean mask costs
 B*T^2 bytes and every block keeps an additive copy of B*T^2*c. SiLU keeps its input, the gate product
 both factors, the loss the float32 input of the final norm. Gradient checkpointing keeps each block's
-input (w*d per token) and recomputes one block at a time. Liger kernels (``kernels="liger"``): RMSNorm
+input (w*d per token) and recomputes one block at a time; with ``train.gradient_checkpointing: auto`` only
+the first k blocks are checkpointed, k the fewest that bring the peak under 95 % of the device's memory
+(``checkpointed_blocks``). Liger kernels (``kernels="liger"``): RMSNorm
 and SwiGLU keep their inputs, RoPE is in place, the fused linear cross-entropy keeps a float32 gradient of
 the hidden states and one chunk of logits. Overhead: 0.5 GiB on a GPU (CUDA context, allocator slack),
 0.4 GiB on CPU (a Python process with torch, transformers and peft imported).
@@ -69,6 +75,8 @@ Validation (live tensor bytes at the peak, estimate against measurement):
     LoRA r=16 all-linear and full fine-tuning, Llama-3.2-1B and 3.1-8B shapes, seq 2048, with and
     without checkpointing and liger): all 8 within 3 % (tests/unit/test_planning.py keeps them).
   * CPU, measured here with the torch profiler's allocation events (second step, Adam states present):
+    SmolLM2-135M LoRA 4 x 512 and full 2 x 512 with every position trained (the chunked loss): within
+    0.2 % (4.79 and 3.15 GiB); partial checkpointing of a tiny llama: within 10 % (tests);
     SmolLM2-135M full and LoRA at batch 4/8, seq 256/512, with and without checkpointing, qlora (4-bit,
     bitsandbytes CPU), padded rows with 30 % trained positions: 10 cases within 0.05 %; tiny llama/qwen2,
     every method: within 5 %; SmolLM2 blocks with a 512 vocabulary under bf16 autocast (the dtype

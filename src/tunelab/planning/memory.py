@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from tunelab.planning.devices import CPU_OVERHEAD, GPU_OVERHEAD
 from tunelab.planning.method import _Method
 from tunelab.planning.shape import ModelShape, _param
+from tunelab.training.linear_cross_entropy import chunk_rows
 
 
 # ---------------------------------------------------------------------------------- activation tracer
@@ -238,14 +239,23 @@ def _estimate_memory(shape: ModelShape, m: _Method, env: _Env, batch: _Batch, *,
                            block.workspace(), recomputed))
         stored, copies, h = stored + keeps, copies + keeps_copies, out
     head_trains = shape.head_param in m.trainable
+    # tunelab's loop computes the loss of many trained positions in chunks (training/linear_cross_entropy.py)
+    chunked = not (env.liger or m.full_logits or held_logits) and batch.logit_rows > chunk_rows(shape.vocab)
     head = (4 * shape.hidden if h.grad and not env.liger else h.width * h.nbytes) * tokens  # final norm input
     head += h.width * h.nbytes * tokens if "model.norm.weight" in m.trainable else 0
-    head += (env.c if env.autocast else h.nbytes) * shape.hidden * batch.logit_rows if head_trains else 0
+    if head_trains and not chunked:  # lm_head keeps its input for its weight gradient
+        head += (env.c if env.autocast else h.nbytes) * shape.hidden * batch.logit_rows
     head_copy = shape.vocab * shape.hidden * env.c if h.grad and env.autocast and env.w != env.c else 0
     if env.liger:  # fused linear cross-entropy: a float32 hidden-size gradient and one chunk of logits
         rows_per_chunk = batch.logit_rows / math.ceil(shape.vocab / shape.hidden)
         chunk = min(batch.logit_rows, 2 ** math.ceil(math.log2(max(1.0, rows_per_chunk))))
         logits_fwd = logits_bwd = int(batch.logit_rows * shape.hidden * 4 + chunk * shape.vocab * 8)
+    elif chunked:  # the gradients of the hidden states (and of lm_head) are formed in the forward
+        grad_hidden = batch.logit_rows * shape.hidden * h.nbytes
+        grad_head = shape.vocab * shape.hidden * 4 if head_trains else 0
+        chunk = chunk_rows(shape.vocab) * shape.vocab * (4 + (env.c if env.autocast else env.w))
+        logits_fwd = int(grad_hidden + grad_head + chunk)
+        logits_bwd = int(2 * grad_hidden + grad_head + (shape.vocab * shape.hidden * env.w if head_trains else 0))
     else:
         held = env.c if held_logits else 0
         logits_bwd = int(batch.logit_rows * shape.vocab * (12 + held))

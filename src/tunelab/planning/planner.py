@@ -139,7 +139,8 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
         completion_fraction: Share of positions that are trained (only they get logits); 1.0 = worst case.
         mfu: Model FLOPs utilisation to assume (default 0.35 on a GPU, ``CPU_MFU`` on CPU).
         kernels: ``liger`` models liger-kernel's RMSNorm/SwiGLU/RoPE and fused linear cross-entropy.
-        held_logits: The loop keeps the output logits through backward (HF's ``out.loss.backward()``).
+        held_logits: Model a plain HF loop instead of tunelab's: the output logits are kept through backward
+            (``out = model(..., labels=...); out.loss.backward()``) and the loss is never chunked.
         padded: Rows carry a padding mask (sdpa then expands k/v to all heads); False for equal-length rows.
 
     Raises:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from tunelab.data.packing import check_packed_attention
 from tunelab.errors import TunelabError
+from tunelab.training.linear_cross_entropy import chunk_rows, linear_cross_entropy_sum
 
 IGNORE_INDEX = -100
 
@@ -148,5 +149,8 @@ def summed_loss_of_batch(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         index = trained_positions(labels)
     trained_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H) for N trained positions
     targets = labels.reshape(-1).index_select(0, index + 1)  # the next token of each
-    logits = base.get_output_embeddings()(trained_hidden).float()  # (N, V)
+    head = base.get_output_embeddings()
+    if type(head) is torch.nn.Linear and head.bias is None and index.shape[0] > chunk_rows(head.out_features):
+        return linear_cross_entropy_sum(trained_hidden, head.weight, targets)  # never all N x V logits at once
+    logits = head(trained_hidden).float()  # (N, V)
     return F.cross_entropy(logits, targets, reduction="sum")
