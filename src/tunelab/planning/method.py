@@ -59,7 +59,7 @@ def _method(config: RunConfig, shape: ModelShape) -> _Method:
         targets = opts.get("target_modules", "all-linear")
         r = int(opts.get("r", 16))
         m.lora = {t: r for t in (list(_LINEARS) if targets == "all-linear" else _names(targets))}
-        m.dropout = float(opts.get("dropout", 0.05))
+        m.dropout = float(opts.get("dropout", 0.0))
         dora = bool(opts.get("use_dora"))
         tokens = opts.get("trainable_token_indices") or []
         m.extra = shape.layers * sum(r * (lin[t][0] + lin[t][1]) + dora * lin[t][1] for t in m.lora)
