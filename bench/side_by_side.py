@@ -11,6 +11,12 @@ the same tokenized data, batch size, step count, learning rate and precision for
   e  ``--packing-rows R``: d with each micro-batch packed into rows of at most R tokens instead, by
      swapping sft's packed collate function in this process (to measure other row budgets)
 
+``--shape llama-3.2-1b`` (or ``llama-3.1-8b``, ``tiny-llama``) runs the anchors' throughput job instead: a
+model of that shape with random weights (written once to the work directory, SmolLM2's tokenizer), rows of
+exactly ``--max-length`` random-word tokens, loss on every position (``data.loss_on: all``), as
+``shared/anchors/lora_throughput.py`` measures HF + peft; ``--plain-checkpointing`` gives runner a the
+anchors' usual gradient checkpointing, ``--tunelab-checkpointing`` sets tunelab's (default auto: the plan decides).
+
 ``--compare-packing`` measures only what the batch layout costs: forward+backward of the same
 micro-batches padded, packed into rows of at most R tokens, and packed into one row, interleaved in
 one process (``--packing-rows`` sets R, default ``--max-length``).
@@ -28,7 +34,9 @@ the weights that take part in matmuls, lm_head included, attention score FLOPs l
 
     python bench/side_by_side.py --examples 64 --steps 8 --batch-size 8 --threads 1 --packing --out /tmp/sbs.json
     python bench/side_by_side.py --compare-packing --schema-in-prompt --steps 3 --threads 1 --packing-rows 1024
-    python bench/side_by_side.py --schema-in-prompt --packing --device cuda --peak-tflops 989 --out sbs.json
+    python bench/side_by_side.py --schema-in-prompt --packing --device cuda --peak-tflops 790 --out sbs.json
+    python bench/side_by_side.py --shape llama-3.2-1b --examples 48 --steps 6 --batch-size 8 --max-length 2048 \
+        --model-dtype bfloat16 --lora-alpha 16 --lora-dropout 0 --plain-checkpointing --runners a,c --peak-tflops 790
 """
 
 from __future__ import annotations
@@ -55,7 +63,16 @@ RUNNERS = {
     "d": "tunelab sft, train.packing=true",
     "e": "tunelab sft, packed rows <= R tokens",
 }
-LORA = dict(r=16, alpha=32, dropout=0.05)
+LORA = dict(r=16, alpha=32, dropout=0.05)  # the SQL anchors' adapter; --lora-alpha/--lora-dropout change it
+# Decoder shapes of the throughput anchors (shared/anchors/lora_throughput.py), plus a tiny one for CPU checks.
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "tiny-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
+}
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -101,13 +118,53 @@ def write_task_data(directory: Path, n_examples: int, schema_in_prompt: bool, mi
     return path
 
 
+def write_shape_data(directory: Path, n_examples: int, seed: int) -> Path:
+    """Records of random words, far longer than any --max-length (truncated to exactly it): the anchors'
+    random-token rows, through tunelab's own data path."""
+    import random
+
+    rng = random.Random(seed)
+    words = [w for w in long_schema_prompt().replace("\n", " ").split() if w.isalpha()] or ["token"]
+    records = [{"messages": [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(6000))},
+                             {"role": "assistant", "content": "ok"}]} for _ in range(n_examples)]
+    path = directory / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def make_shape_model(args) -> str:
+    """A model of ``args.shape`` with random weights in ``args.model_dtype``, saved once under the work
+    directory with the embedded model's tokenizer; returns its directory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tunelab.models.embedded import DEFAULT_MODEL, ensure_embedded
+    from tunelab.models.load import torch_dtype
+
+    directory = Path(args.workdir) / f"model-{args.shape}-{args.model_dtype}"
+    if (directory / "config.json").is_file():
+        return str(directory)
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded(DEFAULT_MODEL))
+    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(4096, args.max_length),
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):  # initialise where there is room and speed (an 8B model on the GPU)
+        model = LlamaForCausalLM(config).to(torch_dtype(args.model_dtype))
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    del model
+    return str(directory)
+
+
 def tunelab_config(args, data_file: Path, output_dir: Path, packing: bool = False):
     from tunelab.config import load_config
 
     overrides = [
-        f"model={args.model}", "method.name=lora", f"method.r={LORA['r']}", f"method.alpha={LORA['alpha']}",
-        f"method.dropout={LORA['dropout']}", "method.target_modules=all-linear",
+        f"model={args.model}", f"model.dtype={args.model_dtype}", "method.name=lora", f"method.r={LORA['r']}",
+        f"method.alpha={LORA['alpha']}", f"method.dropout={LORA['dropout']}", "method.target_modules=all-linear",
         f"data.train={data_file}", f"data.max_length={args.max_length}", "data.too_long=truncate",
+        f"data.loss_on={'all' if args.shape else 'assistant'}",
+        f"train.gradient_checkpointing={args.tunelab_checkpointing}",
         f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.grad_accum=1",
         f"train.lr={args.lr}", "train.warmup_ratio=0", "train.log_every=1", "train.max_grad_norm=1.0",
         f"train.precision={args.precision}", f"train.seed={args.seed}",
@@ -198,8 +255,12 @@ def run_plain(args, examples, steps, tokenizer) -> dict:
 
     device, precision = args.device, resolved_precision(args)
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
+    from tunelab.models.load import torch_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch_dtype(args.model_dtype)).to(device)
     model.config.use_cache = False
+    if args.plain_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_flop = flop_params(model)
     torch.manual_seed(args.seed)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
@@ -474,7 +535,10 @@ def print_table(results: list[dict], args, data_info: dict) -> None:
     kind = next((r["peak_memory_kind"] for r in results if "peak_memory_kind" in r), "")
     print(f"\n{data_info['examples']} examples (mean {data_info['mean_tokens']:.0f}, max {data_info['max_tokens']} tokens; "
           f"padding would be {100 * data_info['padding_fraction']:.0f}% of padded batch slots), {args.steps} steps of "
-          f"{args.batch_size}, LoRA r{LORA['r']} all-linear, {resolved_precision(args)} on {args.device}")
+          f"{args.batch_size}, {args.shape or Path(args.model).name} {args.model_dtype}, LoRA r{LORA['r']} alpha {LORA['alpha']:g} "
+          f"dropout {LORA['dropout']:g} all-linear, {resolved_precision(args)} on {args.device}"
+          + (", runner a with gradient checkpointing" if args.plain_checkpointing else "")
+          + f", tunelab gradient_checkpointing={args.tunelab_checkpointing}")
     head = (f"{'runner':<40} {'tok/s':>9} {'vs a':>6} {'s/step':>7} {'tok/CPU-s':>9} {'vs a':>6} {'peak MiB':>9} {'vs a':>6} "
             f"{'MFU':>6} {'loss 1→N':>14}")
     print(head)
@@ -528,6 +592,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--schema-in-prompt", action="store_true", help="full DDL + sample rows in the prompt (~455 tokens/example)")
     parser.add_argument("--mixed-lengths", action="store_true", help="the long schema prompt in every other example only")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="the anchors' throughput job: this model shape with random weights, rows of --max-length tokens, loss everywhere")
+    parser.add_argument("--model-dtype", default="float32", help="weights as loaded by every runner (bfloat16 as in the anchors' LoRA runs)")
+    parser.add_argument("--lora-alpha", type=float, default=LORA["alpha"])
+    parser.add_argument("--lora-dropout", type=float, default=LORA["dropout"])
+    parser.add_argument("--plain-checkpointing", action="store_true", help="runner a with gradient checkpointing (the anchors' HF + peft default)")
+    parser.add_argument("--tunelab-checkpointing", default="auto", choices=["auto", "true", "false"], help="tunelab's train.gradient_checkpointing")
     parser.add_argument("--packing", action="store_true", help="also run tunelab with train.packing=true (d)")
     parser.add_argument("--packing-rows", type=int, default=None, help="also run e: packed rows of at most this many tokens")
     parser.add_argument("--compare-packing", action="store_true",
@@ -546,12 +617,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child-result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.model is None:
+    LORA.update(alpha=args.lora_alpha, dropout=args.lora_dropout)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="tunelab-sbs-")
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    if args.shape and args.model is None:
+        args.model = make_shape_model(args)
+    elif args.model is None:
         from tunelab.models.embedded import DEFAULT_MODEL, ensure_embedded
 
         args.model = str(ensure_embedded(DEFAULT_MODEL))
-    args.workdir = args.workdir or tempfile.mkdtemp(prefix="tunelab-sbs-")
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
     data_file = Path(args.workdir) / "train.jsonl"
 
     if args.threads:
@@ -561,7 +635,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.child_result).write_text(json.dumps(result))
         return 0
 
-    write_task_data(Path(args.workdir), args.examples, args.schema_in_prompt, args.mixed_lengths)
+    if args.shape:
+        write_shape_data(Path(args.workdir), args.examples, args.seed)
+    else:
+        write_task_data(Path(args.workdir), args.examples, args.schema_in_prompt, args.mixed_lengths)
     if args.compare_packing:
         layouts = compare_packing(args, data_file, args.packing_rows)
         if args.out:
@@ -569,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args), "layouts": layouts}, indent=2))
         return 0
     names = args.runners.split(",") if args.runners else (
-        ["a", "b", "c"] + (["d"] if args.packing else []) + (["e"] if args.packing_rows else []))
+        ["a"] + ([] if args.shape else ["b"]) + ["c"] + (["d"] if args.packing else []) + (["e"] if args.packing_rows else []))
     info = data_summary(args, data_file)
     results = []
     runs: dict[str, list[dict]] = {name: [] for name in names}
