@@ -310,3 +310,17 @@ def test_auto_checkpointing_recomputes_only_the_blocks_the_plan_needs(make_confi
               (("plain", plain), ("auto", auto))}
     assert blocks == {"plain": 0, "auto": planning.checkpointed_blocks(auto_cfg, shape, small, profile)}
     assert losses(auto.run_dir) == pytest.approx(losses(plain.run_dir), rel=1e-5)
+
+
+def test_optimizer_is_fused_adamw_where_torch_has_one(monkeypatch):
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert sft.adamw(params, lr=1e-3).defaults["fused"] is True
+    real = torch.optim.AdamW
+
+    def without_fused_kernel(params, fused=None, **options):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **options)
+
+    monkeypatch.setattr(torch.optim, "AdamW", without_fused_kernel)
+    assert not sft.adamw(params, lr=1e-3).defaults.get("fused")

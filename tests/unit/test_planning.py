@@ -17,6 +17,7 @@ from tunelab.methods import count_parameters, get_method, trainable_parameters
 from tunelab.planning import (
     GPUS, Device, GiB, ModelShape, checkpointed_blocks, load_shape, plan, print_plan, profile_data, resolve_device,
 )
+from tunelab.recipes.sft import adamw
 from tunelab.training.recompute import enable_checkpointing, limit_checkpointing
 
 SMOLLM2 = Path("/tmp/tlcache/models/smollm2-135m-instruct")
@@ -178,7 +179,7 @@ def _measured_cpu_peak(path: Path, config, blocks: int | None = None) -> int:
     model = get_method(config.method.name).apply(model, method_options(config))
     assert limit_checkpointing(model, blocks) == blocks
     params = list(trainable_parameters(model).values())
-    optimizer = torch.optim.AdamW(params)
+    optimizer = adamw(params)  # the training loop's optimizer
     ids = torch.randint(4, model.config.vocab_size, (config.train.batch_size, config.data.max_length))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 

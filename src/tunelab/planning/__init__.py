@@ -35,8 +35,8 @@ Peak memory = the largest of four phases of one optimizer step, plus a runtime o
                     <= j (with checkpointing: their inputs + block j recomputed) + the gradients of lm_head
                     and of the blocks after j + j's gradient working set per token: 3*c*I (2*c*I with
                     liger), + 4*I (+ 4*I with dropout) when LoRA casts a 16-bit down_proj input to float32.
-  optimizer step    static + all gradients + AdamW temporaries (foreach on CUDA: one trained-size buffer;
-                    CPU: two copies of the largest trained tensor).
+  optimizer step    static + all gradients + the fused AdamW's temporaries (CUDA: none, in place; CPU:
+                    two copies of the largest trained tensor).
 Logit rows = B*(T-1)*completion_fraction: tunelab projects only trained positions onto the vocabulary
 (prompt/prefix tuning and heads it does not know: every position). Activations come from a symbolic
 forward of each decoder block that tracks the dtype and requires-grad of every tensor and records what
