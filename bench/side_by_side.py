@@ -26,6 +26,10 @@ only ever grows within a process); the children rebuild the same data determinis
 parent checks that they tokenized it identically. ``--same-process`` runs them one after the other in
 this process instead (then CPU peak RSS is cumulative and says so).
 
+tunelab's runners log every step (``train.log_every=1``) to time each one; on a GPU that makes the host wait
+for every step, which tunelab's default (every 10 steps there) does not, so their GPU tokens/s are a lower
+bound for a small model (the JSON also has ``train_seconds`` of the whole loop).
+
 Reported: non-padding input tokens/s over steps 2..N (step 1 pays one-off warm-up), also over all
 steps, and per CPU second of the process (with ``--threads 1``, comparable between runners on a
 machine other jobs share, where wall time is not); peak memory (CUDA ``max_memory_allocated`` on a

@@ -96,7 +96,8 @@ class TrainConfig(_Section):
     save_every: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps (default: once per epoch)")
     keep_last: int = Field(2, gt=0, description="checkpoints kept on disk")
     eval_every: int | None = Field(None, gt=0, description="validation loss every N steps (default: at each checkpoint)")
-    log_every: int = Field(1, gt=0)
+    log_every: int | None = Field(None, gt=0, description="log every N optimizer steps; default: every step on CPU, "
+                                  "every 10 on a GPU (reading the loss makes the host wait for the GPU)")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute block activations in backward to save memory: true = every block; auto = "
         "only as many blocks as the memory plan (tunelab plan) needs to fit this device, usually none")

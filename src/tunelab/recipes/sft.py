@@ -278,6 +278,7 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
     warmup = warmup_steps(total, cfg.warmup_ratio)
     save_every = cfg.save_every or per_epoch
     eval_every = cfg.eval_every or save_every
+    log_every = cfg.log_every or (10 if accelerator.device.type == "cuda" else 1)
     pad_id = tokenizer.pad_token_id
     make_batch = _packed_batches(accelerator.unwrap_model(model)) if cfg.packing else collate
     log = MetricsLog(run_dir, resume_step=start_step)
@@ -308,7 +309,7 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
             seconds_spent += _clock() - step_started
             done = step + 1
             last = done == total or (cfg.max_seconds is not None and seconds_spent >= cfg.max_seconds)
-            if done % cfg.log_every == 0 or last:
+            if done % log_every == 0 or last:
                 elapsed = max(time.time() - window_start, 1e-9)
                 last_loss = _require_finite(loss_sum, done) / max(step_tokens, 1)
                 record = {"step": done, "epoch": round(done / per_epoch, 4), "loss": last_loss, "lr": lr,
