@@ -324,3 +324,40 @@ def test_optimizer_is_fused_adamw_where_torch_has_one(monkeypatch):
 
     monkeypatch.setattr(torch.optim, "AdamW", without_fused_kernel)
     assert not sft.adamw(params, lr=1e-3).defaults.get("fused")
+
+
+def test_liger_kernels_are_refused_where_they_cannot_run(make_config, monkeypatch):
+    """train.kernels=liger needs CUDA and liger-kernel; both are checked before anything loads or is written."""
+    cfg = make_config("train.kernels=liger")
+    with pytest.raises(TunelabError, match="needs a CUDA GPU"):
+        sft.main(cfg)
+    assert not Path(cfg.output_dir).exists()
+    from tunelab.training.kernels import check_kernels
+
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    with pytest.raises(TunelabError, match="pip install liger-kernel"):
+        check_kernels("liger", "cuda")
+    check_kernels("none", "cpu")
+
+
+def test_liger_kernels_are_applied_to_the_base_model(monkeypatch):
+    """The instance-level patch gets RMSNorm, RoPE and SwiGLU and leaves the loss to tunelab."""
+    import types
+
+    from tunelab.models.tiny import build_tiny_model
+    from tunelab.training.kernels import apply_kernels
+
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = lambda **kwargs: calls.append(kwargs)
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    model = build_tiny_model("llama")
+    apply_kernels(model, "none")
+    assert calls == []
+    apply_kernels(model, "liger")
+    assert calls == [dict(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)]
+    model.config.model_type = "gpt2"
+    with pytest.raises(TunelabError, match="not 'gpt2'"):
+        apply_kernels(model, "liger")

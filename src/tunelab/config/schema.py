@@ -101,6 +101,8 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute block activations in backward to save memory: true = every block; auto = "
         "only as many blocks as the memory plan (tunelab plan) needs to fit this device, usually none")
+    kernels: Literal["none", "liger"] = Field("none", description="liger: liger-kernel's Triton RMSNorm, RoPE and SwiGLU "
+                                              "(CUDA only; pip install liger-kernel)")
     packing: bool = Field(False, description="concatenate each micro-batch's examples into rows without padding "
                           "(one row with flash-attention, rows no longer than the longest example otherwise; attention "
                           "never crosses examples; same loss, less wasted compute when lengths vary)")

@@ -116,7 +116,8 @@ def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Kno
     batch = _Batch(rows, seq, logit_rows, knobs.padded or train.packing or m.prefix > 0)
     mixed = precision in ("bf16", "fp16")
     base = 4 if m.quant_bits else w
-    env = _Env(w=base, c=2 if mixed else base, autocast=mixed, gpu=device.kind == "gpu", liger=knobs.kernels == "liger",
+    liger = knobs.kernels == "liger" or config.train.kernels == "liger"
+    env = _Env(w=base, c=2 if mixed else base, autocast=mixed, gpu=device.kind == "gpu", liger=liger,
                gqa_repeat=batch.mask, quant_bits=m.quant_bits, kv_scale=(seq + m.prefix) / seq,
                mask_kv=seq + m.virtual_tokens + m.prefix if batch.mask else 0)
     if blocks is None:

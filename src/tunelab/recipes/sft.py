@@ -32,6 +32,7 @@ from tunelab.evaluation.run import LoadedModel
 from tunelab.recipes.evaluation_stage import check_eval_settings, evaluate_after, evaluate_before, save_before
 from tunelab.recipes.setup import load_base_model, load_prepared_tokenizer, read_examples, tokenize
 from tunelab.training.checkpoint import load_checkpoint, save_checkpoint
+from tunelab.training.kernels import apply_kernels, check_kernels
 from tunelab.training.loss import summed_loss_of_batch, to_device, trained_token_count
 from tunelab.training.manifest import write_manifest
 from tunelab.training.metrics import MetricsLog
@@ -64,6 +65,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     resume_from, previous = check_run_dir(run_dir, resume, force, resolved, data_hash)
     check_eval_settings(config)
     check_method_fits(config)
+    check_kernels(config.train.kernels, "cuda" if torch.cuda.is_available() else "cpu")
 
     # 2. Tokenizer, tokenized data, model with the tuning method applied, optimizer (and checkpoint state).
     model_path, tokenizer, added_tokens = load_prepared_tokenizer(config)
@@ -75,6 +77,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     blocks = _checkpointed_blocks(config, data.train, console)
     base = _load_base(config, model_path, tokenizer, added_tokens, accelerator.device)
     before = evaluate_before(config, LoadedModel(base, tokenizer, "untuned"), examples, run_dir, console)
+    apply_kernels(base, config.train.kernels)
     model, method, params, blocks = _apply_method(config, base, tokenizer, added_tokens, blocks)
     optimizer = adamw(list(params.values()), lr=config.train.lr, weight_decay=config.train.weight_decay)
     start_step, scaler_state, seconds_spent = _restore(resume_from, params, optimizer, total, run_dir, resume, console)
