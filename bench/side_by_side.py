@@ -139,7 +139,7 @@ def write_shape_data(directory: Path, n_examples: int, seed: int) -> Path:
 def make_shape_model(args) -> str:
     """A model of ``args.shape`` with random weights in ``args.model_dtype``, saved once under the work
     directory with the embedded model's tokenizer; returns its directory."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from tunelab.models.embedded import DEFAULT_MODEL, ensure_embedded
     from tunelab.models.load import torch_dtype
@@ -153,7 +153,7 @@ def make_shape_model(args) -> str:
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(args.seed)
     with torch.device(args.device):  # initialise where there is room and speed (an 8B model on the GPU)
-        model = LlamaForCausalLM(config).to(torch_dtype(args.model_dtype))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(args.model_dtype))
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     del model
@@ -168,7 +168,7 @@ def tunelab_config(args, data_file: Path, output_dir: Path, packing: bool = Fals
         f"method.alpha={LORA['alpha']}", f"method.dropout={LORA['dropout']}", "method.target_modules=all-linear",
         f"data.train={data_file}", f"data.max_length={args.max_length}", "data.too_long=truncate",
         f"data.loss_on={'all' if args.shape else 'assistant'}",
-        f"train.gradient_checkpointing={args.tunelab_checkpointing}",
+        f"train.gradient_checkpointing={args.tunelab_checkpointing}", f"train.kernels={args.tunelab_kernels}",
         f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.grad_accum=1",
         f"train.lr={args.lr}", "train.warmup_ratio=0", "train.log_every=1", "train.max_grad_norm=1.0",
         f"train.precision={args.precision}", f"train.seed={args.seed}",
@@ -542,7 +542,7 @@ def print_table(results: list[dict], args, data_info: dict) -> None:
           f"{args.batch_size}, {args.shape or Path(args.model).name} {args.model_dtype}, LoRA r{LORA['r']} alpha {LORA['alpha']:g} "
           f"dropout {LORA['dropout']:g} all-linear, {resolved_precision(args)} on {args.device}"
           + (", runner a with gradient checkpointing" if args.plain_checkpointing else "")
-          + f", tunelab gradient_checkpointing={args.tunelab_checkpointing}")
+          + f", tunelab gradient_checkpointing={args.tunelab_checkpointing} kernels={args.tunelab_kernels}")
     head = (f"{'runner':<40} {'tok/s':>9} {'vs a':>6} {'s/step':>7} {'tok/CPU-s':>9} {'vs a':>6} {'peak MiB':>9} {'vs a':>6} "
             f"{'MFU':>6} {'loss 1→N':>14}")
     print(head)
@@ -603,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-dropout", type=float, default=LORA["dropout"])
     parser.add_argument("--plain-checkpointing", action="store_true", help="runner a with gradient checkpointing (the anchors' HF + peft default)")
     parser.add_argument("--tunelab-checkpointing", default="auto", choices=["auto", "true", "false"], help="tunelab's train.gradient_checkpointing")
+    parser.add_argument("--tunelab-kernels", default="none", choices=["none", "liger"], help="tunelab's train.kernels (liger: CUDA)")
     parser.add_argument("--packing", action="store_true", help="also run tunelab with train.packing=true (d)")
     parser.add_argument("--packing-rows", type=int, default=None, help="also run e: packed rows of at most this many tokens")
     parser.add_argument("--compare-packing", action="store_true",
