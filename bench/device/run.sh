@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Run ON THE GPU MACHINE (the `run` tool), from the repository root; see bench/device/README.md.
-#   bash bench/device/run.sh STEP       STEP: sql | shape-1b | shape-8b | plan
+#   bash bench/device/run.sh STEP       STEP: sql | anchor | shape-1b | shape-8b | plan
 # Needs the first half of the model in /tmp/tunelab-device (call 1) and .device/part2 carried (this call).
 # Results go to $OUT (JSON per bench run, logs).
 set -uo pipefail
-step=${1:?usage: run.sh sql|shape-1b|shape-8b|plan}
+step=${1:?usage: run.sh sql|anchor|shape-1b|shape-8b|plan}
 out=${OUT:-/tmp/tunelab-out}; mkdir -p "$out"
 stash=/tmp/tunelab-device
 [ -f "$stash/model.part-aa" ] || { echo "no $stash/model.part-aa: run call 1 first (bench/device/README.md)"; exit 2; }
@@ -24,6 +24,12 @@ case $step in
   sql)  # the anchors' SmolLM2 job: 1,500 schema-in-prompt examples x 2 epochs at batch 16 = 188 steps
     $sbs --schema-in-prompt --examples 1500 --steps 188 --batch-size 16 --packing --workdir /tmp/sbs-sql \
       --out "$out/sql.json" 2>&1 | tee "$out/sql.log" ;;
+  anchor)  # time to the anchors' accuracy through tunelab train: their settings, then a faster recipe
+    python3 bench/anchor_sql.py --out /tmp/anchor-default 2>&1 | tee "$out/anchor.log"
+    cp /tmp/anchor-default/anchor_summary.json "$out/anchor-default.json"
+    python3 bench/anchor_sql.py --out /tmp/anchor-fast method.dropout=0 train.batch_size=64 train.lr=1e-3 \
+      train.warmup_ratio=0.05 train.packing=true 2>&1 | tee -a "$out/anchor.log"
+    cp /tmp/anchor-fast/anchor_summary.json "$out/anchor-fast.json" ;;
   shape-1b)  # HF + peft with checkpointing (the anchors' baseline) vs tunelab: auto, no checkpointing, liger
     $sbs --shape llama-3.2-1b $shape --plain-checkpointing --runners a,c --workdir /tmp/sbs-1b \
       --out "$out/1b-auto.json" 2>&1 | tee "$out/1b.log"
