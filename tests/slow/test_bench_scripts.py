@@ -1,0 +1,50 @@
+"""The benchmark scripts a GPU session will run (bench/device/README.md) stay runnable: each is run here
+on CPU at a toy size, as a subprocess, and its JSON output checked.
+
+Slow: they load the embedded model's tokenizer (and, for anchor_sql.py, the model itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str, cwd: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def test_side_by_side_shape_job_runs_both_loops_on_the_same_data(tmp_path):
+    """--shape: a random-weight model of the named shape, rows of --max-length tokens, loss everywhere; the
+    plain loop and tunelab start from the same loss (same model, same tokens)."""
+    out = tmp_path / "sbs.json"
+    _run(str(REPO / "bench/side_by_side.py"), "--shape", "tiny-llama", "--examples", "4", "--steps", "2",
+         "--batch-size", "2", "--max-length", "64", "--runners", "a,c", "--workdir", str(tmp_path / "work"),
+         "--out", str(out), cwd=tmp_path)
+    report = json.loads(out.read_text())
+    assert report["data"]["mean_tokens"] == 64 and report["data"]["padding_fraction"] == 0
+    plain, tunelab = report["results"]
+    assert plain["runner"] == "a" and tunelab["runner"] == "c"
+    assert plain["tokens_per_s"] > 0 and tunelab["tokens_per_s"] > 0 and tunelab["peak_memory_mib"] > 0
+    assert plain["losses"][0] == pytest.approx(tunelab["losses"][0], rel=1e-4)
+
+
+def test_anchor_sql_trains_and_scores_through_tunelab_train(tmp_path):
+    out = tmp_path / "anchor"
+    _run(str(REPO / "bench/anchor_sql.py"), "--train", "16", "--test", "16", "--out", str(out),
+         "train.max_steps=1", "train.batch_size=4", "eval.probe=false", "eval.max_new_tokens=8", cwd=tmp_path)
+    summary = json.loads((out / "anchor_summary.json").read_text())
+    assert summary["steps"] == 1 and summary["train_seconds"] > 0 and summary["device"] == "cpu"
+    assert 0.0 <= summary["execution_accuracy"] <= 1.0
+    test = [json.loads(line) for line in (tmp_path / "anchor-data" / "test.jsonl").read_text().splitlines()]
+    assert len(test) == 16 and all("CREATE TABLE" in r["messages"][0]["content"] for r in test)
