@@ -361,3 +361,20 @@ def test_liger_kernels_are_applied_to_the_base_model(monkeypatch):
     model.config.model_type = "gpt2"
     with pytest.raises(TunelabError, match="not 'gpt2'"):
         apply_kernels(model, "liger")
+
+
+def test_auto_checkpointing_never_blocks_a_model_the_planner_cannot_read(make_config, monkeypatch, capsys):
+    """A model the planner does not model (a GPT-2-style config without intermediate_size) still trains:
+    auto leaves checkpointing off and says why."""
+    import tunelab.planning as planning
+    from rich.console import Console
+
+    def unreadable(config):
+        raise AttributeError("'GPT2Config' object has no attribute 'intermediate_size'")
+
+    monkeypatch.setattr(planning, "load_shape", unreadable)
+    console = Console(stderr=True, width=200)
+    result = sft.main(make_config("train.max_steps=2", "train.gradient_checkpointing=auto"), console=console)
+    assert result.steps == 2
+    assert json.loads((result.run_dir / "manifest.json").read_text())["checkpointed_blocks"] == 0
+    assert "no memory plan for this model (AttributeError" in capsys.readouterr().err

@@ -322,3 +322,11 @@ def test_suggestions_stop_when_nothing_helps(anchor_dirs):
     # full fine-tuning of 8B: the optimizer step alone (weights, gradients, Adam) exceeds a T4 whatever the batch
     p = plan(_config(anchor_dirs["llama-3.1-8b"], "method.name=full", "train.batch_size=4", "data.max_length=512"), "t4")
     assert not p.fits and all("fits)" not in line for line in p.suggestions)
+
+
+def test_a_non_llama_config_is_a_clear_error(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(TunelabError, match="llama-style decoders"):
+        load_shape(_config(tmp_path))

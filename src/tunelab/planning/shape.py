@@ -94,4 +94,8 @@ def load_shape(config: RunConfig) -> ModelShape:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise TunelabError(f"model.path: cannot read the config of {config.model.path!r}: {exc}") from None
-    return ModelShape.from_config(cfg)
+    try:
+        return ModelShape.from_config(cfg)
+    except AttributeError as exc:  # e.g. GPT-2 style configs (n_inner instead of intermediate_size)
+        raise TunelabError(f"tunelab plan models llama-style decoders; the config of {config.model.path!r} is not one "
+                           f"({exc})") from None

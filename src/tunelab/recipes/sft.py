@@ -194,8 +194,9 @@ def _checkpointed_blocks(config: RunConfig, train_examples: list, console) -> in
     try:
         shape, device = load_shape(config), resolve_device("current")
         blocks = checkpointed_blocks(config, shape, device, profile_examples(config, train_examples))
-    except TunelabError as exc:  # a model the planner cannot read
-        console.print(f"[yellow]warning:[/] no memory plan ({exc}); train.gradient_checkpointing=auto leaves it off")
+    except Exception as exc:  # noqa: BLE001 - a model the planner cannot read (e.g. no intermediate_size) must still train
+        console.print(f"[yellow]warning:[/] no memory plan for this model ({type(exc).__name__}: {exc}); "
+                      "train.gradient_checkpointing=auto leaves checkpointing off (set true to force it)", soft_wrap=True)
         return 0
     if blocks:
         console.print(f"gradient checkpointing in {blocks} of {shape.layers} blocks (train.gradient_checkpointing=auto: the "
