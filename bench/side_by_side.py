@@ -181,15 +181,15 @@ def tunelab_config(args, data_file: Path, output_dir: Path, packing: bool = Fals
 
 def step_batches(n_examples: int, batch_size: int, seed: int, steps: int) -> list[list[int]]:
     """Example indices of every step, in tunelab's data order (one micro-batch per step)."""
-    from tunelab.recipes.sft import _epoch_batches
+    from tunelab.training.schedule import epoch_batches
 
     per_epoch = math.ceil(n_examples / batch_size)
     order: list[list[int]] = []
     epoch = 0
     while len(order) < steps:
-        order += _epoch_batches(n_examples, batch_size, seed, epoch)
+        order += epoch_batches(n_examples, batch_size, seed, epoch)
         epoch += 1
-    assert len(_epoch_batches(n_examples, batch_size, seed, 0)) == per_epoch
+    assert len(epoch_batches(n_examples, batch_size, seed, 0)) == per_epoch
     return order[:steps]
 
 

@@ -31,19 +31,19 @@ def profile_data(config: RunConfig) -> DataProfile:
 
 
 def profile_examples(config: RunConfig, data: list) -> DataProfile:
-    """Measure the micro-batches of one epoch of already tokenised examples (``TokenizedExample``)."""
-    import torch
+    """Measure the micro-batches of one epoch of already tokenised examples (``TokenizedExample``), in the
+    training loop's order (the first epoch's)."""
+    from tunelab.training.schedule import epoch_batches
 
     lengths = [len(ex.input_ids) for ex in data]
     trained = [sum(1 for t in ex.labels[1:] if t != -100) for ex in data]
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.train.seed * 1_000_003)).tolist()
-    b, processed, peak = config.train.batch_size, 0, (0, 1, 1)
-    for start in range(0, len(order), b):
-        ids = order[start:start + b]
+    batches = epoch_batches(len(data), config.train.batch_size, config.train.seed, 0)
+    processed, peak = 0, (0, 1, 1)
+    for ids in batches:
         rows, seq = (1, sum(lengths[i] for i in ids)) if config.train.packing else (len(ids), max(lengths[i] for i in ids))
         processed += rows * seq
         peak = max(peak, (rows * seq, rows, seq))
-    most_trained = max(sum(trained[i] for i in order[s:s + b]) for s in range(0, len(order), b))
+    most_trained = max(sum(trained[i] for i in ids) for ids in batches)
     return DataProfile(len(data), sum(lengths), sum(trained), processed, max(lengths), peak[1], peak[2], most_trained)
 
 

@@ -39,7 +39,7 @@ from tunelab.training.metrics import MetricsLog
 from tunelab.training.progress import training_progress
 from tunelab.training.recompute import EVERY_BLOCK, enable_checkpointing, limit_checkpointing
 from tunelab.training.rundir import check_run_dir, dir_size_mb, finish_manifest, new_manifest
-from tunelab.training.schedule import lr_at, warmup_steps
+from tunelab.training.schedule import epoch_batches, lr_at, warmup_steps
 from tunelab.training.validation import validation_loss
 
 
@@ -294,7 +294,7 @@ def _train_loop(config, model, optimizer, params, data, accelerator, run_dir, st
         for step in range(start_step, total):
             epoch, index = divmod(step, per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = _epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch), epoch
+                order, order_epoch = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch), epoch
             step_started = _clock()
             micro_ids = order[index * cfg.grad_accum : (index + 1) * cfg.grad_accum]
             micro = [make_batch([data.train[i] for i in ids], pad_id) for ids in micro_ids]
@@ -402,13 +402,6 @@ def _total_steps(config: RunConfig, n_examples: int) -> int:
     if config.train.max_steps:
         return config.train.max_steps
     return max(1, math.ceil(config.train.epochs * _steps_per_epoch(config, n_examples)))
-
-
-def _epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The micro-batches of one epoch: a shuffle that depends only on (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n_examples, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
 
 
 def _accelerator(precision: str):

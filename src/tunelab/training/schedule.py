@@ -1,8 +1,11 @@
-"""Learning-rate schedule as a pure function of the step, so resuming needs no scheduler state."""
+"""The training schedule as pure functions, so resuming needs no scheduler or sampler state: the learning
+rate of a step, and the micro-batches of an epoch (a shuffle that depends only on seed and epoch)."""
 
 from __future__ import annotations
 
 import math
+
+import torch
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
@@ -23,3 +26,10 @@ def lr_at(step: float, *, base_lr: float, total_steps: int, warmup: int, kind: s
     if kind == "linear":
         return base_lr * (1.0 - progress)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Example indices of each micro-batch of one epoch: a shuffle that depends only on (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_examples, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
