@@ -228,7 +228,7 @@ def test_auto_checkpointing_picks_the_fewest_blocks_that_fit_and_the_measured_pe
     assert checkpointed_blocks(config, shape, replace(cpu, memory_bytes=every.memory.total // 2)) == shape.layers
     from tunelab.planning.planner import _Knobs, _memory_of
 
-    chosen = _memory_of(config, shape, device, _Knobs(padded=False))[0]
+    chosen = _memory_of(config, shape, device, _Knobs(padded=False), blocks)[0]  # the measured rows carry no padding
     fewer = _memory_of(config, shape, device, _Knobs(), blocks - 1)[0]
     assert _memory_of(config, shape, device, _Knobs(), blocks)[0].total <= 0.95 * device.memory_bytes < fewer.total
     measured = _measured_cpu_peak(six_block_llama, config, blocks)

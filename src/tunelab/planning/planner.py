@@ -73,6 +73,11 @@ def checkpointed_blocks(config: RunConfig, shape: ModelShape, device: Device, da
     """How many decoder blocks ``train.gradient_checkpointing`` checkpoints on ``device``: all (true), none
     (false, or a method that cannot be checkpointed), or for ``auto`` the fewest that make the planned peak
     fit in ``AUTO_CHECKPOINTING_SHARE`` of the device's memory (all of them if nothing fits)."""
+    return _resolve_blocks(config, shape, device, _Knobs(data=data))
+
+
+def _resolve_blocks(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs) -> int:
+    """:func:`checkpointed_blocks` under the plan's knobs (the same loop model as its memory estimate)."""
     from tunelab.methods import get_method
 
     setting = config.train.gradient_checkpointing
@@ -82,7 +87,7 @@ def checkpointed_blocks(config: RunConfig, shape: ModelShape, device: Device, da
         return 0
     if setting is True:
         return shape.layers
-    knobs, budget = _Knobs(data=data), AUTO_CHECKPOINTING_SHARE * device.memory_bytes
+    budget = AUTO_CHECKPOINTING_SHARE * device.memory_bytes
 
     def fits(blocks: int) -> bool:
         return _memory_of(config, shape, device, knobs, blocks)[0].total <= budget
@@ -121,7 +126,7 @@ def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Kno
                gqa_repeat=batch.mask, quant_bits=m.quant_bits, kv_scale=(seq + m.prefix) / seq,
                mask_kv=seq + m.virtual_tokens + m.prefix if batch.mask else 0)
     if blocks is None:
-        blocks = checkpointed_blocks(config, shape, device, d)
+        blocks = _resolve_blocks(config, shape, device, knobs)
     memory = _estimate_memory(shape, m, env, batch, checkpointing=blocks,
                               grad_accum=train.grad_accum, held_logits=knobs.held_logits)
     return memory, m, batch
@@ -153,7 +158,8 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
         raise TunelabError("completion_fraction must be in (0, 1]: the share of positions whose next token is trained")
     device, shape = resolve_device(gpu), load_shape(config)
     knobs = _Knobs(tokens_per_epoch, data, completion_fraction, mfu, kernels, held_logits, padded)
-    memory, m, batch = _memory_of(config, shape, device, knobs)
+    blocks = _resolve_blocks(config, shape, device, knobs)
+    memory, m, batch = _memory_of(config, shape, device, knobs, blocks)
     table = shape.parameter_table()
     examples = data.examples if data else _count_examples(config)
     time_on = {name: _estimate_time(config, shape, m, g, knobs, examples) for name, g in GPUS.items()}
@@ -162,9 +168,9 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
     result = Plan(
         config.model.path, shape, config.method.name, device, _precision(config, device),
         torch_dtype(config.model.dtype).itemsize,
-        (batch.rows, batch.seq + m.virtual_tokens), checkpointed_blocks(config, shape, device, data),
+        (batch.rows, batch.seq + m.virtual_tokens), blocks,
         sum(table.values()) + m.extra, sum(n for k, n in table.items() if k in m.trainable) + m.extra,
-        memory, _estimate_time(config, shape, m, device, knobs, examples), fits,
+        memory, _estimate_time(config, shape, m, device, knobs, examples, blocks), fits,
         fits and memory.total > 0.95 * device.memory_bytes,
         {name: gpu_memory.total <= g.memory_bytes for name, g in GPUS.items()},
         {name: t.seconds for name, t in time_on.items()}, [], [],
@@ -176,7 +182,8 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
 
 
 def _estimate_time(config: RunConfig, shape: ModelShape, m: _Method, device: Device, knobs: _Knobs,
-                   examples: int | None) -> TimeEstimate:
+                   examples: int | None, blocks: int | None = None) -> TimeEstimate:
+    """``blocks``: checkpointed blocks on ``device``, if already resolved."""
     train, d = config.train, knobs.data
     if knobs.tokens_per_epoch:
         tokens, source = knobs.tokens_per_epoch, "given"
@@ -198,7 +205,9 @@ def _estimate_time(config: RunConfig, shape: ModelShape, m: _Method, device: Dev
     if total and m.virtual_tokens:  # every row also runs the soft prompt
         total *= (row + m.virtual_tokens) / row
     completion = d.trained_tokens / max(d.tokens, 1) if d else knobs.completion_fraction
-    flops = _flops_per_token(shape, m, row, completion, checkpointed_blocks(config, shape, device, d))
+    if blocks is None:
+        blocks = _resolve_blocks(config, shape, device, knobs)
+    flops = _flops_per_token(shape, m, row, completion, blocks)
     peak = device.peak_flops(_precision(config, device))
     mfu = knobs.mfu or (GPU_MFU if device.kind == "gpu" else CPU_MFU)
     seconds = total * flops / (peak * mfu) if total and peak else None
