@@ -195,7 +195,7 @@ def step_batches(n_examples: int, batch_size: int, seed: int, steps: int) -> lis
 
 def load_data(args, data_file: Path):
     """Tokenize exactly as ``tunelab train`` does; returns (tokenizer, train examples, step batches, digest)."""
-    from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
+    from tunelab.stages.setup import load_prepared_tokenizer, read_examples, tokenize
 
     config = tunelab_config(args, data_file, Path(args.workdir) / "unused")
     _, tokenizer, added = load_prepared_tokenizer(config)

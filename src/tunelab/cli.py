@@ -85,7 +85,7 @@ def data_inspect(config: ConfigArg, overrides: OverridesArg = None, example: int
     """Validate the data, print statistics and render one example with its trained tokens marked."""
     from tunelab.config import load_config
     from tunelab.data import inspect_report, render_example
-    from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
+    from tunelab.stages.setup import load_prepared_tokenizer, read_examples, tokenize
 
     cfg = load_config(config, overrides or [])
     examples = read_examples(cfg)

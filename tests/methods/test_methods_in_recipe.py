@@ -10,7 +10,7 @@ import torch
 from tunelab.evaluation.run import evaluate, load_for_eval
 from tunelab.methods import method_names
 from tunelab.recipes import sft
-from tunelab.recipes.setup import read_examples
+from tunelab.stages.setup import read_examples
 
 from .test_contract import TINY_OPTIONS
 

@@ -288,7 +288,7 @@ def test_auto_checkpointing_recomputes_only_the_blocks_the_plan_needs(make_confi
     import dataclasses
 
     import tunelab.planning as planning
-    from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
+    from tunelab.stages.setup import load_prepared_tokenizer, read_examples, tokenize
 
     def losses(run):
         return [r["loss"] for r in metrics(run) if "loss" in r]

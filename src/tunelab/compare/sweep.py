@@ -72,8 +72,8 @@ def run_compare(config_path: Path, overrides: list[str], candidates: list[str], 
     config = load_config(config_path, overrides)
     if not config.data.eval_files():
         raise TunelabError("tunelab compare needs held-out data to score candidates on: set data.eval")
-    from tunelab.recipes.evaluation_stage import check_eval_settings
-    from tunelab.recipes.setup import read_examples
+    from tunelab.stages.evaluation import check_eval_settings
+    from tunelab.stages.setup import read_examples
 
     check_eval_settings(config)
     examples = read_examples(config)
@@ -120,8 +120,8 @@ def run_compare(config_path: Path, overrides: list[str], candidates: list[str], 
 def _evaluate_untuned(config: RunConfig, candidates: list[str], examples, untuned_dir: Path, console: Console) -> None:
     """zero-shot (always), k-shot and RAG as asked, and the probe, on the untuned model."""
     from tunelab.evaluation.run import LoadedModel
-    from tunelab.recipes.evaluation_stage import evaluate_before, save_before
-    from tunelab.recipes.setup import load_base_model, load_prepared_tokenizer
+    from tunelab.stages.evaluation import evaluate_before, save_before
+    from tunelab.stages.setup import load_base_model, load_prepared_tokenizer
 
     shots = config.eval.few_shot or DEFAULT_SHOTS
     k = config.eval.rag or DEFAULT_SHOTS

@@ -69,8 +69,26 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, 
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as exc:
         raise _hub_error(path, exc) from None
+    if "quantization_config" in extra:
+        _guard_bnb_cpu_packing(model)
+    return model
+
+
+def _guard_bnb_cpu_packing(model) -> None:
+    """Keep bitsandbytes off its AVX512-BF16 CPU inference path for 4-bit layers it cannot repack.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight on the first no-grad forward; that
+    needs ``out_features`` divisible by 32 and ``in_features`` by the quantisation block (64), and
+    crashes otherwise (``shape '[32, 0]' is invalid``). Such layers keep the generic kernel.
+    """
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", None) or 64
+        if module.out_features % 32 or module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False

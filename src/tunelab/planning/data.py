@@ -24,7 +24,7 @@ class DataProfile:
 
 def profile_data(config: RunConfig) -> DataProfile:
     """Tokenise the training data with the model's tokenizer (no weights) and measure its micro-batches."""
-    from tunelab.recipes.setup import load_prepared_tokenizer, read_examples, tokenize
+    from tunelab.stages.setup import load_prepared_tokenizer, read_examples, tokenize
 
     _, tokenizer, added = load_prepared_tokenizer(config)
     return profile_examples(config, tokenize(config, tokenizer, read_examples(config), added).train)

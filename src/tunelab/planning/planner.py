@@ -3,7 +3,6 @@ and on every catalog GPU, and suggests changes when it does not fit."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +14,7 @@ from tunelab.planning.memory import MemoryEstimate, _Batch, _Env, _estimate_memo
 from tunelab.planning.method import _Method, _method
 from tunelab.planning.shape import ModelShape, load_shape
 from tunelab.planning.timing import TimeEstimate, _flops_per_token
+from tunelab.training.schedule import total_steps
 
 _FROZEN_BASE = ("lora", "qlora", "ia3", "adapter", "prompt", "prefix")
 
@@ -195,8 +195,8 @@ def _estimate_time(config: RunConfig, shape: ModelShape, m: _Method, device: Dev
         tokens, source = None, "unknown: data.train could not be read (pass the tokens per epoch)"
     steps = None
     if examples:
-        per_epoch = math.ceil(math.ceil(examples / train.batch_size) / train.grad_accum)
-        steps = train.max_steps or max(1, math.ceil(train.epochs * per_epoch))
+        steps = total_steps(examples, batch_size=train.batch_size, grad_accum=train.grad_accum,
+                            epochs=train.epochs, max_steps=train.max_steps)
     row = tokens / examples if tokens and examples else config.data.max_length
     if train.max_steps:
         total = train.max_steps * train.grad_accum * train.batch_size * row

@@ -29,8 +29,8 @@ from tunelab.data import collate, data_fingerprint
 from tunelab.errors import TunelabError
 from tunelab.methods import count_parameters, get_method, trainable_parameters
 from tunelab.evaluation.run import LoadedModel
-from tunelab.recipes.evaluation_stage import check_eval_settings, evaluate_after, evaluate_before, save_before
-from tunelab.recipes.setup import load_base_model, load_prepared_tokenizer, read_examples, tokenize
+from tunelab.stages.evaluation import check_eval_settings, evaluate_after, evaluate_before, save_before
+from tunelab.stages.setup import load_base_model, load_prepared_tokenizer, read_examples, tokenize
 from tunelab.training.checkpoint import load_checkpoint, save_checkpoint
 from tunelab.training.kernels import apply_kernels, check_kernels
 from tunelab.training.loss import summed_loss_of_batch, to_device, trained_token_count

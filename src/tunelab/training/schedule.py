@@ -33,3 +33,15 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> li
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n_examples, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass over ``n_examples``: micro-batches of ``batch_size``, ``grad_accum`` a step."""
+    return math.ceil(math.ceil(n_examples / batch_size) / grad_accum)
+
+
+def total_steps(n_examples: int, *, batch_size: int, grad_accum: int, epochs: float, max_steps: int | None) -> int:
+    """Optimizer steps of a run: ``max_steps`` when set, else ``epochs`` passes (at least one step)."""
+    if max_steps:
+        return max_steps
+    return max(1, math.ceil(epochs * steps_per_epoch(n_examples, batch_size, grad_accum)))

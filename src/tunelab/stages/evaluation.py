@@ -19,7 +19,7 @@ from tunelab.config.schema import RunConfig
 from tunelab.evaluation.report import evaluate_task, few_shot_examples, load_probe, probe_answers, retention
 from tunelab.evaluation.run import LoadedModel
 from tunelab.errors import TunelabError
-from tunelab.recipes.setup import Examples
+from tunelab.stages.setup import Examples
 
 BASELINES = ("zero_shot", "few_shot", "rag")  # the untuned model answering without / with examples in its prompt
 
