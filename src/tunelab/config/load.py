@@ -26,28 +26,40 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         if not sep or not key.strip():
             problems.append(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
             continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            value = raw
-        parsed.append((key.strip().split("."), value))
+        parsed.append((key.strip().split("."), _override_value(raw)))
     if problems:
         raise ConfigError(problems, source="overrides")
     return parsed
+
+
+def _override_value(raw: str) -> Any:
+    """A YAML scalar or flow collection; text YAML would cut at `` #`` (a comment) is kept whole, as a string."""
+    if not raw.strip():
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if "#" in raw and "#" not in json.dumps(value, default=str):
+        return raw  # e.g. data.system_prompt=Answer in #hashtags: YAML reads " #..." as a comment
+    return value
 
 
 def _apply_override(tree: dict, path: list[str], value: Any) -> None:
     node = tree
     for part in path[:-1]:
         child = node.get(part)
-        if isinstance(child, str) and part in ("model", "method"):
-            # `model: NAME` / `method: NAME` shorthand: expand so a sub-key can be set.
-            child = {"path" if part == "model" else "name": child}
+        if isinstance(child, str) and part in _SHORTHAND_KEYS:
+            # `model: NAME` / `method: NAME` / `recipe: NAME` shorthand: expand so a sub-key can be set.
+            child = {_SHORTHAND_KEYS[part]: child}
         if not isinstance(child, dict):
             child = {}
         node[part] = child
         node = child
     node[path[-1]] = value
+
+
+_SHORTHAND_KEYS = {"model": "path", "method": "name", "recipe": "name"}
 
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
@@ -123,11 +135,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         config = RunConfig.model_validate(tree)
     except ValidationError as err:
         problems += _format_pydantic_errors(err, "", lines, source)
-    method_tree = tree.get("method", {})
-    if isinstance(method_tree, str):
-        method_tree = {"name": method_tree}
-    if isinstance(method_tree, dict):
-        problems += validate_method_options(method_tree, lines, source)
+    for section, validate in (("method", validate_method_options), ("recipe", validate_recipe_options)):
+        subtree = tree.get(section, {})
+        if isinstance(subtree, str):
+            subtree = {"name": subtree}
+        if isinstance(subtree, dict):
+            problems += validate(subtree, lines, source)
     if problems:
         raise ConfigError(problems, source=source)
     assert config is not None
@@ -157,6 +170,32 @@ def validate_method_options(method_tree: dict, lines: dict | None = None, source
     return []
 
 
+def validate_recipe_options(recipe_tree: dict, lines: dict | None = None, source: str = "config") -> list[str]:
+    """Check ``recipe`` against the registered recipe's options class; return problems (empty if fine)."""
+    from tunelab.recipes import get_recipe, recipe_names
+
+    name = recipe_tree.get("name", "sft")
+    try:
+        recipe = get_recipe(str(name))
+    except KeyError:
+        line = (lines or {}).get(("recipe", "name")) or (lines or {}).get(("recipe",))
+        where = f"{source}:{line}: " if line else ""
+        return [f"{where}recipe: unknown recipe {name!r}; choose one of: {', '.join(recipe_names())}"]
+    options = {k: v for k, v in recipe_tree.items() if k != "name"}
+    try:
+        recipe.options_class.model_validate(options)
+    except ValidationError as err:
+        return _format_pydantic_errors(err, "recipe", lines or {}, source)
+    return []
+
+
+def recipe_options(config: RunConfig) -> BaseModel:
+    """The validated options object of the configured recipe (defaults filled in)."""
+    from tunelab.recipes import get_recipe
+
+    return get_recipe(config.recipe.name).options_class.model_validate(config.recipe.options())
+
+
 def method_options(config: RunConfig) -> BaseModel:
     """The validated options object of the configured method (defaults filled in)."""
     from tunelab.methods import get_method
@@ -168,6 +207,7 @@ def resolved_dict(config: RunConfig) -> dict[str, Any]:
     """The fully resolved configuration, method defaults included, as plain data."""
     tree = config.model_dump(mode="json")
     tree["method"] = {"name": config.method.name, **method_options(config).model_dump(mode="json")}
+    tree["recipe"] = {"name": config.recipe.name, **recipe_options(config).model_dump(mode="json")}
     return tree
 
 

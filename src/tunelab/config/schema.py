@@ -7,6 +7,7 @@ adding a method never touches this file.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -40,6 +41,27 @@ class MethodConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class RecipeConfig(BaseModel):
+    """``name`` picks a registered recipe (``sft`` by default, ``pretrain``, ...); the other keys are its options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "sft"
+
+    def options(self) -> dict[str, Any]:
+        """The recipe options, without ``name``."""
+        return dict(self.model_extra or {})
+
+
+def _expand_user(value: Any) -> Any:
+    """``~`` in a path (or in each path of a list) becomes the home directory."""
+    if isinstance(value, str) and value.startswith("~"):
+        return str(Path(value).expanduser())
+    if isinstance(value, list):
+        return [_expand_user(v) for v in value]
+    return value
+
+
 class RawTemplate(_Section):
     """Jinja templates that turn a raw record (any fields) into an instruction example."""
 
@@ -60,6 +82,8 @@ class DataConfig(_Section):
     loss_on: Literal["assistant", "last_turn", "all"] = "assistant"
     max_length: int = Field(1024, gt=0)
     too_long: Literal["truncate", "drop", "error"] = "truncate"
+
+    _paths = field_validator("train", "eval", "chat_template", mode="before")(lambda v: _expand_user(v))
 
     def train_files(self) -> list[str]:
         return [self.train] if isinstance(self.train, str) else list(self.train)
@@ -129,6 +153,8 @@ class EvalConfig(BaseModel):
     probe: bool | str = Field(True, description="forgetting probe: true = built-in general probe, a JSONL path, or false")
     limit: int | None = Field(None, gt=0, description="evaluate only the first N eval examples")
 
+    _paths = field_validator("db", "probe", "rag_documents", "before_from", mode="before")(lambda v: _expand_user(v))
+
     def metric_options(self) -> dict[str, Any]:
         options = dict(self.model_extra or {})
         if self.db is not None:
@@ -139,12 +165,20 @@ class EvalConfig(BaseModel):
 class RunConfig(_Section):
     """The whole ``tunelab train`` configuration."""
 
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = "runs/latest"
+
+    _output = field_validator("output_dir", mode="before")(lambda v: _expand_user(v))
+
+    @field_validator("recipe", mode="before")
+    @classmethod
+    def _recipe_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
     @field_validator("model", mode="before")
     @classmethod

@@ -190,3 +190,15 @@ def check_packed_attention(model, rows: int = 1) -> str:
         "or set train.packing=false"
     )
 
+
+
+def collator(model, *, packing: bool):
+    """The collate function of a run: padded rows (:func:`tunelab.data.collate`), or for ``train.packing``
+    rows no longer than the micro-batch's longest example (so packing never costs more than padding), one
+    row for flash-attention's variable-length kernels."""
+    if not packing:
+        from tunelab.data.collate import collate
+
+        return collate
+    attention = getattr(model.config, "_attn_implementation", "sdpa")
+    return lambda examples, pad_id: packed_micro_batch(examples, pad_id, row_budget(examples, attention))

@@ -1,0 +1,99 @@
+"""Continued pre-training recipe: adapt a model to a domain's raw text before instruction tuning.
+
+``data.train`` (and optionally ``data.eval``) are ``.txt``/``.md`` files, folders of them, or JSONL/CSV/Parquet
+files with a text column (``recipe.text_field``). Documents are cut into ``data.max_length``-token blocks
+with every token trained (``tunelab.data.text``) and packed into rows without padding. Without
+``data.eval``, every k-th block is held out (``recipe.holdout``). Reported before and after training:
+perplexity on the held-out text, and the forgetting probe, as for SFT. Run directory, resume and
+artifacts are those of every recipe (``stages.training``).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+
+from tunelab.config.load import recipe_options
+from tunelab.config.schema import RunConfig
+from tunelab.data.packing import collator
+from tunelab.data.text import read_texts, split_holdout, text_blocks, text_files
+from tunelab.evaluation.run import LoadedModel
+from tunelab.evaluation.summary import eval_summary
+from tunelab.recipes import Recipe, TrainResult, register_recipe
+from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
+from tunelab.stages.model import check_method_fits, load_base
+from tunelab.stages.optimize import save_state
+from tunelab.stages.run import finish_run
+from tunelab.stages.setup import Examples, load_prepared_tokenizer
+from tunelab.stages.training import (already_finished, begin_training_run, check_environment, nothing_to_do, prepare_training,
+                                     result_of, train_and_save)
+from tunelab.training.token_loop import run_token_loss
+from tunelab.training.validation import validation_loss
+
+
+class PretrainOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text_field: str = Field("text", min_length=1, description="column holding the text in JSONL/CSV/Parquet files")
+    holdout: float = Field(0.1, ge=0, lt=1, description="share of blocks held out for perplexity when data.eval is not set")
+    packing: bool = Field(True, description="pack blocks into rows without padding (off for methods that cannot pack)")
+
+
+def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
+    """Continue pre-training on raw text as configured."""
+    console = console or Console(stderr=True)
+    options: PretrainOptions = recipe_options(config)
+    # 1. Validate: every text file and record, the run directory, the settings, the method.
+    train_docs = read_texts(config.data.train_files(), text_field=options.text_field)
+    eval_docs = read_texts(config.data.eval_files(), text_field=options.text_field) if config.data.eval_files() else []
+    files = [str(p) for p in text_files(config.data.train_files() + config.data.eval_files())]
+    env = check_environment(config, resume=resume, force=force, data_files=files)
+    model_path, tokenizer, added = load_prepared_tokenizer(config)
+    check_method_fits(config, added)
+
+    # 2. Token blocks; the untuned model's perplexity and probe; the method, optimizer and checkpoint.
+    train = text_blocks(train_docs, tokenizer, config.data.max_length)
+    held = text_blocks(eval_docs, tokenizer, config.data.max_length) if eval_docs else []
+    if not held:
+        train, held = split_holdout(train, options.holdout)
+    base = load_base(config, model_path, tokenizer, added, env.accelerator.device)
+    before = evaluate_before(config, LoadedModel(base, tokenizer, "untuned"), Examples([]), env.run_dir, console)
+    if "perplexity" not in before:  # (a resumed run reads it back from eval_before.json)
+        before["perplexity"] = _perplexity(base, held, config, tokenizer, env)
+    tuned, opt = prepare_training(config, env, base, tokenizer, added, train, console)
+    if already_finished(env, opt):
+        return nothing_to_do(env, tuned.method.artifact, opt.start_step, console)
+    what = f"{len(train_docs)} documents, {len(train)} blocks of <= {config.data.max_length} tokens, {len(held)} held out"
+    manifest = begin_training_run(config, env, tuned, opt, model_path, console, what)
+    save_before(env.run_dir, before)
+
+    # 3. Train every token of every block, then save the artifact.
+    t = config.train
+    pack = options.packing and "packing" not in tuned.method.incompatible
+    make_batch = collator(env.accelerator.unwrap_model(opt.model), packing=pack)
+    trained = train_and_save(config, env, opt, tuned, tokenizer, manifest, lambda: run_token_loss(
+        opt, train, held, pad_id=tokenizer.pad_token_id, make_batch=make_batch, run_dir=env.run_dir, console=console,
+        eval_batch_size=t.batch_size, keep_last=t.keep_last, max_grad_norm=t.max_grad_norm, save_state=save_state), console)
+
+    # 4. Perplexity on the held-out text and the probe, before against after.
+    after = _perplexity(trained.model, held, config, tokenizer, env)
+    report = evaluate_after(config, LoadedModel(trained.model, tokenizer, "tuned"), Examples([]), before, env.run_dir, console,
+                            extra={"perplexity": {"before": before["perplexity"], "after": after, "blocks": len(held)}})
+    if after:
+        console.print(f"Held-out perplexity ({len(held)} blocks): {before['perplexity']['eval_ppl']:.2f} untuned → "
+                      f"{after['eval_ppl']:.2f} tuned")
+    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=trained.reporter.last_loss,
+               final_eval=trained.reporter.last_eval, eval_summary={**eval_summary(report), "perplexity_after": after})
+    return result_of(env, trained)
+
+
+def _perplexity(model, blocks, config: RunConfig, tokenizer, env) -> dict | None:
+    """Loss per token and perplexity on ``blocks`` (None when nothing is held out)."""
+    if not blocks:
+        return None
+    return validation_loss(model, blocks, batch_size=config.train.batch_size, pad_id=tokenizer.pad_token_id,
+                           device=env.accelerator.device, autocast=env.accelerator.autocast)
+
+
+register_recipe(Recipe("pretrain", PretrainOptions, main,
+                       "continued pre-training on raw text (.txt/.md or a text column), loss on every token"))

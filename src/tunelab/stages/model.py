@@ -1,0 +1,108 @@
+"""The model side of a training run: refuse what the method cannot do, load the base, apply the method.
+
+Method knowledge stays in ``tunelab.methods``: what a method cannot be combined with is its
+``incompatible`` set, how its base loads is its ``base_load_kwargs``, and whether it can train the
+embedding rows of tokens a chat-template fallback added is its options (``trainable_token_indices``) or
+its ``trains_embeddings`` flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from tunelab.config.load import method_options
+from tunelab.config.schema import RunConfig
+from tunelab.errors import TunelabError
+from tunelab.methods import TuningMethod, get_method, trainable_parameters
+from tunelab.stages.setup import load_base_model
+from tunelab.training.recompute import EVERY_BLOCK, enable_checkpointing, limit_checkpointing
+
+
+@dataclass
+class TunedModel:
+    """The model with the method applied: what trains, and how many blocks recompute activations."""
+
+    model: nn.Module
+    method: TuningMethod
+    params: dict[str, nn.Parameter]
+    checkpointed_blocks: int
+
+
+def check_method_fits(config: RunConfig, added_tokens: list[str] | None = None) -> None:
+    """Refuse, before anything loads, run features the tuning method cannot be combined with, and a
+    method that cannot train the tokens a chat-template fallback adds."""
+    method = get_method(config.method.name)
+    asked = {"packing": config.train.packing, "gradient_checkpointing": config.train.gradient_checkpointing is True}
+    clashes = sorted(feature for feature, on in asked.items() if on and feature in method.incompatible)
+    if clashes:
+        raise TunelabError(f"method {method.name} cannot be combined with " + ", ".join(f"train.{c}=true" for c in clashes)
+                           + " (it changes the sequence the model attends over); set " + ", ".join(f"train.{c}=false" for c in clashes))
+    if added_tokens and not _can_train_added_tokens(method):
+        raise TunelabError(
+            f"the model has no chat template, so tunelab added the tokens {added_tokens}, whose embeddings start random; "
+            f"method {method.name} cannot train them. Give data.chat_template (a template using the model's own tokens) "
+            "or use a method that trains embedding rows (lora, qlora or full)"
+        )
+
+
+def _can_train_added_tokens(method: TuningMethod) -> bool:
+    return "trainable_token_indices" in method.options_class.model_fields or getattr(method, "trains_embeddings", False)
+
+
+def checkpointed_blocks(config: RunConfig, train_examples: list, console: Console) -> int:
+    """Decoder blocks to checkpoint: none, all, or for ``auto`` as many as the memory plan of this data on
+    this device needs (``tunelab.planning.checkpointed_blocks``)."""
+    setting = config.train.gradient_checkpointing
+    if setting != "auto":
+        return EVERY_BLOCK if setting else 0
+    from tunelab.planning import AUTO_CHECKPOINTING_SHARE, checkpointed_blocks as planned, load_shape, profile_examples, resolve_device
+
+    try:
+        shape, device = load_shape(config), resolve_device("current")
+        blocks = planned(config, shape, device, profile_examples(config, train_examples))
+    except Exception as exc:  # noqa: BLE001 - a model the planner cannot read (e.g. no intermediate_size) must still train
+        console.print(f"[yellow]warning:[/] no memory plan for this model ({type(exc).__name__}: {exc}); "
+                      "train.gradient_checkpointing=auto leaves checkpointing off (set true to force it)", soft_wrap=True)
+        return 0
+    if blocks:
+        console.print(f"gradient checkpointing in {blocks} of {shape.layers} blocks (train.gradient_checkpointing=auto: the "
+                      f"planned peak must fit {AUTO_CHECKPOINTING_SHARE:.0%} of {device.memory_bytes / 2**30:.1f} GiB; "
+                      "see tunelab plan)", soft_wrap=True)
+    return blocks
+
+
+def load_base(config: RunConfig, model_path: str, tokenizer, added_tokens: list[str], device) -> nn.Module:
+    """The untuned model on ``device``, loaded as the method needs (quantized for QLoRA), with embeddings
+    resized for tokens a chat-template fallback added."""
+    torch.manual_seed(config.train.seed)
+    extra = get_method(config.method.name).base_load_kwargs(method_options(config))
+    return load_base_model(config, model_path, tokenizer, added_tokens, device, **extra)
+
+
+def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: list[str], checkpointed: int = 0) -> TunedModel:
+    """Apply the tuning method with gradient checkpointing in the first ``checkpointed`` decoder blocks."""
+    torch.manual_seed(config.train.seed)
+    enable_checkpointing(model, checkpointed)
+    model.config.use_cache = False
+    method = get_method(config.method.name)
+    options = method_options(config)
+    if added_tokens and "trainable_token_indices" in type(options).model_fields and options.trainable_token_indices is None:
+        # Tokens added by the chat-template fallback start random; train their rows so the model can
+        # read <|im_start|> and learn to emit <|im_end|>.
+        options = options.model_copy(update={"trainable_token_indices": tokenizer.convert_tokens_to_ids(added_tokens)})
+    try:
+        model = method.apply(model, options)
+    except ValueError as exc:  # e.g. peft: target modules not found in the model
+        raise TunelabError(f"method {config.method.name}: {exc}") from None
+    checkpointed = limit_checkpointing(model, checkpointed)
+    params = trainable_parameters(model)
+    if any(p.dtype == torch.float16 for p in params.values()):
+        raise TunelabError(
+            "model.dtype: float16 weights cannot be trained directly (AdamW underflows and the run turns to NaN); "
+            "load float32 (model.dtype=float32) and use train.precision=fp16 or bf16 for mixed precision"
+        )
+    return TunedModel(model, method, params, checkpointed)

@@ -1,0 +1,111 @@
+"""A run directory from start to finish: check it can be (re)started, describe it, save the artifact, close it.
+
+Every recipe goes through the same steps, so every run directory holds the same files: ``config.yaml``
+(the fully resolved config), ``manifest.json`` (hashes, versions, precision, device, costs, status),
+``metrics.jsonl``, ``checkpoints/``, the artifact folder and the evaluation results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.atomic import atomic_dir, write_text_atomic
+from tunelab.config.load import config_hash, resolved_dict
+from tunelab.config.schema import RunConfig
+from tunelab.data import data_fingerprint
+from tunelab.errors import TunelabError
+from tunelab.training.manifest import write_manifest
+from tunelab.training.rundir import check_run_dir, dir_size_mb, finish_manifest, new_manifest
+
+
+@dataclass
+class RunStart:
+    """What was checked before anything expensive: where the run goes and what it resumes from."""
+
+    run_dir: Path
+    resolved: dict[str, Any]
+    data_files: list[str]
+    data_hash: str
+    resume: bool
+    resume_from: Path | None  # newest checkpoint, when resuming
+    previous: dict[str, Any] | None  # the existing manifest, when resuming
+
+
+def hashed_inputs(config: RunConfig) -> list[str]:
+    """Files whose content decides the training result: the data, and a chat template given as a file."""
+    files = config.data.train_files() + config.data.eval_files()
+    template = config.data.chat_template
+    if len(template) < 4096 and "\n" not in template and Path(template).is_file():
+        files.append(template)
+    return files
+
+
+def check_start(config: RunConfig, *, resume: bool, force: bool, precision: str, device_kind: str,
+                data_files: list[str] | None = None) -> RunStart:
+    """Refuse to clobber a run, or to resume one whose config, data, precision or device kind changed (unless ``force``)."""
+    run_dir = Path(config.output_dir)
+    files = data_files if data_files is not None else hashed_inputs(config)
+    resolved = resolved_dict(config)
+    data_hash = data_fingerprint(files)
+    resume_from, previous = check_run_dir(run_dir, resume, force, resolved, data_hash)
+    if previous is not None and not force:
+        _check_same_machine_kind(run_dir, previous, precision, device_kind)
+    return RunStart(run_dir, resolved, files, data_hash, resume, resume_from, previous)
+
+
+def _check_same_machine_kind(run_dir: Path, previous: dict, precision: str, device_kind: str) -> None:
+    """A resume must compute in the precision and on the kind of device the run started with."""
+    was_precision = {"no": "fp32"}.get(previous.get("precision"), previous.get("precision"))
+    was_kind = previous.get("device_kind") or str(previous.get("device", "")).split(":")[0] or None
+    changes = []
+    if was_precision and was_precision != precision:
+        changes.append(f"precision {was_precision} -> {precision}")
+    if was_kind and was_kind != device_kind:
+        changes.append(f"device {was_kind} -> {device_kind}")
+    if changes:
+        raise TunelabError(
+            f"refusing to resume {run_dir}: {', '.join(changes)} (train.precision={previous.get('precision_setting', 'auto')} "
+            "resolves differently on this machine). Resume where the run started, set train.precision to "
+            f"{was_precision}, or pass --force to continue anyway (the result will differ from an uninterrupted run)."
+        )
+
+
+def begin_run(start: RunStart, config: RunConfig, **fields: Any) -> dict[str, Any]:
+    """Write ``config.yaml`` and a ``running`` manifest; returns the manifest (kept up to date by the recipe)."""
+    start.run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(start.run_dir / "config.yaml", yaml.safe_dump(start.resolved, sort_keys=False))
+    resumed_step = fields.pop("start_step", 0) if start.resume else None
+    fields.pop("start_step", None)
+    manifest = new_manifest(start.previous, resumed_step, config_hash=config_hash(start.resolved),
+                            data_hash=start.data_hash, data_files=start.data_files,
+                            precision_setting=config.train.precision, recipe=config.recipe.name, **fields)
+    write_manifest(start.run_dir, manifest)
+    return manifest
+
+
+def train_or_fail(run_dir: Path, manifest: dict[str, Any], train: Callable[[], Any]) -> Any:
+    """Run ``train()``; a user-facing failure (divergence) marks the run failed, and is re-raised."""
+    try:
+        return train()
+    except TunelabError:
+        write_manifest(run_dir, {**manifest, "status": "failed"})
+        raise
+
+
+def save_artifact(run_dir: Path, name: str, save: Callable[[Path], None], tokenizer) -> tuple[Path, float]:
+    """Write the artifact folder atomically (``save(tmp)`` plus the tokenizer and its chat template); returns
+    (its path, its size in MB)."""
+    artifact_dir = run_dir / name
+    with atomic_dir(artifact_dir) as tmp:
+        save(tmp)
+        tokenizer.save_pretrained(tmp)
+    return artifact_dir, round(dir_size_mb(artifact_dir), 3)
+
+
+def finish_run(run_dir: Path, manifest: dict[str, Any], **fields: Any) -> None:
+    write_manifest(run_dir, finish_manifest(manifest, **fields))

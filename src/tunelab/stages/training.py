@@ -1,0 +1,144 @@
+"""The stages every training recipe goes through, in order, each a plain function a recipe calls:
+
+1. :func:`check_environment` — precision and device resolved, the run directory checked (or the resume
+   checked against what the run started with), evaluation and kernel settings validated;
+2. :func:`prepare_training` — kernels, gradient checkpointing, the method applied, the step plan, the
+   optimizer and the restored checkpoint;
+3. :func:`begin_training_run` — one summary line, ``config.yaml`` and a ``running`` manifest;
+4. :func:`train_and_save` — the recipe's own loop, costs (time, tokens/s, peak memory), the artifact.
+
+What differs between recipes (their data, objective, loop and evaluation) stays in the recipe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from tunelab.config.schema import RunConfig
+from tunelab.methods import count_parameters
+from tunelab.stages.evaluation import check_eval_settings
+from tunelab.stages.model import TunedModel, apply_method, checkpointed_blocks
+from tunelab.stages.optimize import Optimization, prepare_optimization, step_plan
+from tunelab.stages.run import RunStart, begin_run, check_start, save_artifact, train_or_fail
+from tunelab.training.device import device_kind, make_accelerator, peak_memory, precision_name, reset_peak_memory, resolve_precision
+from tunelab.training.kernels import apply_kernels, check_kernels
+from tunelab.training.reporter import StepReporter
+
+
+@dataclass
+class Environment:
+    """Where and how the run computes, and the checked run directory."""
+
+    start: RunStart
+    precision: str  # fp32 | bf16 | fp16, resolved for this machine
+    accelerator: Any
+
+    @property
+    def run_dir(self) -> Path:
+        return self.start.run_dir
+
+
+def check_environment(config: RunConfig, *, resume: bool, force: bool, data_files: list[str] | None = None) -> Environment:
+    """Everything cheap that can refuse the run before a model loads."""
+    precision = resolve_precision(config.train.precision)
+    start = check_start(config, resume=resume, force=force, precision=precision, device_kind=device_kind(),
+                        data_files=data_files)
+    check_eval_settings(config)
+    check_kernels(config.train.kernels, device_kind())
+    return Environment(start, precision, make_accelerator(precision))
+
+
+def prepare_training(config: RunConfig, env: Environment, base, tokenizer, added_tokens: list[str], train_examples: list,
+                     console: Console) -> tuple[TunedModel, Optimization]:
+    """The untuned ``base`` made trainable the method's way, and the optimisation state over ``train_examples``."""
+    blocks = checkpointed_blocks(config, train_examples, console)
+    apply_kernels(base, config.train.kernels)
+    tuned = apply_method(config, base, tokenizer, added_tokens, blocks)
+    plan = step_plan(config, len(train_examples), on_gpu=env.accelerator.device.type == "cuda")
+    opt = prepare_optimization(config, tuned, env.accelerator, plan, env.start.resume_from, console, resuming=env.start.resume)
+    return tuned, opt
+
+
+def already_finished(env: Environment, opt: Optimization) -> bool:
+    """A finished run resumed with nothing left to do."""
+    previous = env.start.previous
+    return bool(previous and previous.get("status") == "finished" and opt.finished)
+
+
+def begin_training_run(config: RunConfig, env: Environment, tuned: TunedModel, opt: Optimization, model_path: str,
+                       console: Console, what: str) -> dict[str, Any]:
+    """Print what is about to train (one line, also in a sweep's log) and write config.yaml and the manifest."""
+    n_trainable, n_total = count_parameters(tuned.model)
+    console.print(f"[bold]{config.method.name}[/] on {config.model.path}: {n_trainable:,} trainable of {n_total:,} parameters "
+                  f"({100 * n_trainable / n_total:.3f}%); {what}; device {env.accelerator.device}, precision {env.precision}",
+                  soft_wrap=True)
+    return begin_run(env.start, config, start_step=opt.start_step, model={"spec": config.model.path, "resolved": model_path},
+                     method=config.method.name, precision=precision_name(env.accelerator), device=str(env.accelerator.device),
+                     device_kind=env.accelerator.device.type, trainable_parameters=n_trainable, total_parameters=n_total,
+                     artifact=tuned.method.artifact, checkpointed_blocks=tuned.checkpointed_blocks)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished (or already finished) training run reports back."""
+
+    run_dir: Path
+    artifact_dir: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    train_seconds: float
+
+
+def nothing_to_do(env: Environment, artifact: str, steps: int, console: Console) -> TrainResult:
+    """The result of resuming a finished run: its recorded numbers, nothing recomputed."""
+    console.print(f"{env.run_dir} already finished ({steps} steps); nothing to do.")
+    previous = env.start.previous or {}
+    return TrainResult(env.run_dir, env.run_dir / artifact, steps, previous.get("final_train_loss"),
+                       (previous.get("final_eval") or {}).get("eval_loss"), 0.0)
+
+
+def result_of(env: Environment, trained: Trained) -> TrainResult:
+    reporter = trained.reporter
+    return TrainResult(env.run_dir, trained.artifact_dir, reporter.done, reporter.last_loss,
+                       (reporter.last_eval or {}).get("eval_loss"), trained.seconds)
+
+
+@dataclass
+class Trained:
+    """The outcome of :func:`train_and_save`."""
+
+    model: Any  # the tuned model, unwrapped from accelerate, with the KV cache on again for evaluation
+    reporter: StepReporter
+    artifact_dir: Path
+    costs: dict[str, Any]
+    seconds: float
+
+
+def train_and_save(config: RunConfig, env: Environment, opt: Optimization, tuned: TunedModel, tokenizer,
+                   manifest: dict[str, Any], loop: Callable[[], StepReporter], console: Console) -> Trained:
+    """Run ``loop()`` (a diverged run is marked failed and leaves no artifact), then save the artifact atomically
+    with the tokenizer and its chat template; costs go to the manifest when the recipe finishes the run."""
+    reset_peak_memory()
+    started = time.time()
+    reporter = train_or_fail(env.run_dir, manifest, loop)
+    seconds = time.time() - started
+    costs = {"train_seconds": round(seconds, 2), "tokens_per_s": round(reporter.tokens_total / max(seconds, 1e-9), 1),
+             "steps_done": reporter.done, **peak_memory()}
+    if reporter.done < opt.plan.total:
+        costs["stopped_by"] = "max_seconds"
+        console.print(f"train.max_seconds={config.train.max_seconds:g} reached after {reporter.done} of {opt.plan.total} steps.")
+    model = env.accelerator.unwrap_model(opt.model)
+    artifact_dir, costs["artifact_mb"] = save_artifact(env.run_dir, tuned.method.artifact,
+                                                       lambda tmp: tuned.method.save(model, tmp), tokenizer)
+    n_trainable, n_total = manifest["trainable_parameters"], manifest["total_parameters"]
+    console.print(f"Saved {tuned.method.artifact} to [bold]{artifact_dir}[/] ({costs['artifact_mb']:.1f} MB); "
+                  f"trainable parameters {n_trainable:,} ({100 * n_trainable / n_total:.3f}% of {n_total:,}).", soft_wrap=True)
+    model.config.use_cache = True
+    return Trained(model, reporter, artifact_dir, costs, seconds)

@@ -1,0 +1,53 @@
+"""Where a run computes and in what precision, and how much memory it took.
+
+``train.precision: auto`` is resolved here once (bf16 on a GPU that has it, else fp32) and the resolved
+name is what the manifest records and a resume is checked against, so a CPU run resumed on a GPU cannot
+silently continue in another precision.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.errors import TunelabError
+
+
+def device_kind() -> str:
+    """``cuda`` when a CUDA GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto``/``fp32``/``bf16``/``fp16`` to what this machine will run: fp32, bf16 or fp16."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise TunelabError("train.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
+    return precision
+
+
+def make_accelerator(precision: str):
+    """An ``accelerate.Accelerator`` for the resolved ``precision`` (mixed precision on its autocast)."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+
+
+def precision_name(accelerator) -> str:
+    """The accelerator's precision as tunelab names it (fp32 where accelerate says 'no')."""
+    return {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> dict:
+    """Peak memory of this process: CUDA allocations on a GPU, else the resident set size (whole process lifetime)."""
+    if torch.cuda.is_available():
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1), "peak_memory_kind": "cuda_max_allocated"}
+    import resource
+
+    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "peak_memory_kind": "cpu_peak_rss"}

@@ -1,0 +1,79 @@
+"""The step plan of a run: how many optimizer steps, which examples each takes, its learning rate, and
+when to log, evaluate and checkpoint. Pure functions of plain numbers (no config object, no state), so a
+resumed run recomputes exactly the plan the interrupted one followed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from tunelab.training.schedule import epoch_batches, lr_at, steps_per_epoch, total_steps, warmup_steps
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything the loop needs to know about steps, from the run's numbers."""
+
+    n_examples: int
+    batch_size: int
+    grad_accum: int
+    seed: int
+    total: int
+    per_epoch: int
+    warmup: int
+    base_lr: float
+    schedule: str
+    save_every: int
+    eval_every: int
+    log_every: int
+    max_seconds: float | None = None
+
+    @classmethod
+    def build(cls, n_examples: int, *, batch_size: int, grad_accum: int, epochs: float, max_steps: int | None,
+              seed: int, lr: float, schedule: str, warmup_ratio: float, save_every: int | None = None,
+              eval_every: int | None = None, log_every: int | None = None, on_gpu: bool = False,
+              max_seconds: float | None = None) -> StepPlan:
+        """Defaults: checkpoint once an epoch, evaluate at each checkpoint, log every step on CPU and every
+        10 on a GPU (a logged step reads the loss, which makes the host wait for the GPU)."""
+        per_epoch = steps_per_epoch(n_examples, batch_size, grad_accum)
+        total = total_steps(n_examples, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps)
+        save = save_every or per_epoch
+        return cls(n_examples, batch_size, grad_accum, seed, total, per_epoch, warmup_steps(total, warmup_ratio), lr,
+                   schedule, save, eval_every or save, log_every or (10 if on_gpu else 1), max_seconds)
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.per_epoch
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """Example indices of each micro-batch of optimizer step ``step`` (0-based)."""
+        epoch, index = divmod(step, self.per_epoch)
+        order = _epoch_order(self.n_examples, self.batch_size, self.seed, epoch)
+        return order[index * self.grad_accum : (index + 1) * self.grad_accum]
+
+    def lr(self, step: int, seconds_spent: float = 0.0) -> float:
+        """The learning rate of ``step``; with a time budget the schedule follows whichever budget is further spent."""
+        position: float = step
+        if self.max_seconds is not None:
+            position = max(step, min(1.0, seconds_spent / self.max_seconds) * self.total)
+        return lr_at(position, base_lr=self.base_lr, total_steps=self.total, warmup=self.warmup, kind=self.schedule)
+
+    def is_last(self, done: int, seconds_spent: float) -> bool:
+        """True after the final step: all steps done, or the time budget spent."""
+        return done >= self.total or (self.max_seconds is not None and seconds_spent >= self.max_seconds)
+
+    def out_of_time(self, seconds_spent: float) -> bool:
+        return self.max_seconds is not None and seconds_spent >= self.max_seconds
+
+    def log_due(self, done: int, last: bool) -> bool:
+        return last or done % self.log_every == 0
+
+    def eval_due(self, done: int, last: bool) -> bool:
+        return last or done % self.eval_every == 0
+
+    def save_due(self, done: int, last: bool) -> bool:
+        return last or done % self.save_every == 0
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    return epoch_batches(n_examples, batch_size, seed, epoch)

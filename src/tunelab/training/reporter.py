@@ -1,0 +1,78 @@
+"""One step reporter for every recipe: metrics.jsonl, TensorBoard, the progress bar, plain log lines and tokens/s.
+
+A recipe calls :meth:`StepReporter.step` after each optimizer step; only on logged steps is anything read
+back from the device (the loss, the gradient norm, the recipe's extra stats such as rewards, margins or
+KL), so un-logged GPU steps never wait for the host. Extra stats are logged as their mean per unit of
+loss (``stats[k] / count``) unless the recipe passes them already reduced.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from tunelab.training.metrics import MetricsLog
+from tunelab.training.optim import StepOutcome, require_finite
+from tunelab.training.progress import training_progress
+from tunelab.training.plan import StepPlan
+
+
+class StepReporter:
+    """Context manager around a training loop; see the module docstring."""
+
+    def __init__(self, run_dir: Path, plan: StepPlan, start_step: int, console: Console, description: str = "train"):
+        self.plan, self.console, self.start_step = plan, console, start_step
+        self.log = MetricsLog(run_dir, resume_step=start_step)
+        self.progress = training_progress(console)
+        self.description = description
+        self.last_loss: float | None = None
+        self.last_eval: dict | None = None
+        self.tokens_total = 0
+        self.done = start_step  # optimizer steps completed so far
+        self._tokens_window, self._window_start = 0, time.time()
+
+    def __enter__(self) -> StepReporter:
+        self.progress.__enter__()
+        self._task = self.progress.add_task(self.description, total=self.plan.total, completed=self.start_step,
+                                            loss="-", lr="-", tok_s="-")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+        self.log.close()
+
+    def step(self, done: int, outcome: StepOutcome, *, lr: float, input_tokens: int, last: bool) -> None:
+        """Count the step's tokens; on a logged step write its record and update the bar."""
+        self.done = done
+        self._tokens_window += input_tokens
+        self.tokens_total += input_tokens
+        if not self.plan.log_due(done, last):
+            return
+        elapsed = max(time.time() - self._window_start, 1e-9)
+        tok_s = self._tokens_window / elapsed
+        self.last_loss = require_finite(outcome.loss_sum, done) / max(outcome.count, 1)
+        record = {"step": done, "epoch": round(done / self.plan.per_epoch, 4), "loss": self.last_loss, "lr": lr,
+                  "tokens_per_s": tok_s, "trained_tokens": outcome.count}
+        if outcome.grad_norm is not None:
+            record["grad_norm"] = float(outcome.grad_norm)
+        record.update({key: float(value) / max(outcome.count, 1) for key, value in outcome.stats.items()})
+        self.log.log(record)
+        self.progress.update(self._task, completed=done, loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        total = self.plan.total
+        if not self.progress.console.is_terminal and (done % max(1, total // 10) == 0 or last):
+            self.progress.console.print(f"step {done}/{total}  loss {self.last_loss:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s")
+        self._tokens_window, self._window_start = 0, time.time()
+
+    @staticmethod
+    def require_finite(outcome: StepOutcome, done: int) -> None:
+        """Stop (before a checkpoint is written) if the step's loss is not finite."""
+        require_finite(outcome.loss_sum, done)
+
+    def evaluation(self, done: int, metrics: dict[str, float]) -> None:
+        """Record validation metrics (``eval_loss``, ``eval_ppl``, ...) of step ``done``."""
+        self.last_eval = metrics
+        self.log.log({"step": done, **metrics})
+        shown = "  ".join(f"{k} {v:.4f}" if k != "eval_ppl" else f"ppl {v:.2f}" for k, v in metrics.items())
+        self.progress.console.print(f"step {done}: {shown}")
