@@ -19,6 +19,7 @@ demo: setup
 	$(VENV)/bin/tunelab demo
 
 test: setup
+	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -q
 
 test-fast: setup

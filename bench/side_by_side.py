@@ -572,7 +572,7 @@ def data_summary(args, data_file: Path) -> dict:
     slots = sum(len(ids) * max(lengths[i] for i in ids) for ids in steps)
     real = sum(lengths[i] for ids in steps for i in ids)
     return {"examples": len(examples), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
-            "trained_fraction": sum(sum(l != -100 for l in ex.labels) for ex in examples) / sum(lengths),
+            "trained_fraction": sum(sum(label != -100 for label in ex.labels) for ex in examples) / sum(lengths),
             "padding_fraction": 1 - real / slots, "digest": digest}
 
 

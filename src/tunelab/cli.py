@@ -69,12 +69,12 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in output_dir")] = False,
     force: Annotated[bool, typer.Option("--force", help="resume even if config or data changed")] = False,
 ) -> None:
-    """Fine-tune a model as CONFIG says; the result lands in output_dir."""
+    """Train a model as CONFIG says (recipe: sft by default, or pretrain, ...); the result lands in output_dir."""
     from tunelab.config import load_config
-    from tunelab.recipes import sft
+    from tunelab.recipes import get_recipe
 
     cfg = load_config(config, overrides or [])
-    result = sft.main(cfg, resume=resume, force=force, console=console)
+    result = get_recipe(cfg.recipe.name).main(cfg, resume=resume, force=force, console=console)
     loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
     console.print(f"Done in {result.train_seconds:.1f} s: {result.steps} steps, final train loss {loss}. Run: {result.run_dir}")
 
@@ -196,6 +196,22 @@ def methods_command(
     Console().print(table)
 
 
+@app.command("recipes")
+@_friendly
+def recipes_command() -> None:
+    """List the training recipes (the config's top-level recipe: key) and their options."""
+    from tunelab.recipes import get_recipe, recipe_names
+
+    table = Table(title="Training recipes (recipe: NAME, or recipe: {name: NAME, option: value})")
+    for column in ("recipe", "what it trains", "options (defaults)"):
+        table.add_column(column)
+    for name in recipe_names():
+        recipe = get_recipe(name)
+        defaults = ", ".join(f"{k}={v}" for k, v in recipe.options_class().model_dump().items()) or "-"
+        table.add_row(name, recipe.summary, defaults)
+    Console().print(table)
+
+
 @app.command("eval")
 @_friendly
 def eval_command(
@@ -206,9 +222,9 @@ def eval_command(
     adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter directory to apply")] = None,
     db: Annotated[Optional[Path], typer.Option(help="SQLite database for sql_exec (opened read-only)")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", help="metric option KEY=VALUE (repeatable)")] = None,
-    max_new_tokens: int = typer.Option(128, help="longest generated answer"),
-    batch_size: int = typer.Option(16, help="prompts per generation batch"),
-    limit: Optional[int] = typer.Option(None, help="evaluate only the first N examples"),
+    max_new_tokens: int = typer.Option(128, min=1, help="longest generated answer"),
+    batch_size: int = typer.Option(16, min=1, help="prompts per generation batch"),
+    limit: Optional[int] = typer.Option(None, min=1, help="evaluate only the first N examples"),
 ) -> None:
     """Evaluate a model on a dataset with one metric; write a JSON report and print a summary."""
     import yaml
@@ -239,13 +255,10 @@ def eval_command(
 
 def _run_data_format(model: Path) -> dict:
     """A run directory's own data settings (format, raw template, system prompt), so its eval data reads the same way."""
-    import yaml
+    from tunelab.runs import open_run
 
-    config_path = model / "config.yaml"
-    if not (model / "manifest.json").is_file() or not config_path.is_file():
-        return {}
-    data = (yaml.safe_load(config_path.read_text()) or {}).get("data", {})
-    return {"format": data.get("format", "auto"), "template": data.get("template"), "system_prompt": data.get("system_prompt")}
+    run = open_run(model)
+    return run.data_settings() if run is not None else {}
 
 
 @app.command()

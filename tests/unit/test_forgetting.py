@@ -42,3 +42,33 @@ def test_few_shot_puts_train_turns_after_the_system_prompt():
     roles = [m["role"] for m in shot.messages]
     assert roles == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
     assert shot.messages[-2]["content"] == "Q" and shot.messages[-1]["content"] == "A" and shot.source == "e:1"
+
+
+def test_retention_pairs_items_by_id_not_by_position():
+    items = [{"id": i, "question": f"q{i}", "answers": ["x"]} for i in "abc"]
+    before = [{"id": "a", "answer": "", "right": True}, {"id": "b", "answer": "", "right": False},
+              {"id": "c", "answer": "", "right": True}]
+    # the probe file changed between before and after: other order, b gone, d new
+    after = [{"id": "c", "answer": "c!", "right": True}, {"id": "a", "answer": "a!", "right": False},
+             {"id": "d", "answer": "d!", "right": True}]
+    result = retention(items, before, after)
+    assert result["items"] == 2 and result["right_before"] == 2 and result["right_after"] == 1
+    assert result["retention"] == pytest.approx(1 / 2)
+    assert [x["id"] for x in result["lost"]] == ["a"] and result["lost"][0]["after"] == "a!"
+    assert result["lost"][0]["question"] == "qa" and result["gained"] == []
+    assert sorted(result["unpaired"]) == ["b", "d"]
+
+
+def test_retention_does_not_pair_an_id_whose_question_changed():
+    items = [{"id": "a", "question": "new?", "answers": ["x"]}]
+    before = [{"id": "a", "question": "old?", "answer": "", "right": True}]
+    after = [{"id": "a", "question": "new?", "answer": "", "right": False}]
+    result = retention(items, before, after)
+    assert result["items"] == 0 and result["lost"] == [] and result["unpaired"] == ["a"] and result["retention"] == 1.0
+
+
+def test_probe_ids_must_be_unique(tmp_path):
+    probe = tmp_path / "p.jsonl"
+    probe.write_text("".join(json.dumps({"id": "a", "question": f"q{i}?", "answers": ["x"]}) + "\n" for i in range(2)))
+    with pytest.raises(TunelabError, match=r"p.jsonl:2: id 'a' is already used on line 1"):
+        load_probe(str(probe))

@@ -2,9 +2,13 @@
 
 The sweep reads top to bottom:
 
-1. validate the config and the candidate list (nothing loads before this passes);
+1. validate the config, the candidate list and the sweep directory (nothing loads or is written before
+   this passes): ``--out`` must be new, empty or a sweep (its ``sweep.yaml`` says ``kind: tunelab-sweep``),
+   since a sweep writes into it and clears its own failed attempts there; a candidate folder already in it
+   must be this sweep's, made from the same config and, if finished, scored with the same eval settings;
 2. evaluate the untuned model once: zero-shot, k-shot, RAG and the forgetting probe
-   (``untuned/eval_before.json``), shared by every trained candidate through ``eval.before_from``;
+   (``untuned/eval_before.json``), shared by every trained candidate through ``eval.before_from``; a saved
+   one is reused only where it was scored with the current eval settings (``plan_before``);
 3. train each method as a normal run directory ``<sweep>/<method>/`` in its own process (isolated
    crashes and a true per-candidate peak memory), with the same data, epochs/steps and batch size
    (or the same seconds of training with ``--time-budget``, which sets ``train.max_seconds``);
@@ -20,8 +24,8 @@ method whose options extend the config's method's (QLoRA's extend LoRA's) gets t
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -38,10 +42,16 @@ from tunelab.config.load import resolved_dict
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import get_method, method_names
-from tunelab.training.rundir import read_run_manifest
+from tunelab.runs import read_run_manifest
 
 BASELINE_CANDIDATES = ("zero_shot", "few_shot", "rag")
 DEFAULT_SHOTS = 3  # k for few_shot / rag when the config does not set eval.few_shot / eval.rag
+SWEEP_KIND = "tunelab-sweep"  # sweep.yaml's ``kind``: marks a directory this command may write and clear in
+# What the trainer writes in a run directory before its manifest.json: the resolved config, and the
+# temporary files (".NAME.XXXX", tunelab.atomic) an atomic write interrupted by a crash leaves. A candidate
+# folder without a manifest is cleared only when it holds nothing else.
+_BEFORE_MANIFEST = ("config.yaml",)
+_ATOMIC_LEFTOVERS = (".config.yaml.", ".manifest.json.")
 
 
 def candidate_names() -> list[str]:
@@ -78,17 +88,16 @@ def run_compare(config_path: Path, overrides: list[str], candidates: list[str], 
     check_eval_settings(config)
     examples = read_examples(config)
     sweep_dir = Path(sweep_dir or default_sweep_dir(config))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _check_sweep_dir(sweep_dir)
     trained = [c for c in candidates if c not in BASELINE_CANDIDATES]
-    write_text_atomic(sweep_dir / "sweep.yaml", yaml.safe_dump(
-        {"config": str(config_path), "overrides": overrides, "candidates": candidates}, sort_keys=False))
-
-    # 2. The untuned model, once.
-    started = time.time()
     before_path = sweep_dir / "untuned" / "eval_before.json"
-    if not before_path.is_file():
-        console.rule("[bold]untuned model: baselines and forgetting probe")
-        _evaluate_untuned(config, candidates, examples, before_path.parent, console)
+    _check_candidates(config, trained, sweep_dir, before_path, examples)
+    write_text_atomic(sweep_dir / "sweep.yaml", yaml.safe_dump(
+        {"kind": SWEEP_KIND, "config": str(config_path), "overrides": overrides, "candidates": candidates}, sort_keys=False))
+
+    # 2. The untuned model, once (again where the eval settings changed).
+    started = time.time()
+    _evaluate_untuned(_untuned_config(config, candidates), examples, before_path.parent, console)
 
     # 3. Each trained candidate in its own process.
     durations: list[float] = []
@@ -100,8 +109,6 @@ def run_compare(config_path: Path, overrides: list[str], candidates: list[str], 
             durations.append(seconds)
 
     # 4. Collect and report.
-    import json
-
     before = json.loads(before_path.read_text())
     results = [_baseline_result(name, before, config) for name in candidates if name in BASELINE_CANDIDATES]
     results += [_trained_result(name, sweep_dir / name, config) for name in trained]
@@ -117,17 +124,105 @@ def run_compare(config_path: Path, overrides: list[str], candidates: list[str], 
     return sweep_dir
 
 
-def _evaluate_untuned(config: RunConfig, candidates: list[str], examples, untuned_dir: Path, console: Console) -> None:
-    """zero-shot (always), k-shot and RAG as asked, and the probe, on the untuned model."""
-    from tunelab.evaluation.run import LoadedModel
-    from tunelab.stages.evaluation import evaluate_before, save_before
-    from tunelab.stages.setup import load_base_model, load_prepared_tokenizer
+def _check_sweep_dir(sweep_dir: Path) -> None:
+    """Refuse an ``--out`` that already holds files and is not a sweep: the sweep writes and deletes in it."""
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise TunelabError(f"--out {sweep_dir} is a file; give a directory for the sweep")
+    if not sweep_dir.is_dir() or not any(sweep_dir.iterdir()):
+        return
+    marker = sweep_dir / "sweep.yaml"
+    try:
+        kind = (yaml.safe_load(marker.read_text()) or {}).get("kind") if marker.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        kind = None
+    if kind != SWEEP_KIND:
+        raise TunelabError(
+            f"--out {sweep_dir} already holds files and is not a tunelab sweep (no sweep.yaml with kind: {SWEEP_KIND}); "
+            "tunelab compare writes candidate folders there and clears its own failed attempts, so give it a new or "
+            f"empty directory. A sweep made by an older tunelab: add the line `kind: {SWEEP_KIND}` to its sweep.yaml")
 
+
+def _check_candidates(config: RunConfig, trained: list[str], sweep_dir: Path, before_path: Path, examples) -> None:
+    """Before anything runs: a candidate folder already in the sweep must be the sweep's own, made from the
+    same config, and, once finished, scored with the current eval settings (its eval.json is reused as is)."""
+    from tunelab.stages.evaluation import eval_settings
+
+    current = eval_settings(config, examples)
+    for name in trained:
+        run_dir = sweep_dir / name
+        if not run_dir.exists():
+            continue
+        manifest = read_run_manifest(run_dir) if run_dir.is_dir() else None
+        if manifest is None:
+            _refuse_unknown_files(run_dir)
+            continue
+        _check_same_candidate(run_dir, manifest, candidate_tree(config, name, run_dir, before_path))
+        if manifest.get("status") == "finished" and (run_dir / "eval.json").is_file():
+            _check_same_scoring(name, run_dir, current)
+
+
+def _check_same_scoring(name: str, run_dir: Path, current: dict) -> None:
+    """A finished candidate's scores must have been made as the baselines of this invocation are."""
+    from tunelab.stages.evaluation import settings_differences
+
+    try:
+        recorded = json.loads((run_dir / "eval.json").read_text()).get("settings")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise TunelabError(f"{run_dir / 'eval.json'} cannot be read ({exc}); delete {run_dir} to train {name} again") from None
+    if isinstance(recorded, dict):
+        differences = settings_differences(recorded, current, ("model", "task", "probe"))
+    else:
+        differences = ["its eval.json records no evaluation settings (written by an older tunelab)"]
+    if differences:
+        raise TunelabError(
+            f"{name} was scored with other evaluation settings than this sweep's ({'; '.join(differences[:5])}), so its "
+            f"scores would not compare with baselines scored now. Run with the eval.* settings it was scored with, "
+            f"pass a new --out, or delete {run_dir} to train it again")
+
+
+def _refuse_unknown_files(run_dir: Path) -> None:
+    """Refuse a candidate path without a manifest that holds anything the trainer does not write that early."""
+    if not run_dir.is_dir():
+        unknown = ["it is a file"]
+    else:
+        unknown = sorted(p.name for p in run_dir.iterdir() if not _trainer_file(p))
+    if unknown:
+        listed = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise TunelabError(f"{run_dir} holds no run (no manifest.json) but things the sweep did not write ({listed}); "
+                           "the sweep never deletes those: move them away, or pass a new --out")
+
+
+def _trainer_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and (path.name in _BEFORE_MANIFEST or path.name.startswith(_ATOMIC_LEFTOVERS))
+
+
+def _clear_unfinished_attempt(run_dir: Path) -> None:
+    """Remove a candidate folder an attempt left before writing its manifest, file by file: only the files
+    the trainer writes that early; a folder holding anything else is refused and left as it is."""
+    _refuse_unknown_files(run_dir)
+    for entry in run_dir.iterdir():
+        entry.unlink()
+    run_dir.rmdir()
+
+
+def _untuned_config(config: RunConfig, candidates: list[str]) -> RunConfig:
+    """The config the untuned model is evaluated with: zero-shot, and k-shot / RAG where they are candidates."""
     shots = config.eval.few_shot or DEFAULT_SHOTS
     k = config.eval.rag or DEFAULT_SHOTS
     eval_cfg = config.eval.model_copy(update={"before": True, "few_shot": shots if "few_shot" in candidates else 0,
                                               "rag": k if "rag" in candidates else 0, "before_from": None})
-    config = config.model_copy(update={"eval": eval_cfg})
+    return config.model_copy(update={"eval": eval_cfg})
+
+
+def _evaluate_untuned(config: RunConfig, examples, untuned_dir: Path, console: Console) -> None:
+    """Evaluate on the untuned model what ``untuned/eval_before.json`` lacks or scored with other settings."""
+    from tunelab.evaluation.run import LoadedModel
+    from tunelab.stages.evaluation import evaluate_before, plan_before, save_before
+    from tunelab.stages.setup import load_base_model, load_prepared_tokenizer
+
+    if not plan_before(config, examples, untuned_dir).todo and (untuned_dir / "eval_before.json").is_file():
+        return
+    console.rule("[bold]untuned model: baselines and forgetting probe")
     import torch
 
     model_path, tokenizer, added = load_prepared_tokenizer(config)
@@ -150,9 +245,8 @@ def candidate_tree(config: RunConfig, name: str, run_dir: Path, before_path: Pat
     tree["method"] = {"name": name, **carried}
     if base_method["name"] != name:
         tree["train"]["lr"] = method.default_lr
-    if name in ("prefix", "prompt"):
-        tree["train"]["packing"] = False
-        tree["train"]["gradient_checkpointing"] = False
+    for feature in method.incompatible:  # run features the method refuses ("packing", ...) are train.* keys
+        tree["train"][feature] = False
     tree["output_dir"] = str(run_dir)
     tree["eval"].update(few_shot=0, rag=0, before=True, before_from=str(before_path))
     return tree
@@ -163,14 +257,12 @@ def _train_candidate(config: RunConfig, config_path: Path, overrides: list[str],
     """Train one candidate (or continue it); returns its duration, or None when it was already done / failed."""
     run_dir = sweep_dir / name
     manifest = read_run_manifest(run_dir)
-    tree = candidate_tree(config, name, run_dir, before_path)
-    if manifest:
-        _check_same_candidate(run_dir, manifest, tree)
+    tree = candidate_tree(config, name, run_dir, before_path)  # checked against the folder by _check_candidates
     if manifest and manifest.get("status") == "finished":
-        console.print(f"{name}: finished earlier with the same config, reusing {run_dir}")
+        console.print(f"{name}: finished earlier with the same config and eval settings, reusing {run_dir}")
         return None
     if run_dir.exists() and manifest is None:
-        shutil.rmtree(run_dir)  # an attempt that died before writing anything useful
+        _clear_unfinished_attempt(run_dir)  # an attempt that died before writing anything useful
     config_file = sweep_dir / "configs" / f"{name}.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(config_file, yaml.safe_dump(tree, sort_keys=False))
@@ -230,8 +322,6 @@ def _baseline_result(name: str, before: dict, config: RunConfig) -> CandidateRes
 
 
 def _trained_result(name: str, run_dir: Path, config: RunConfig) -> CandidateResult:
-    import json
-
     manifest = read_run_manifest(run_dir) or {}
     eval_path = run_dir / "eval.json"
     if manifest.get("status") != "finished" or not eval_path.is_file():

@@ -3,8 +3,9 @@
 A *probe* is a JSONL file of short general-skills questions with accepted answers
 (``{"id", "skill", "question", "answers"}``); an item counts as right when any accepted answer appears
 as a whole word in the reply. Retention is the share of items the untuned model got right that the
-tuned model still gets right; the items it lost are listed by id. No library measures forgetting, hence
-this module.
+tuned model still gets right; the items it lost are listed by id. Before and after are paired by item id
+(and question), never by position, so a probe file edited in between cannot pair different questions.
+No library measures forgetting, hence this module.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.run import LoadedModel, evaluate
 
 BUILTIN_PROBE = "general"
+PROBE_MAX_NEW_TOKENS = 16  # probe answers are a word or a number
 
 
 def load_probe(spec: bool | str) -> list[dict] | None:
@@ -32,16 +34,21 @@ def load_probe(spec: bool | str) -> list[dict] | None:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise TunelabError(f"eval.probe: cannot read {spec}: {exc}") from None
-    items, problems = [], []
+    items, problems, seen = [], [], {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
             assert isinstance(item.get("question"), str) and item["answers"] and all(isinstance(a, str) for a in item["answers"])
-            items.append({"id": str(item.get("id", number)), **item})
         except (json.JSONDecodeError, AssertionError, AttributeError, KeyError, TypeError):
             problems.append(f"{path}:{number}: expected {{\"id\", \"question\": str, \"answers\": [str, ...]}}")
+            continue
+        item = {**item, "id": str(item.get("id", number))}
+        if item["id"] in seen:  # before and after are paired by id
+            problems.append(f"{path}:{number}: id {item['id']!r} is already used on line {seen[item['id']]}; give every item its own id")
+        seen.setdefault(item["id"], number)
+        items.append(item)
     if problems:
         raise TunelabError("eval.probe: bad items:\n  " + "\n  ".join(problems))
     return items
@@ -52,8 +59,10 @@ def probe_answers(loaded: LoadedModel, items: list[dict], batch_size: int = 16) 
     from tunelab.evaluation.generate import generate_answers
 
     conversations = [[{"role": "user", "content": item["question"]}] for item in items]
-    answers = generate_answers(loaded.model, loaded.tokenizer, conversations, max_new_tokens=16, batch_size=batch_size)
-    return [{"id": item["id"], "answer": answer, "right": _accepted(answer, item["answers"])} for item, answer in zip(items, answers)]
+    answers = generate_answers(loaded.model, loaded.tokenizer, conversations, max_new_tokens=PROBE_MAX_NEW_TOKENS,
+                               batch_size=batch_size)
+    return [{"id": item["id"], "question": item["question"], "answer": answer, "right": _accepted(answer, item["answers"])}
+            for item, answer in zip(items, answers)]
 
 
 def _accepted(answer: str, accepted: list[str]) -> bool:
@@ -62,22 +71,41 @@ def _accepted(answer: str, accepted: list[str]) -> bool:
 
 
 def retention(items: list[dict], before: list[dict], after: list[dict]) -> dict[str, Any]:
-    """Compare probe results: right before/after, retention, and the items lost and gained."""
-    lost = [i for i, b, a in zip(items, before, after) if b["right"] and not a["right"]]
-    gained = [i for i, b, a in zip(items, before, after) if a["right"] and not b["right"]]
-    right_before = sum(r["right"] for r in before)
-    kept = sum(b["right"] and a["right"] for b, a in zip(before, after))
+    """Compare probe results: right before/after, retention, and the items lost and gained.
+
+    Results are paired by item id; an id answered on one side only, or asked as a different question
+    on the two sides (results that record their question), is not counted and is listed in ``unpaired``.
+    """
+    questions = {item["id"]: item["question"] for item in items}
+    after_by_id = {record["id"]: record for record in after}
+    pairs = [(b, after_by_id[b["id"]]) for b in before if b["id"] in after_by_id and _same_question(b, after_by_id[b["id"]])]
+    paired = {b["id"] for b, _ in pairs}
+    unpaired = list(dict.fromkeys(r["id"] for r in before + after if r["id"] not in paired))
+    right_before = sum(b["right"] for b, _ in pairs)
+    kept = sum(b["right"] and a["right"] for b, a in pairs)
     return {
-        "items": len(items), "right_before": right_before, "right_after": sum(r["right"] for r in after),
+        "items": len(pairs), "right_before": right_before, "right_after": sum(a["right"] for _, a in pairs),
         "retention": kept / right_before if right_before else 1.0,
-        "lost": [{"id": i["id"], "question": i["question"], "after": a["answer"]} for i, a in zip(items, after) if i in lost],
-        "gained": [i["id"] for i in gained],
+        "lost": [{"id": a["id"], "question": a.get("question", questions.get(a["id"], "")), "after": a["answer"]}
+                 for b, a in pairs if b["right"] and not a["right"]],
+        "gained": [a["id"] for b, a in pairs if a["right"] and not b["right"]],
+        "unpaired": unpaired,
     }
+
+
+def _same_question(before: dict, after: dict) -> bool:
+    """Results from older versions do not record their question: the id alone pairs them."""
+    return "question" not in before or "question" not in after or before["question"] == after["question"]
+
+
+def draw_shots(train: list[Example], k: int, seed: int = 0) -> list[Example]:
+    """The ``k`` train examples (fixed random draw) every k-shot prompt shows."""
+    return random.Random(seed).sample(train, min(k, len(train)))
 
 
 def few_shot_examples(examples: list[Example], train: list[Example], k: int, seed: int = 0) -> list[Example]:
     """Each eval example with ``k`` train examples (fixed random draw) as earlier turns of the conversation."""
-    shots = random.Random(seed).sample(train, min(k, len(train)))
+    shots = draw_shots(train, k, seed)
     turns = [m for shot in shots for m in shot.messages if m["role"] != "system"]
     out = []
     for example in examples:

@@ -19,7 +19,7 @@ from tunelab.data import Example, prepare_tokenizer, tokenize_examples
 from tunelab.errors import TunelabError
 from tunelab.methods import artifact_method, get_method
 from tunelab.models.load import load_model, load_tokenizer, resolve_model_path
-from tunelab.training.rundir import read_run_manifest
+from tunelab.runs import open_run
 
 
 @dataclass
@@ -37,15 +37,16 @@ def load_for_eval(model: str, adapter: str | None = None) -> LoadedModel:
         adapter: An artifact to apply on top of ``model``: a PEFT adapter directory (LoRA, QLoRA, IA3,
             prefix, prompt) or a tunelab adapter / freeze-tuning directory.
     """
-    run_manifest = read_run_manifest(Path(model)) if Path(model).is_dir() else None
-    if run_manifest is not None:
-        artifact = Path(model) / run_manifest.get("artifact", "adapter")
+    run = open_run(model)
+    if run is not None:
+        artifact = run.artifact_dir
         if not artifact.is_dir():
             raise TunelabError(f"{model}: the run has no {artifact.name}/ yet (unfinished?); finish it with `tunelab train ... --resume`")
         if artifact.name == "model":
             return LoadedModel(load_model(str(artifact)), load_tokenizer(str(artifact)), f"run {model}")
-        method = get_method(run_manifest.get("method", "lora"))
-        return _with_artifact(run_manifest["model"]["resolved"], artifact, method, _run_method_options(Path(model), method), f"run {model}")
+        method = get_method(run.method_name)
+        options = method.options_class(**run.method_options())
+        return _with_artifact(run.base_model, artifact, method, options, f"run {model}")
     path = resolve_model_path(model)
     if adapter is None:
         tokenizer = load_tokenizer(path)
@@ -56,15 +57,6 @@ def load_for_eval(model: str, adapter: str | None = None) -> LoadedModel:
         raise TunelabError(f"--adapter {adapter}: not a tuning artifact (no adapter_config.json, tunelab_adapter.json or "
                            "tunelab_freeze.json); point it at a run's adapter/ or weights/ folder")
     return _with_artifact(path, Path(adapter), method, None, f"{model} + {adapter}")
-
-
-def _run_method_options(run_dir: Path, method):
-    """The method options a run was trained with (its config.yaml), for loading the base the same way."""
-    import yaml
-
-    section = dict((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("method") or {})
-    section.pop("name", None)
-    return method.options_class(**section)
 
 
 def _with_artifact(base_path: str, artifact: Path, method, options, description: str) -> LoadedModel:

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tunelab.config.load import config_differences, config_hash
 from tunelab.errors import TunelabError
+from tunelab.runs import read_run_config, read_run_manifest
 from tunelab.training.checkpoint import checkpoint_dirs
 from tunelab.training.manifest import build_manifest
-
-
-def read_run_manifest(run_dir: Path) -> dict[str, Any] | None:
-    """The run's manifest, None if there is none; a corrupt one is a user-facing error."""
-    path = run_dir / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TunelabError(f"{path} is corrupt ({exc}); start a new run in another output_dir") from None
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool, resolved: dict, data_hash: str) -> tuple[Path | None, dict | None]:
@@ -46,8 +33,7 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool, resolved: dict, data
         raise TunelabError(f"--resume: {run_dir} holds no run (no manifest.json); run without --resume to start one")
     problems = []
     if manifest.get("config_hash") != config_hash(resolved):
-        old_path = run_dir / "config.yaml"
-        old = yaml.safe_load(old_path.read_text()) if old_path.is_file() else {}
+        old = read_run_config(run_dir)
         problems += [f"config changed: {d}" for d in config_differences(old, resolved)] or ["config changed"]
     if manifest.get("data_hash") != data_hash:
         problems.append("the training or evaluation data changed since the run started (content hash differs)")
