@@ -379,3 +379,18 @@ def test_auto_checkpointing_never_blocks_a_model_the_planner_cannot_read(make_co
     assert result.steps == 2
     assert json.loads((result.run_dir / "manifest.json").read_text())["checkpointed_blocks"] == 0
     assert "no memory plan for this model (AttributeError" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_precision_or_device_kind(make_config):
+    """train.precision=auto resolves per machine; a run started in bf16 on a GPU must not continue in fp32 on a CPU
+    (or the other way) without --force. The manifest says fp32, not accelerate's 'no', and keeps each resume's versions."""
+    first = sft.main(make_config("train.max_steps=2", "train.save_every=1", output="p"))
+    path = first.run_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["precision"] == "fp32" and manifest["device_kind"] == "cpu"
+    path.write_text(json.dumps({**manifest, "status": "running", "precision": "bf16", "device": "cuda:0", "device_kind": "cuda"}))
+    with pytest.raises(TunelabError, match=r"precision bf16 -> fp32, device cuda -> cpu"):
+        sft.main(make_config("train.max_steps=2", "train.save_every=1", output="p"), resume=True)
+    sft.main(make_config("train.max_steps=2", "train.save_every=1", output="p"), resume=True, force=True)
+    resumed = json.loads(path.read_text())["resumed"]
+    assert resumed[-1]["versions"]["torch"] == torch.__version__ and resumed[-1]["precision"] == "fp32"

@@ -78,3 +78,27 @@ def test_a_missing_config_file_is_named(tmp_path):
 
     with pytest.raises(ConfigError, match=r"config file .*missing\.yaml not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_an_override_value_with_a_hash_is_kept_whole(tmp_path):
+    """YAML reads ' #...' as a comment; an override is one value, so the text after '#' is not dropped."""
+    cfg = load_config(write(tmp_path, "data: {train: t.jsonl}\n"),
+                      ["data.system_prompt=Answer with #tags only", "train.lr=1e-4", "method.target_modules=[q_proj, v_proj]"])
+    assert cfg.data.system_prompt == "Answer with #tags only"
+    assert cfg.train.lr == 1e-4 and cfg.method.options()["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_home_directory_in_paths_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(write(tmp_path, "data: {train: ~/t.jsonl, eval: [~/e.jsonl]}\noutput_dir: ~/runs/a\neval: {db: ~/shop.sqlite}\n"))
+    assert cfg.data.train == str(tmp_path / "t.jsonl") and cfg.data.eval == [str(tmp_path / "e.jsonl")]
+    assert cfg.output_dir == str(tmp_path / "runs/a") and cfg.eval.db == str(tmp_path / "shop.sqlite")
+
+
+def test_recipe_is_chosen_and_validated_like_a_method(tmp_path):
+    cfg = load_config(write(tmp_path, "recipe: pretrain\ndata: {train: docs}\n"), ["recipe.holdout=0.2"])
+    assert cfg.recipe.name == "pretrain" and resolved_dict(cfg)["recipe"] == {"name": "pretrain", "text_field": "text",
+                                                                           "holdout": 0.2, "packing": True}
+    assert load_config(write(tmp_path, "data: {train: t.jsonl}\n")).recipe.name == "sft"
+    with pytest.raises(ConfigError, match=r"c.yaml:1: recipe.colour: unknown key"):
+        load_config(write(tmp_path, "recipe: {name: pretrain, colour: red}\ndata: {train: docs}\n"))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 import pytest
 
 from tunelab.errors import TunelabError
-from tunelab.evaluation.metrics import MetricResult, has_top_level_order_by, metric_names, parse_label, score
+from tunelab.evaluation.metrics import MetricResult, metric_names, parse_label, score
+from tunelab.evaluation.sql_exec import has_top_level_order_by
 
 
 # ----------------------------------------------------------------------------------------- general
@@ -250,7 +252,7 @@ def test_sql_never_writes(db):
 
 
 def test_sql_connection_is_read_only_even_without_the_authorizer(db):
-    from tunelab.evaluation.metrics import _connect
+    from tunelab.evaluation.sql_exec import _connect
 
     conn, _ = _connect(db)
     conn.set_authorizer(None)  # the read-only URI and query_only pragma must still refuse writes
@@ -282,6 +284,97 @@ def test_sql_option_and_gold_errors(db, tmp_path):
     with pytest.raises(TunelabError, match="gold query of example 1"):
         score("sql_exec", ["SELECT 1", "SELECT 1"], ["SELECT 1", "SELECT * FROM missing_table"], db=db)
     assert not (tmp_path / "missing.db").exists()
+
+
+@pytest.fixture
+def big_db(tmp_path):
+    """A table of 1,000 rows: a join without its condition gives a million."""
+    path = tmp_path / "big.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.executemany("INSERT INTO t VALUES (?, ?)", [(i, f"row {i}") for i in range(1000)])
+    conn.commit()
+    conn.close()
+    return path
+
+
+def test_sql_result_over_max_rows_is_wrong_and_not_fetched(big_db):
+    # Before the fix the metric fetched every row (1 GB for the million rows of this join without LIMIT).
+    forgotten_join = "SELECT a.id, b.id FROM t a, t b LIMIT 200000"
+    result = score("sql_exec", [forgotten_join], ["SELECT COUNT(*) FROM t"], db=big_db)
+    assert result.per_example == [0.0]
+    assert "more than max_rows=10000 rows" in result.details[0]["error"]
+    small = score("sql_exec", ["SELECT id FROM t LIMIT 5", "SELECT id FROM t LIMIT 6"], ["SELECT id FROM t LIMIT 5"] * 2,
+                  db=big_db, max_rows=5)
+    assert small.per_example == [1.0, 0.0]
+    assert "max_rows=5" in small.details[1]["error"]
+    with pytest.raises(TunelabError, match=r"gold query of example 0.*max_rows=5.*raise timeout_s, max_rows or max_bytes"):
+        score("sql_exec", ["SELECT 1"], ["SELECT id FROM t"], db=big_db, max_rows=5)
+
+
+def test_sql_huge_values_are_wrong_not_fatal(db):
+    # Before the fix zeroblob(400000000) built the blob (and raised MemoryError out of score() where
+    # memory was short); here 50 MB is over the default max_bytes of 10 MB and must fail inside SQLite.
+    preds = ["SELECT zeroblob(50000000)", "SELECT length(zeroblob(400000000))", "SELECT name FROM items"]
+    result = score("sql_exec", preds, ["SELECT 1", "SELECT 1", "SELECT name FROM items"], db=db)
+    assert result.per_example == [0.0, 0.0, 1.0]
+    assert all("too big" in d["error"] or "max_bytes" in d["error"] for d in result.details[:2])
+    result = score("sql_exec", ["SELECT group_concat(name) FROM items"], ["SELECT 1"], db=db, max_bytes=10)
+    assert "max_bytes=10" in result.details[0]["error"] or "too big" in result.details[0]["error"]
+
+
+def test_sql_result_bytes_are_capped_without_sqlites_length_limit(db):
+    # Python 3.10 cannot set SQLite's length limit; the fetched result is still measured.
+    from tunelab.evaluation.sql_exec import _connect, _run_sql
+
+    conn, deadline = _connect(db)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10**9)
+    try:
+        assert _run_sql(conn, deadline, "SELECT zeroblob(2000)", 1.0, max_bytes=2000) == [(bytes(2000),)]
+        with pytest.raises(ValueError, match="max_bytes=2000"):
+            _run_sql(conn, deadline, "SELECT zeroblob(2001)", 1.0, max_bytes=2000)
+    finally:
+        conn.close()
+
+
+def test_sql_single_long_function_call_is_stopped(db):
+    # One printf call: SQLite's progress handler never runs inside it, and with the length limit printf
+    # still loops over every character (measured ~15 s for 900 million) before it returns NULL.
+    start = time.monotonic()
+    result = score("sql_exec", ["SELECT printf('%.*c', 300000000, 'x')", "SELECT 1"], ["SELECT 1", "SELECT 1"], db=db,
+                   timeout_s=0.2)
+    assert result.per_example == [0.0, 1.0]  # the query process was restarted for the next example
+    assert "query stopped after 0.2 s (timeout_s)" in result.details[0]["error"]
+    assert time.monotonic() - start < 8
+
+
+@pytest.mark.parametrize("error", [MemoryError, RecursionError, OverflowError, sqlite3.DatabaseError, KeyError])
+def test_sql_any_failure_of_a_prediction_scores_zero(db, monkeypatch, error):
+    from tunelab.evaluation import sql_exec
+
+    real_run = sql_exec.SqlProcess.run
+
+    def run(self, sql):
+        if sql == "SELECT 2":
+            raise error("boom")
+        return real_run(self, sql)
+
+    monkeypatch.setattr(sql_exec.SqlProcess, "run", run)
+    result = score("sql_exec", ["SELECT 2", "SELECT 1"], ["SELECT 1", "SELECT 1"], db=db)
+    assert result.per_example == [0.0, 1.0]
+    assert result.details[0]["error"].startswith(error.__name__)
+
+
+@pytest.mark.parametrize("option, value", [("timeout_s", 0), ("timeout_s", -1), ("timeout_s", "2s"), ("timeout_s", True),
+                                           ("timeout_s", float("nan")), ("timeout_s", float("inf")), ("max_rows", 0),
+                                           ("max_rows", 2.5), ("max_bytes", "10"), ("max_bytes", -5)])
+def test_sql_options_are_checked_before_any_generation(db, option, value):
+    with pytest.raises(TunelabError, match=rf"option {option} must be a positive"):
+        score("sql_exec", [], [], db=db, **{option: value})
+
+
+def test_sql_valid_options_pass_the_early_check(db):
+    assert score("sql_exec", [], [], db=db, timeout_s=1, max_rows=10, max_bytes=1000).per_example == []
 
 
 # ---------------------------------------------------------------------------------------------- custom

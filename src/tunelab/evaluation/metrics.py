@@ -12,8 +12,9 @@ imported lazily, so a project that never uses a metric never needs its package.
 
 What is ours is what no library decides for us: text normalisation for exact match, label parsing for
 classification, stripping Markdown code fences, and comparing SQL *execution results* (multiset versus
-ordered comparison, numeric normalisation, one-statement and read-only safety). Those rules are small
-and documented on each function.
+ordered comparison, numeric normalisation, one-statement and read-only safety, caps on a result's rows
+and bytes, and a query process that is killed when one SQLite function call outlives the timeout, since
+SQLite can interrupt a query only between its steps). Those rules are small and documented on each function.
 
 Multiple references: per-example scores are always the maximum over the accepted answers. The BLEU and
 chrF corpus scores pass every reference as its own sacrebleu reference stream (padded with ``None`` where
@@ -28,11 +29,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import re
-import sqlite3
-import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +82,7 @@ def _import(module: str, package: str, metric: str):
         ) from e
 
 
-def _per_example(name: str, preds: list[str], refs: list[list[str]],
+def per_example(name: str, preds: list[str], refs: list[list[str]],
                  fn: Callable[[str, str], tuple[float, dict]]) -> MetricResult:
     """Apply ``fn(prediction, reference) -> (score, details)``; keep the best reference per example."""
     scores, details = [], []
@@ -99,7 +96,7 @@ def _per_example(name: str, preds: list[str], refs: list[list[str]],
 _FENCE = re.compile(r"^```[ \t]*(\w+)?[ \t]*\n?(.*?)\n?[ \t]*```$", re.DOTALL)
 
 
-def _strip_fence(text: str) -> str:
+def strip_fence(text: str) -> str:
     """Return the body of a Markdown code fence (```lang ... ```) if the whole text is one, else the text."""
     text = text.strip()
     match = _FENCE.match(text)
@@ -116,12 +113,12 @@ def normalize_text(text: str) -> str:
 
 def _exact_match(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
     norm = normalize_text if opts.get("normalize", True) else (lambda s: s)
-    return _per_example(name, preds, refs, lambda p, r: (float(norm(p) == norm(r)), {}))
+    return per_example(name, preds, refs, lambda p, r: (float(norm(p) == norm(r)), {}))
 
 
 def _contains(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
     norm = normalize_text if opts.get("normalize", True) else (lambda s: s)
-    return _per_example(name, preds, refs, lambda p, r: (float(norm(r) in norm(p)), {}))
+    return per_example(name, preds, refs, lambda p, r: (float(norm(r) in norm(p)), {}))
 
 
 _REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE, "a": re.ASCII}
@@ -150,13 +147,13 @@ def _regex(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> Me
                 except re.error as e:
                     raise TunelabError(f"regex metric: the reference of example {i} is not a valid regular "
                                        f"expression: {pattern!r} ({e}). Fix the pattern in the dataset.") from e
-    return _per_example(name, preds, refs, lambda p, r: (float(compiled[r].search(p) is not None), {}))
+    return per_example(name, preds, refs, lambda p, r: (float(compiled[r].search(p) is not None), {}))
 
 
 def _rouge_l(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
     rouge_scorer = _import("rouge_score.rouge_scorer", "rouge-score", name)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return _per_example(name, preds, refs, lambda p, r: (scorer.score(r, p)["rougeL"].fmeasure, {}))
+    return per_example(name, preds, refs, lambda p, r: (scorer.score(r, p)["rougeL"].fmeasure, {}))
 
 
 def _sacrebleu(name: str, preds: list[str], refs: list[list[str]], corpus_fn: str, sentence_fn: str) -> MetricResult:
@@ -168,7 +165,7 @@ def _sacrebleu(name: str, preds: list[str], refs: list[list[str]], corpus_fn: st
     streams = [[r[k] if k < len(r) else None for r in refs] for k in range(n_streams)]
     corpus = getattr(sacrebleu, corpus_fn)(preds, streams).score / 100.0
     sentence = getattr(sacrebleu, sentence_fn)
-    result = _per_example(name, preds, refs, lambda p, r: (sentence(p, [r]).score / 100.0, {}))
+    result = per_example(name, preds, refs, lambda p, r: (sentence(p, [r]).score / 100.0, {}))
     result.score = corpus
     return result
 
@@ -219,7 +216,7 @@ def _accuracy(name: str, preds: list[str], refs: list[list[str]], opts: dict) ->
         parsed = parse_label(pred, labels)
         return float(parsed == ref.strip().casefold()), {"parsed": parsed}
 
-    return _per_example(name, preds, refs, one)
+    return per_example(name, preds, refs, one)
 
 
 # ------------------------------------------------------------------------------------------------ JSON
@@ -227,7 +224,7 @@ def _accuracy(name: str, preds: list[str], refs: list[list[str]], opts: dict) ->
 
 def _parse_json(prediction: str) -> tuple[Any, str | None]:
     try:
-        return json.loads(_strip_fence(prediction)), None
+        return json.loads(strip_fence(prediction)), None
     except json.JSONDecodeError as e:
         return None, str(e)
 
@@ -237,7 +234,7 @@ def _json_valid(name: str, preds: list[str], refs: list[list[str]], opts: dict) 
         _, error = _parse_json(pred)
         return (0.0, {"error": error}) if error else (1.0, {})
 
-    return _per_example(name, preds, refs, one)
+    return per_example(name, preds, refs, one)
 
 
 def _load_schema(schema: Any) -> dict:
@@ -275,129 +272,14 @@ def _json_schema(name: str, preds: list[str], refs: list[list[str]], opts: dict)
             return 0.0, {"error": f"{where}: {problem.message}"}
         return 1.0, {}
 
-    return _per_example(name, preds, refs, one)
-
-
-# ------------------------------------------------------------------------------------------------- SQL
-
-
-def _mask_sql(sql: str, parens: bool) -> str:
-    """Replace string literals, quoted identifiers and comments (and, if ``parens``, everything inside
-    parentheses) by spaces, keeping positions. A heuristic scanner, not a parser: good enough to find
-    top-level ``;`` and ``ORDER BY`` in queries SQLite accepts."""
-    out, i, depth, n = list(sql), 0, 0, len(sql)
-    closers = {"'": "'", '"': '"', "`": "`", "[": "]"}
-    while i < n:
-        c = sql[i]
-        if c in closers:
-            end = sql.find(closers[c], i + 1)
-            end = n - 1 if end < 0 else end
-        elif sql.startswith("--", i):
-            end = sql.find("\n", i)
-            end = n - 1 if end < 0 else end
-        elif sql.startswith("/*", i):
-            end = sql.find("*/", i + 2)
-            end = n - 1 if end < 0 else end + 1
-        else:
-            depth += (c == "(") - (c == ")") if parens else 0
-            if parens and (depth > 0 or c == ")"):
-                out[i] = " "
-            i += 1
-            continue
-        out[i:end + 1] = " " * (end + 1 - i)
-        i = end + 1
-    return "".join(out)
-
-
-def _one_statement(sql: str) -> str | None:
-    """The query without a code fence or trailing semicolons, or None if it holds several statements."""
-    sql = _strip_fence(sql)
-    masked = _mask_sql(sql, parens=False)
-    cut = masked.find(";")
-    if cut < 0:
-        return sql.strip()
-    if masked[cut:].replace(";", "").strip():
-        return None
-    return sql[:cut].strip()
-
-
-_ORDER_BY = re.compile(r"\border\s+by\b", re.IGNORECASE)
-
-
-def has_top_level_order_by(sql: str) -> bool:
-    """Whether ``ORDER BY`` appears outside literals, comments and parentheses (so not in subqueries,
-    CTE bodies or window ``OVER (...)`` clauses)."""
-    return bool(_ORDER_BY.search(_mask_sql(sql, parens=True)))
-
-
-def _norm_value(value: Any) -> Any:
-    if isinstance(value, float) and math.isfinite(value):
-        value = round(value, 6)
-        return int(value) if value.is_integer() else value
-    return value
-
-
-def _connect(db: Any) -> tuple[sqlite3.Connection, list[float]]:
-    """Open ``db`` read-only, allowing only reads, with a per-query deadline (``deadline[0]``)."""
-    path = Path(db)
-    if not path.is_file():
-        raise TunelabError(f"sql_exec metric: database {str(db)!r} not found; pass db= the path of an existing SQLite file.")
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
-                           check_same_thread=False)
-    conn.execute("PRAGMA query_only = ON")
-    allowed = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
-    conn.set_authorizer(lambda action, *_: sqlite3.SQLITE_OK if action in allowed else sqlite3.SQLITE_DENY)
-    deadline = [math.inf]
-    conn.set_progress_handler(lambda: int(time.monotonic() > deadline[0]), 1000)
-    return conn, deadline
-
-
-def _run_sql(conn: sqlite3.Connection, deadline: list[float], sql: str, timeout_s: float) -> list[tuple]:
-    deadline[0] = time.monotonic() + timeout_s
-    try:
-        rows = conn.execute(sql).fetchall()
-    except sqlite3.OperationalError as e:
-        if time.monotonic() > deadline[0] and "interrupt" in str(e):
-            raise sqlite3.OperationalError(f"query stopped after {timeout_s} s (timeout_s)") from e
-        raise
-    finally:
-        deadline[0] = math.inf
-    return [tuple(_norm_value(v) for v in row) for row in rows]
+    return per_example(name, preds, refs, one)
 
 
 def _sql_exec(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
-    timeout_s = float(opts.get("timeout_s", 2.0))
-    conn, deadline = _connect(opts["db"])
-    gold_cache: dict[str, tuple[list[tuple], bool]] = {}
-    try:
-        for i, accepted in enumerate(refs):
-            for gold in accepted:
-                if gold in gold_cache:
-                    continue
-                query = _one_statement(gold)
-                try:
-                    if query is None:
-                        raise sqlite3.Error("multiple statements")
-                    gold_cache[gold] = (_run_sql(conn, deadline, query, timeout_s), has_top_level_order_by(query))
-                except sqlite3.Error as e:
-                    raise TunelabError(f"sql_exec metric: the gold query of example {i} fails on {str(opts['db'])!r}: "
-                                       f"{e}. Query: {gold!r}. Fix the dataset (or the database).") from e
+    """Execution accuracy on a SQLite database; see :func:`tunelab.evaluation.sql_exec.sql_exec`."""
+    from tunelab.evaluation.sql_exec import sql_exec
 
-        def one(pred: str, gold: str) -> tuple[float, dict]:
-            expected, ordered = gold_cache[gold]
-            query = _one_statement(pred)
-            if query is None:
-                return 0.0, {"error": "multiple statements"}
-            try:
-                rows = _run_sql(conn, deadline, query, timeout_s)
-            except (sqlite3.Error, OverflowError, ValueError) as e:
-                return 0.0, {"error": f"{type(e).__name__}: {e}"}
-            same = rows == expected if ordered else Counter(rows) == Counter(expected)
-            return float(same), {"ordered": ordered, "rows": len(rows), "gold_rows": len(expected)}
-
-        return _per_example(name, preds, refs, one)
-    finally:
-        conn.close()
+    return sql_exec(name, preds, refs, opts)
 
 
 # -------------------------------------------------------------------------------------------- registry
@@ -412,7 +294,7 @@ _REGISTRY: dict[str, _Metric] = {
     "accuracy": _Metric(_accuracy, frozenset({"labels"})),
     "json_valid": _Metric(_json_valid),
     "json_schema": _Metric(_json_schema, frozenset({"schema"}), frozenset({"schema"}), "schema=<dict or path of a .json schema>"),
-    "sql_exec": _Metric(_sql_exec, frozenset({"db", "timeout_s"}), frozenset({"db"}), "db=<path of a SQLite database file>"),
+    "sql_exec": _Metric(_sql_exec, frozenset({"db", "timeout_s", "max_rows", "max_bytes"}), frozenset({"db"}), "db=<path of a SQLite database file>"),
 }
 
 
@@ -481,7 +363,8 @@ def score(metric: str, predictions: list[str], references: list[Reference], **op
         predictions: Model outputs, one per example.
         references: One reference per example: a string or a list of accepted strings (the per-example
             score is the best over them).
-        **options: Metric options, e.g. ``normalize``, ``flags``, ``labels``, ``schema``, ``db``, ``timeout_s``.
+        **options: Metric options, e.g. ``normalize``, ``flags``, ``labels``, ``schema``, ``db``, ``timeout_s``,
+            ``max_rows``, ``max_bytes`` (the last four: see :func:`_sql_exec`).
 
     Returns:
         The corpus score, per-example scores and per-example details.
