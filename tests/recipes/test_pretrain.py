@@ -75,5 +75,5 @@ def test_bad_text_records_are_reported_with_file_and_line(tmp_path):
 def test_pretrain_options_are_validated_with_the_config(tmp_path, tiny_llama):
     with pytest.raises(ConfigError, match="recipe.holdout"):
         _config(tmp_path, tiny_llama, "recipe.holdout=2")
-    with pytest.raises(ConfigError, match="unknown recipe 'pretrian'"):
+    with pytest.raises(ConfigError, match="recipe.name: unknown recipe 'pretrian'"):
         load_config(None, ["recipe=pretrian", "data.train=x.jsonl"])

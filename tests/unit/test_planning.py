@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -330,3 +331,21 @@ def test_a_non_llama_config_is_a_clear_error(tmp_path):
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(TunelabError, match="llama-style decoders"):
         load_shape(_config(tmp_path))
+
+
+# ------------------------------------------------------------------------------- methods describe themselves
+def test_a_method_without_a_footprint_is_refused_not_guessed(tiny_llama, monkeypatch):
+    monkeypatch.delattr(type(get_method("full")), "footprint")
+    with pytest.raises(TunelabError, match="cannot plan method 'full'"):
+        plan(_config(tiny_llama, "method.name=full"), "cpu")
+
+
+def test_the_planner_holds_no_method_names():
+    from tunelab.methods import method_names
+
+    folder = Path(__file__).parents[2] / "src" / "tunelab" / "planning"
+    for source in folder.glob("*.py"):
+        text = source.read_text(encoding="utf-8")
+        named = [n for n in method_names() if f'"{n}"' in text or f"'{n}'" in text]
+        assert not named, f"{source.name} decides by method name {named}: ask the method (its footprint) instead"
+        assert not re.search(r"^\s*(from|import) tunelab\.recipes", text, re.M), f"{source.name} imports recipes"

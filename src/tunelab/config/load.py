@@ -155,37 +155,29 @@ def validate_method_options(method_tree: dict, lines: dict | None = None, source
     """Check ``method`` against the registered method's options class; return problems (empty if fine)."""
     from tunelab.methods import get_method, method_names
 
-    name = method_tree.get("name", "lora")
-    try:
-        method = get_method(str(name))
-    except KeyError:
-        line = (lines or {}).get(("method", "name"))
-        where = f"{source}:{line}: " if line else ""
-        return [f"{where}method.name: unknown method {name!r}; choose one of: {', '.join(method_names())}"]
-    options = {k: v for k, v in method_tree.items() if k != "name"}
-    try:
-        method.options_class.model_validate(options)
-    except ValidationError as err:
-        return _format_pydantic_errors(err, "method", lines or {}, source)
-    return []
+    return _validate_section("method", "lora", get_method, method_names, method_tree, lines or {}, source)
 
 
 def validate_recipe_options(recipe_tree: dict, lines: dict | None = None, source: str = "config") -> list[str]:
     """Check ``recipe`` against the registered recipe's options class; return problems (empty if fine)."""
     from tunelab.recipes import get_recipe, recipe_names
 
-    name = recipe_tree.get("name", "sft")
+    return _validate_section("recipe", "sft", get_recipe, recipe_names, recipe_tree, lines or {}, source)
+
+
+def _validate_section(section: str, default: str, get, names, tree: dict, lines: dict, source: str) -> list[str]:
+    """A registry-backed section (``name`` picks the entry, the other keys are validated by its ``options_class``)."""
+    name = tree.get("name", default)
     try:
-        recipe = get_recipe(str(name))
+        entry = get(str(name))
     except KeyError:
-        line = (lines or {}).get(("recipe", "name")) or (lines or {}).get(("recipe",))
+        line = lines.get((section, "name")) or lines.get((section,))
         where = f"{source}:{line}: " if line else ""
-        return [f"{where}recipe: unknown recipe {name!r}; choose one of: {', '.join(recipe_names())}"]
-    options = {k: v for k, v in recipe_tree.items() if k != "name"}
+        return [f"{where}{section}.name: unknown {section} {name!r}; choose one of: {', '.join(names())}"]
     try:
-        recipe.options_class.model_validate(options)
+        entry.options_class.model_validate({k: v for k, v in tree.items() if k != "name"})
     except ValidationError as err:
-        return _format_pydantic_errors(err, "recipe", lines or {}, source)
+        return _format_pydantic_errors(err, section, lines, source)
     return []
 
 
