@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import MethodDefaults
+from tunelab.methods.footprint import Footprint, ShapeLike, block_linears
 
 CONFIG_FILE = "tunelab_adapter.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -67,6 +68,14 @@ class AdapterOptions(BaseModel):
         description="linear layers to put an adapter after, by name or dotted suffix (e.g. [o_proj, down_proj]); "
         "None = the last linear layer of every attention and MLP sublayer",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_empty_names(cls, names: list[str] | None) -> list[str] | None:
+        # an empty name matches no module; said here rather than by apply(), after the untuned evaluation
+        if names is not None and any(not n.strip() for n in names):
+            raise ValueError(f"module names must not be empty (got {names}); e.g. [o_proj, down_proj]")
+        return names
 
 
 class BottleneckAdapter(nn.Module):
@@ -227,6 +236,13 @@ class HoulsbyAdapter(MethodDefaults):
             layer.register_forward_hook(_after_layer_hook)
         model.tunelab_adapter_options = options  # what save() writes
         return model
+
+    def footprint(self, options: AdapterOptions, shape: ShapeLike) -> Footprint:
+        """One adapter (2*d*m + m + d, in the weight dtype) per block after each target linear."""
+        lin, bottleneck = shape.linears(), options.bottleneck
+        adapters = {t: bottleneck for t in block_linears(options.target_modules or ["o_proj", "down_proj"], shape)}
+        extra = shape.layers * sum(adapter_parameter_count(lin[t][1], bottleneck) for t in adapters)
+        return Footprint(frozen_base=True, adapters=adapters, extra=extra, extra_in_weight_dtype=True)
 
     def save(self, model: nn.Module, directory: Path) -> None:
         """Write ``adapter_model.safetensors`` and ``tunelab_adapter.json`` to ``directory``."""

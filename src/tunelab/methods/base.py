@@ -31,6 +31,12 @@ class TuningMethod(Protocol):
     # "packing" (several examples per row) and "gradient_checkpointing".
     incompatible: frozenset[str]
     default_lr: float  # train.lr when the config leaves it out: methods with few parameters need larger steps
+    # Optional (not listed as a member, so that methods without it still satisfy this protocol):
+    # ``footprint(options, shape) -> tunelab.methods.footprint.Footprint``, what the method trains and adds
+    # in ``tunelab plan``'s terms (``tunelab.methods.footprint.Plannable``); the planner refuses a method
+    # without it rather than guess. ``trains_embeddings: bool`` (default False): the method trains the input
+    # embedding itself, so tokens a chat-template fallback adds are trained (full fine-tuning); methods with a
+    # ``trainable_token_indices`` option train just those rows instead.
 
     def base_load_kwargs(self, options: BaseModel) -> dict:
         """Extra ``from_pretrained`` arguments for loading the base model (quantisation for QLoRA), else {}."""

@@ -12,13 +12,14 @@ import json
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import MethodDefaults
+from tunelab.methods.footprint import Footprint, ShapeLike
 
 CONFIG_FILE = "tunelab_freeze.json"
 WEIGHTS_FILE = "trained_weights.safetensors"
@@ -29,6 +30,25 @@ class FreezeOptions(BaseModel):
 
     last_n_blocks: int = Field(2, ge=0, description="train the last N transformer blocks")
     modules: list[str] = Field(default_factory=list, description="also train parameters whose name matches any of these regexes, e.g. ['norm.weight$']")
+
+    # Checked here so that load_config reports them with the config line, not apply() minutes into a run.
+    @field_validator("modules")
+    @classmethod
+    def _modules_are_regexes(cls, modules: list[str]) -> list[str]:
+        for pattern in modules:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc}); "
+                                 r"escape special characters, e.g. 'lm_head\.weight$'") from None
+        return modules
+
+    @model_validator(mode="after")
+    def _trains_something(self):
+        if self.last_n_blocks == 0 and not self.modules:
+            raise ValueError("nothing to train: method.last_n_blocks is 0 and method.modules is empty; "
+                             "set last_n_blocks > 0 or name parameters in modules")
+        return self
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -67,6 +87,15 @@ class FreezeTuning(MethodDefaults):
             p.requires_grad_(name in trained)
         model._tunelab_freeze = options
         return model
+
+    def footprint(self, options: FreezeOptions, shape: ShapeLike) -> Footprint:
+        """The last ``last_n_blocks`` blocks and the parameters ``modules`` names train; nothing is added."""
+        first = shape.layers - options.last_n_blocks
+        patterns = [re.compile(p) for p in options.modules]
+        trainable = {n for n in shape.parameter_table()
+                     if (n.startswith("model.layers.") and int(n.split(".")[2]) >= first)
+                     or any(p.search(n) for p in patterns)}
+        return Footprint(frozen_base=False, trainable=trainable)
 
     def save(self, model: nn.Module, directory: Path) -> None:
         options: FreezeOptions = model._tunelab_freeze

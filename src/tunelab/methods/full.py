@@ -9,6 +9,7 @@ from torch import nn
 
 from tunelab.methods.base import register_method
 from tunelab.methods.common import MethodDefaults
+from tunelab.methods.footprint import Footprint, ShapeLike
 
 
 class FullOptions(BaseModel):
@@ -23,12 +24,17 @@ class FullFineTuning(MethodDefaults):
     options_class = FullOptions
     artifact = "model"
     mergeable = True  # nothing to fold: the weights are the model
+    trains_embeddings = True  # embedding rows of tokens a chat-template fallback adds train with everything else
     default_lr = 5e-5
 
     def apply(self, model: nn.Module, options: FullOptions) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+
+    def footprint(self, options: FullOptions, shape: ShapeLike) -> Footprint:
+        """Every base parameter trains; nothing is added."""
+        return Footprint(frozen_base=False, trainable=set(shape.parameter_table()))
 
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)

@@ -7,11 +7,12 @@ model; h <- l ⊙ h. The fewest trainable parameters of the family; mergeable in
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod
+from tunelab.methods.footprint import Footprint, ShapeLike, block_linears
 
 
 class IA3Options(BaseModel):
@@ -20,6 +21,35 @@ class IA3Options(BaseModel):
     target_modules: list[str] | None = Field(None, description="default: peft's choice for the architecture (k, v and MLP down projection)")
     feedforward_modules: list[str] | None = Field(None, description="targets scaled on their input rather than output; default as peft")
 
+    # Checked here so that load_config reports them with the config line, not peft minutes into a run.
+    @field_validator("target_modules", "feedforward_modules")
+    @classmethod
+    def _names_given(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and (not names or any(not n.strip() for n in names)):
+            raise ValueError("give at least one module name, none of them empty, or leave it out for peft's default")
+        return names
+
+    @model_validator(mode="after")
+    def _feedforward_among_targets(self):
+        if self.target_modules and self.feedforward_modules:
+            outside = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if outside:
+                raise ValueError(f"method.feedforward_modules {outside} are not in method.target_modules "
+                                 f"{self.target_modules}; feed-forward modules must be a subset of the targets")
+        return self
+
+
+def _ia3_defaults(model_type: str) -> tuple[list[str], list[str]]:
+    """peft's default IA3 targets and feed-forward targets for an architecture (llama's if unknown)."""
+    try:
+        from peft.utils.constants import (
+            TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as feedforward,
+            TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as targets,
+        )
+    except ImportError:
+        return ["k_proj", "v_proj", "down_proj"], ["down_proj"]
+    return targets.get(model_type, targets["llama"]), feedforward.get(model_type, feedforward["llama"])
+
 
 @register_method
 class IA3(PeftMethod):
@@ -27,6 +57,17 @@ class IA3(PeftMethod):
     options_class = IA3Options
     mergeable = True
     default_lr = 1e-2
+
+    def footprint(self, options: IA3Options, shape: ShapeLike) -> Footprint:
+        """One vector per block and target: d_out wide on an output, d_in wide on a feed-forward input."""
+        lin = shape.linears()
+        default_out, default_in = _ia3_defaults(shape.model_type)
+        targets = set(block_linears(options.target_modules or default_out, shape))
+        fp = Footprint(frozen_base=True)
+        fp.ia3_in = targets & set(block_linears(options.feedforward_modules or default_in, shape))
+        fp.ia3_out = targets - fp.ia3_in
+        fp.extra = shape.layers * (sum(lin[t][1] for t in fp.ia3_out) + sum(lin[t][0] for t in fp.ia3_in))
+        return fp
 
     def peft_config(self, model: nn.Module, options: IA3Options):
         from peft import IA3Config

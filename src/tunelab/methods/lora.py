@@ -11,15 +11,17 @@ and trains them on the residual W - BA. The artifact is a PEFT adapter directory
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod
+from tunelab.methods.footprint import Footprint, ShapeLike, block_linears
 
 
 class LoraOptions(BaseModel):
@@ -37,6 +39,30 @@ class LoraOptions(BaseModel):
     trainable_token_indices: list[int] | None = Field(
         None, description="embedding rows to train as well; set automatically for tokens the chat-template fallback adds"
     )
+
+    # Checked here so that load_config reports them with the config line, not peft minutes into a run.
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_are_names_or_regex(cls, targets: str | list[str]) -> str | list[str]:
+        if isinstance(targets, list):
+            if not targets or any(not t.strip() for t in targets):
+                raise ValueError("give at least one module name, none of them empty (e.g. [q_proj, v_proj]), "
+                                 "or 'all-linear'")
+        elif targets != "all-linear":  # peft matches a single string as a regex against full module names
+            try:
+                re.compile(targets)
+            except re.error as exc:
+                raise ValueError(f"{targets!r} is not 'all-linear' and not a valid regular expression ({exc}); "
+                                 "give a list of module names like [q_proj, v_proj]") from None
+        return targets
+
+    @field_validator("trainable_token_indices")
+    @classmethod
+    def _token_indices_are_rows(cls, indices: list[int] | None) -> list[int] | None:
+        negative = [i for i in indices or [] if i < 0]
+        if negative:
+            raise ValueError(f"embedding rows are numbered from 0; {negative} are negative")
+        return indices
 
 
 def lora_config(options: LoraOptions):
@@ -56,6 +82,18 @@ def lora_config(options: LoraOptions):
     )
 
 
+def lora_footprint(options: LoraOptions, shape: ShapeLike) -> Footprint:
+    """LoRA's (and QLoRA's) footprint: r*(d_in + d_out) per target linear and block (+ d_out with DoRA),
+    plus one embedding row per trainable token."""
+    lin = shape.linears()
+    targets = list(lin) if options.target_modules == "all-linear" else block_linears(options.target_modules, shape)
+    r, tokens = options.r, options.trainable_token_indices or []
+    fp = Footprint(frozen_base=True, lora={t: r for t in targets}, dropout=options.dropout, input_grad=bool(tokens))
+    fp.extra = shape.layers * sum(r * (lin[t][0] + lin[t][1]) + options.use_dora * lin[t][1] for t in fp.lora)
+    fp.extra += len(tokens) * shape.hidden
+    return fp
+
+
 @register_method
 class LoRA(PeftMethod):
     name = "lora"
@@ -65,6 +103,12 @@ class LoRA(PeftMethod):
 
     def peft_config(self, model: nn.Module, options: LoraOptions):
         return lora_config(options)
+
+    def footprint(self, options: LoraOptions, shape: ShapeLike) -> Footprint:
+        """See :func:`lora_footprint`; QLoRA is the variant that fits where LoRA does not."""
+        fp = lora_footprint(options, shape)
+        fp.cheaper_variant = ("qlora", "4-bit base")
+        return fp
 
     def apply(self, model: nn.Module, options: LoraOptions) -> nn.Module:
         model = super().apply(model, options)

@@ -29,6 +29,7 @@ from torch import nn
 from tunelab.methods.base import register_method
 from tunelab.errors import TunelabError
 from tunelab.methods.common import PeftMethod
+from tunelab.methods.footprint import Footprint, ShapeLike
 
 DEFAULT_INIT_TEXT = "You are a careful assistant. Read the request and answer exactly what it asks."
 
@@ -77,6 +78,12 @@ class PromptTuning(SoftPromptMethod):
     default_lr = 3e-2
     options_class = PromptOptions
 
+    def footprint(self, options: PromptOptions, shape: ShapeLike) -> Footprint:
+        """``num_virtual_tokens`` trained input embeddings in front of every row (so every position has logits)."""
+        tokens = options.num_virtual_tokens
+        return Footprint(frozen_base=True, virtual_tokens=tokens, extra=tokens * shape.hidden, full_logits=True,
+                         input_grad=True)
+
     def peft_config(self, model: nn.Module, options: PromptOptions):
         from peft import PromptTuningConfig, PromptTuningInit
 
@@ -91,6 +98,18 @@ class PrefixTuning(SoftPromptMethod):
     name = "prefix"
     default_lr = 1e-2
     options_class = PrefixOptions
+
+    def footprint(self, options: PrefixOptions, shape: ShapeLike) -> Footprint:
+        """Trained keys and values for ``num_virtual_tokens`` positions in every block, or the MLP making them.
+
+        peft sizes the prefix by the key/value width (``token_dim`` = kv_heads * head_dim), not the hidden
+        size: the projection's input embedding and first layer are that wide too.
+        """
+        token_dim = shape.kv_heads * shape.head_dim
+        length, width, hidden = options.num_virtual_tokens, shape.layers * 2 * token_dim, options.projection_hidden
+        extra = (length * token_dim + token_dim * hidden + hidden + hidden * width + width
+                 if options.projection else length * width)
+        return Footprint(frozen_base=True, prefix=length, extra=extra, full_logits=True)
 
     def peft_config(self, model: nn.Module, options: PrefixOptions):
         from peft import PrefixTuningConfig

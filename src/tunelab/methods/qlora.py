@@ -18,7 +18,8 @@ from torch import nn
 from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod
-from tunelab.methods.lora import LoraOptions, lora_config
+from tunelab.methods.footprint import Footprint, ShapeLike
+from tunelab.methods.lora import LoraOptions, lora_config, lora_footprint
 
 
 class QLoraOptions(LoraOptions):
@@ -57,6 +58,12 @@ class QLoRA(PeftMethod):
                                         bnb_4bit_compute_dtype=_compute_dtype(options.compute_dtype))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return {"quantization_config": config, "device_map": {"": device}}
+
+    def footprint(self, options: QLoraOptions, shape: ShapeLike) -> Footprint:
+        """LoRA's footprint over a base quantised to ``bits``."""
+        fp = lora_footprint(options, shape)
+        fp.quant_bits, fp.double_quant = options.bits, options.double_quant
+        return fp
 
     def peft_config(self, model: nn.Module, options: QLoraOptions):
         return lora_config(LoraOptions(**options.model_dump(include=set(LoraOptions.model_fields))))

@@ -87,7 +87,8 @@ Why hand-written: accelerate's ``estimate-memory`` counts weights and a fixed op
 library models the activations, partial logits and dtype casts of a given training loop.
 
 Modules: ``devices`` (Device, the GPU catalog ``GPUS``, ``resolve_device``, overheads and MFU defaults),
-``shape`` (ModelShape, ``load_shape``), ``method`` (what a tuning method trains and adds), ``memory`` (the
+``shape`` (ModelShape, ``load_shape``), ``method`` (what a tuning method trains and adds: each method's own ``footprint``, see
+``tunelab.methods.footprint``), ``memory`` (the
 activation tracer, MemoryEstimate), ``timing`` (TimeEstimate, FLOPs per token), ``data`` (DataProfile,
 ``profile_data``), ``planner`` (Plan, ``plan``, the time estimate, suggestions), ``output`` (``print_plan``).
 """

@@ -47,7 +47,7 @@ def profile_examples(config: RunConfig, data: list) -> DataProfile:
     return DataProfile(len(data), sum(lengths), sum(trained), processed, max(lengths), peak[1], peak[2], most_trained)
 
 
-def _count_examples(config: RunConfig) -> int | None:
+def count_examples(config: RunConfig) -> int | None:
     """Records in data.train, read but not tokenised; None if a file cannot be read."""
     from tunelab.data.readers import read_file
 

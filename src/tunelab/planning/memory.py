@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 from tunelab.planning.devices import CPU_OVERHEAD, GPU_OVERHEAD
-from tunelab.planning.method import _Method
-from tunelab.planning.shape import ModelShape, _param
+from tunelab.planning.method import PlannedMethod
+from tunelab.planning.shape import ModelShape, param_name
 from tunelab.training.linear_cross_entropy import chunk_rows
 
 
@@ -25,7 +25,7 @@ class _T:
 
 
 @dataclass(frozen=True)
-class _Env:
+class MemoryEnv:
     w: int  # bytes per element of the base float weights
     c: int  # compute bytes
     autocast: bool
@@ -40,7 +40,7 @@ class _Env:
 class _Block:
     """Symbolic forward of decoder block ``index``: ``saved`` holds the bytes per token autograd keeps."""
 
-    def __init__(self, env: _Env, shape: ModelShape, method: _Method, index: int):
+    def __init__(self, env: MemoryEnv, shape: ModelShape, method: PlannedMethod, index: int):
         self.env, self.shape, self.m, self.i = env, shape, method, index
         self.saved: dict[str, float] = {}
         self.weight_copies = 0  # bytes of c-byte weight casts kept for backward
@@ -75,7 +75,7 @@ class _Block:
 
     def linear(self, x: _T, name: str) -> _T:
         env, m, (d_in, d_out, _) = self.env, self.m, self.shape.linears()[name]
-        trains = _param(self.i, name) in m.trainable
+        trains = param_name(self.i, name) in m.trainable
         if env.quant_bits:  # bitsandbytes: cast to the compute dtype and back; keeps only the packed weight
             out = self.new(name, d_out, x.nbytes, x.grad)
         else:
@@ -194,14 +194,14 @@ class MemoryEstimate:
 
 
 @dataclass(frozen=True)
-class _Batch:
+class PlannedBatch:
     rows: int
     seq: int  # tokens per row, virtual tokens excluded
     logit_rows: float  # positions projected onto the vocabulary
     mask: bool  # a 4-D attention mask exists (padding, packing or a prefix)
 
 
-def _weight_bytes(shape: ModelShape, m: _Method, w: int) -> int:
+def _weight_bytes(shape: ModelShape, m: PlannedMethod, w: int) -> int:
     table = shape.parameter_table()
     if not m.quant_bits:
         return w * sum(table.values())
@@ -210,7 +210,7 @@ def _weight_bytes(shape: ModelShape, m: _Method, w: int) -> int:
     return int(per * quantised + 4 * (sum(table.values()) - quantised))
 
 
-def _estimate_memory(shape: ModelShape, m: _Method, env: _Env, batch: _Batch, *, checkpointing: int,
+def estimate_memory(shape: ModelShape, m: PlannedMethod, env: MemoryEnv, batch: PlannedBatch, *, checkpointing: int,
                      grad_accum: int, held_logits: bool) -> MemoryEstimate:
     """``checkpointing``: how many blocks (the first ones) recompute their activations in backward."""
     table = shape.parameter_table()

@@ -8,15 +8,13 @@ from typing import Literal
 
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
-from tunelab.planning.data import DataProfile, _count_examples
+from tunelab.planning.data import DataProfile, count_examples
 from tunelab.planning.devices import CPU_MFU, GPU_MFU, GPUS, Device, GiB, resolve_device
-from tunelab.planning.memory import MemoryEstimate, _Batch, _Env, _estimate_memory
-from tunelab.planning.method import _Method, _method
+from tunelab.planning.memory import MemoryEstimate, PlannedBatch, MemoryEnv, estimate_memory
+from tunelab.planning.method import PlannedMethod, planned_method
 from tunelab.planning.shape import ModelShape, load_shape
-from tunelab.planning.timing import TimeEstimate, _flops_per_token
+from tunelab.planning.timing import TimeEstimate, flops_per_token
 from tunelab.training.schedule import total_steps
-
-_FROZEN_BASE = ("lora", "qlora", "ia3", "adapter", "prompt", "prefix")
 
 
 @dataclass
@@ -104,12 +102,12 @@ def _resolve_blocks(config: RunConfig, shape: ModelShape, device: Device, knobs:
 
 
 def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs,
-               blocks: int | None = None) -> tuple[MemoryEstimate, _Method, _Batch]:
+               blocks: int | None = None) -> tuple[MemoryEstimate, PlannedMethod, PlannedBatch]:
     """The memory estimate with ``blocks`` checkpointed blocks (default: as the config resolves on ``device``)."""
     from tunelab.models.load import torch_dtype
 
-    precision, w, m = _precision(config, device), torch_dtype(config.model.dtype).itemsize, _method(config, shape)
-    if config.method.name == "adapter":
+    precision, w, m = _precision(config, device), torch_dtype(config.model.dtype).itemsize, planned_method(config, shape)
+    if m.extra_in_weight_dtype:
         m.extra_bytes = w
     t, d, train = config.data.max_length, knobs.data, config.train
     if d is not None:
@@ -118,16 +116,16 @@ def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Kno
     else:
         rows, seq = (1, train.batch_size * t) if train.packing else (train.batch_size, t)
         logit_rows = train.batch_size * (t - 1) * (1.0 if m.full_logits else knobs.completion_fraction)
-    batch = _Batch(rows, seq, logit_rows, knobs.padded or train.packing or m.prefix > 0)
+    batch = PlannedBatch(rows, seq, logit_rows, knobs.padded or train.packing or m.prefix > 0)
     mixed = precision in ("bf16", "fp16")
     base = 4 if m.quant_bits else w
     liger = knobs.kernels == "liger" or config.train.kernels == "liger"
-    env = _Env(w=base, c=2 if mixed else base, autocast=mixed, gpu=device.kind == "gpu", liger=liger,
+    env = MemoryEnv(w=base, c=2 if mixed else base, autocast=mixed, gpu=device.kind == "gpu", liger=liger,
                gqa_repeat=batch.mask, quant_bits=m.quant_bits, kv_scale=(seq + m.prefix) / seq,
                mask_kv=seq + m.virtual_tokens + m.prefix if batch.mask else 0)
     if blocks is None:
         blocks = _resolve_blocks(config, shape, device, knobs)
-    memory = _estimate_memory(shape, m, env, batch, checkpointing=blocks,
+    memory = estimate_memory(shape, m, env, batch, checkpointing=blocks,
                               grad_accum=train.grad_accum, held_logits=knobs.held_logits)
     return memory, m, batch
 
@@ -161,7 +159,7 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
     blocks = _resolve_blocks(config, shape, device, knobs)
     memory, m, batch = _memory_of(config, shape, device, knobs, blocks)
     table = shape.parameter_table()
-    examples = data.examples if data else _count_examples(config)
+    examples = data.examples if data else count_examples(config)
     time_on = {name: _estimate_time(config, shape, m, g, knobs, examples) for name, g in GPUS.items()}
     gpu_memory = memory if device.kind == "gpu" else _memory_of(config, shape, GPUS["h100-80gb"], knobs)[0]
     fits = memory.total <= device.memory_bytes
@@ -181,7 +179,7 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
     return result
 
 
-def _estimate_time(config: RunConfig, shape: ModelShape, m: _Method, device: Device, knobs: _Knobs,
+def _estimate_time(config: RunConfig, shape: ModelShape, m: PlannedMethod, device: Device, knobs: _Knobs,
                    examples: int | None, blocks: int | None = None) -> TimeEstimate:
     """``blocks``: checkpointed blocks on ``device``, if already resolved."""
     train, d = config.train, knobs.data
@@ -207,7 +205,7 @@ def _estimate_time(config: RunConfig, shape: ModelShape, m: _Method, device: Dev
     completion = d.trained_tokens / max(d.tokens, 1) if d else knobs.completion_fraction
     if blocks is None:
         blocks = _resolve_blocks(config, shape, device, knobs)
-    flops = _flops_per_token(shape, m, row, completion, blocks)
+    flops = flops_per_token(shape, m, row, completion, blocks)
     peak = device.peak_flops(_precision(config, device))
     mfu = knobs.mfu or (GPU_MFU if device.kind == "gpu" else CPU_MFU)
     seconds = total * flops / (peak * mfu) if total and peak else None
@@ -217,9 +215,11 @@ def _estimate_time(config: RunConfig, shape: ModelShape, m: _Method, device: Dev
 def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs) -> list[str]:
     """Changes that lower the peak, tried in order and kept when they help, until the run fits."""
     from tunelab.config.schema import MethodConfig
+    from tunelab.methods import get_method
 
     limit, out = device.memory_bytes, []
-    current, best = config, _memory_of(config, shape, device, knobs)[0].total
+    memory, m, _ = _memory_of(config, shape, device, knobs)
+    current, best = config, memory.total
 
     def attempt(change: str, mutate) -> bool:
         """Apply ``mutate`` to a copy of the current config; keep it if it lowers the peak. True once it fits."""
@@ -235,17 +235,20 @@ def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs
     def set_attr(section: str, key: str, value):
         return lambda cfg: setattr(getattr(cfg, section), key, value)
 
-    name = config.method.name
-    if config.train.gradient_checkpointing is not True and name not in ("prompt", "prefix"):
+    checkpointable = "gradient_checkpointing" not in get_method(config.method.name).incompatible
+    if config.train.gradient_checkpointing is not True and checkpointable:
         if attempt("train.gradient_checkpointing=true", set_attr("train", "gradient_checkpointing", True)):
             return out
-    if name in _FROZEN_BASE and name != "qlora" and config.model.dtype in ("auto", "float32") and device.kind == "gpu":
+    # a quantised base is already smaller than a bf16 one
+    if m.frozen_base and not m.quant_bits and config.model.dtype in ("auto", "float32") and device.kind == "gpu":
         if attempt("model.dtype=bfloat16 (the frozen base in bf16; trained weights stay float32)",
                    set_attr("model", "dtype", "bfloat16")):
             return out
-    if name == "lora" and attempt("method.name=qlora (4-bit base)",
-                                  lambda cfg: setattr(cfg, "method", MethodConfig(name="qlora", **cfg.method.options()))):
-        return out
+    if m.cheaper_variant:
+        variant, saves = m.cheaper_variant
+        if attempt(f"method.name={variant} ({saves})",
+                   lambda cfg: setattr(cfg, "method", MethodConfig(name=variant, **cfg.method.options()))):
+            return out
     while current.train.batch_size > 1:
         batch = current.train.batch_size
         half = batch // 2 if batch % 2 == 0 else 1
@@ -264,7 +267,7 @@ def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs
     return out
 
 
-def _assumptions(p: Plan, knobs: _Knobs, m: _Method) -> list[str]:
+def _assumptions(p: Plan, knobs: _Knobs, m: PlannedMethod) -> list[str]:
     gpu = p.device.kind == "gpu"
     overhead = "CUDA context + allocator slack" if gpu else "the Python process; glibc may hold more"
     notes = [f"runtime overhead {p.memory.overhead / GiB:.1f} GiB ({overhead})",

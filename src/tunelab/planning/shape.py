@@ -54,9 +54,9 @@ class ModelShape:
         table = {"model.embed_tokens.weight": self.vocab * self.hidden}
         for b in range(self.layers):
             for name, (d_in, d_out, bias) in self.linears().items():
-                table[_param(b, name)] = d_in * d_out
+                table[param_name(b, name)] = d_in * d_out
                 if bias:
-                    table[_param(b, name, "bias")] = d_out
+                    table[param_name(b, name, "bias")] = d_out
             table[f"model.layers.{b}.input_layernorm.weight"] = self.hidden
             table[f"model.layers.{b}.post_attention_layernorm.weight"] = self.hidden
             if self.qk_norm:
@@ -72,7 +72,7 @@ class ModelShape:
         return "model.embed_tokens.weight" if self.tied else "lm_head.weight"
 
 
-def _param(block: int, linear: str, kind: str = "weight") -> str:
+def param_name(block: int, linear: str, kind: str = "weight") -> str:
     return f"model.layers.{block}.{_LINEARS[linear]}.{linear}.{kind}"
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunelab.planning.method import _Method
-from tunelab.planning.shape import ModelShape, _param
+from tunelab.planning.method import PlannedMethod
+from tunelab.planning.shape import ModelShape, param_name
 
 
 @dataclass
@@ -20,7 +20,7 @@ class TimeEstimate:
     seconds: float | None
 
 
-def _flops_per_token(shape: ModelShape, m: _Method, row: float, completion: float, checkpointing: int) -> float:
+def flops_per_token(shape: ModelShape, m: PlannedMethod, row: float, completion: float, checkpointing: int) -> float:
     """Training FLOPs per token (see the ``tunelab.planning`` docstring); ``row`` = mean tokens per row,
     ``checkpointing`` = how many blocks (the first ones) run their forward twice."""
     block = sum(a * b for a, b, _ in shape.linears().values())
@@ -28,7 +28,7 @@ def _flops_per_token(shape: ModelShape, m: _Method, row: float, completion: floa
     in_path = m.input_grad or m.prefix > 0 or "model.embed_tokens.weight" in m.trainable
     total = 0.0
     for i in range(shape.layers):
-        trained = sum(a * b for k, (a, b, _) in shape.linears().items() if _param(i, k) in m.trainable)
+        trained = sum(a * b for k, (a, b, _) in shape.linears().items() if param_name(i, k) in m.trainable)
         in_path = in_path or trained > 0 or bool(m.lora or m.ia3_out or m.ia3_in or m.adapters)
         total += 2 * block + attn
         if in_path:

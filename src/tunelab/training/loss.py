@@ -62,7 +62,7 @@ def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 # Architectures whose logits are exactly lm_head(final hidden state): no logit scaling or soft-capping.
-_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "olmo2"})
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "olmo2"})
 
 # PEFT methods whose layers sit inside the decoder (they replace or scale its linear layers), so the
 # decoder's last hidden state followed by lm_head is still exactly the model's output.
@@ -89,7 +89,7 @@ def _plain_causal_lm(model):
         if str(getattr(config.peft_type, "value", config.peft_type)) not in _IN_DECODER_PEFT_TYPES:
             return None
         base = model.get_base_model()
-    if getattr(base.config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
+    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         return None
     if base.get_output_embeddings() is None or not hasattr(base, "model"):
         return None
