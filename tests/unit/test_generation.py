@@ -148,3 +148,27 @@ def test_bad_settings_and_prompts_are_user_errors(model, tokenizer):
     with pytest.raises(TunelabError, match="assistant"):
         generate(model, tokenizer, [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]])
     assert SamplingSettings(stop="\n").stop == ("\n",)
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix"])
+def test_prompt_learning_models_decode_one_prompt_at_a_time(model, tokenizer, name, monkeypatch):
+    """peft ignores position ids for prompt learning, so left padding would shift a padded row's positions:
+    such models are decoded one prompt at a time (each row also stops on its own)."""
+    from peft import get_peft_model
+
+    from tunelab.methods import get_method
+
+    method = get_method(name)
+    options = method.options_class(num_virtual_tokens=3, init="random")
+    tuned = get_peft_model(build_tiny_model(seed=1), method.peft_config(model, options))
+    shapes = []
+    real = type(tuned).generate
+
+    def recording(self, *args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tuned), "generate", recording)
+    prompts = [[{"role": "user", "content": text}] for text in ("hi", "a much longer question here")]
+    generate(tuned, tokenizer, prompts, SamplingSettings(max_new_tokens=3), batch_size=8)
+    assert [shape[0] for shape in shapes] == [1, 1]

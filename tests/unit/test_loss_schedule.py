@@ -66,10 +66,10 @@ def _lora_model(arch: str):
 def test_trained_position_logits_give_the_same_loss_and_gradients(arch, host_index):
     """The fast path (lm_head only at trained positions) must equal full logits, value and gradient,
     whether the positions come with the batch (``to_device``, no GPU sync) or are found in the loss."""
-    from tunelab.training.loss import _plain_causal_lm, summed_loss_of_batch, to_device
+    from tunelab.training.loss import plain_causal_lm, summed_loss_of_batch, to_device
 
     model = _lora_model(arch)
-    assert _plain_causal_lm(model) is not None  # the fast path is taken
+    assert plain_causal_lm(model) is not None  # the fast path is taken
     torch.manual_seed(0)
     ids = torch.randint(0, 320, (3, 9))
     mask = torch.ones_like(ids)
@@ -98,7 +98,7 @@ def test_prompt_tuning_style_wrappers_use_full_logits():
     from peft import PromptTuningConfig, get_peft_model
 
     from tunelab.models.tiny import build_tiny_model
-    from tunelab.training.loss import _plain_causal_lm
+    from tunelab.training.loss import plain_causal_lm
 
     model = get_peft_model(build_tiny_model("llama", 320), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
-    assert _plain_causal_lm(model) is None
+    assert plain_causal_lm(model) is None

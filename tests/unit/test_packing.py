@@ -208,10 +208,10 @@ def test_ia3_takes_the_exact_trained_position_path():
     from peft import IA3Config, get_peft_model
 
     from tunelab.models.tiny import build_tiny_model
-    from tunelab.training.loss import _plain_causal_lm
+    from tunelab.training.loss import plain_causal_lm
 
     model = get_peft_model(build_tiny_model("llama", VOCAB, seed=1), IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False))
-    assert _plain_causal_lm(model) is not None
+    assert plain_causal_lm(model) is not None
     batch = _padded_batch()
     fast, fast_grads = _loss_and_grads(model, [batch])
     model.zero_grad()

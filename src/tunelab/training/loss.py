@@ -76,7 +76,7 @@ def _peft_config(model):
     return None
 
 
-def _plain_causal_lm(model):
+def plain_causal_lm(model):
     """The underlying HF model if its trained-position fast path is exact, else None.
 
     Exact for plain models (also with modules added inside the decoder, such as bottleneck adapters or
@@ -131,7 +131,7 @@ def summed_loss_of_batch(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = batch["labels"]  # (B, T)
     if "position_ids" in inputs:
         check_packed_attention(model, rows=labels.shape[0])
-    base = _plain_causal_lm(model)
+    base = plain_causal_lm(model)
     if base is None:
         config = _peft_config(model)
         if "position_ids" in inputs and config is not None and getattr(config, "is_prompt_learning", False):

@@ -1,0 +1,130 @@
+"""Streaming one completion as text deltas: ``model.generate`` runs in a thread and pushes tokens to a streamer.
+
+The streamer is ours rather than transformers' ``TextIteratorStreamer`` because that one re-decodes from
+the last newline (so the pieces need not add up to the decode of all tokens for every tokenizer) and knows
+nothing of stop strings. Here each delta is the growth of the decoded completion, held back while it ends
+in a partial character or could be the start of a stop string; the deltas therefore add up to exactly the
+text :func:`tunelab.generation.generate` returns for the same greedy settings.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from tunelab.generation.generate import (Prompt, generate_kwargs, left_pad, model_device, pad_id,
+                                         render_prompt, seeded)
+from tunelab.generation.settings import SamplingSettings
+from tunelab.generation.stops import StopStrings, cut_at_stop, end_of_turn_ids
+
+_DONE = object()
+
+
+class _DeltaStreamer(BaseStreamer):
+    """Receives generated ids from ``generate`` (the prompt first, which it skips) and queues them."""
+
+    def __init__(self, stop_ids: set[int]):
+        self.stop_ids, self.queue, self.seen_prompt = stop_ids, queue.Queue(), False
+        self.finished = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        if self.finished:
+            return
+        for t in value.reshape(-1).tolist():
+            if t in self.stop_ids:  # the end of the turn: nothing after it belongs to this completion
+                self.finished = True
+                break
+            self.queue.put(t)
+
+    def end(self) -> None:
+        self.queue.put(_DONE)
+
+
+def _safe_length(text: str, stop: tuple[str, ...]) -> int:
+    """How much of ``text`` can be sent: not a trailing partial character, nor a tail that could begin a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stop:
+        hold = max(hold, next((k for k in range(min(len(s) - 1, end), 0, -1) if text[:end].endswith(s[:k])), 0))
+    return end - hold
+
+
+def stream(model, tokenizer, prompt: Prompt, settings: SamplingSettings | None = None, *,
+           stop_token_ids: list[int] | None = None) -> Iterator[str]:
+    """Text deltas of the completion of one prompt, as they are generated.
+
+    Args:
+        model: A causal LM, plain or PEFT-wrapped.
+        tokenizer: The tokenizer whose chat template was used in training.
+        prompt: A conversation ending with a user turn, or an already-rendered string.
+        settings: Sampling settings; default greedy, 128 new tokens.
+        stop_token_ids: Tokens that end the completion; default :func:`end_of_turn_ids` of the tokenizer.
+
+    Yields:
+        Pieces of text whose concatenation is the completion's text. Closing the iterator early stops
+        the generation at its next step.
+    """
+    settings = settings or SamplingSettings()
+    stop_ids = list(stop_token_ids) if stop_token_ids is not None else end_of_turn_ids(tokenizer)
+    pad = pad_id(tokenizer, stop_ids)
+    row = render_prompt(tokenizer, prompt)
+    device = model_device(model)
+    input_ids, attention_mask = left_pad([row], pad, device)
+    streamer = _DeltaStreamer(set(stop_ids))
+    criteria = StopStrings(tokenizer, settings.stop, input_ids.shape[1])
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.no_grad(), seeded(settings.seed, device):  # grad mode is per thread
+                model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
+                               stopping_criteria=[criteria], **generate_kwargs(settings, stop_ids, pad))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the reading thread below
+            failure.append(exc)
+            streamer.end()
+
+    was_training = model.training
+    model.eval()
+    thread = threading.Thread(target=run, name="tunelab-generate-stream", daemon=True)
+    thread.start()
+    try:
+        yield from _deltas(tokenizer, streamer, settings.stop)
+    finally:
+        criteria.cancelled = True
+        thread.join()
+        model.train(was_training)
+    if failure:
+        raise failure[0]
+
+
+def _deltas(tokenizer, streamer: _DeltaStreamer, stop: tuple[str, ...]) -> Iterator[str]:
+    """Decode the growing completion and yield what became safe to send since the last delta."""
+    ids: list[int] = []
+    sent = 0
+    while True:
+        item = streamer.queue.get()
+        if item is _DONE:
+            break
+        ids.append(item)
+        text, hit = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
+        if hit:
+            if len(text) > sent:
+                yield text[sent:]
+            sent = len(text)
+            return
+        safe = _safe_length(text, stop)
+        if safe > sent:
+            yield text[sent:safe]
+            sent = safe
+    text, _ = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
+    if len(text) > sent:
+        yield text[sent:]
