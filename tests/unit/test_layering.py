@@ -20,7 +20,8 @@ from tunelab.methods import method_names
 
 ROOT = Path(tunelab.__file__).parent
 UPPER = ("tunelab.stages", "tunelab.planning", "tunelab.recipes", "tunelab.compare", "tunelab.cli", "tunelab.demo")
-COMPONENTS = ("training", "data", "evaluation", "generation", "models", "methods", "runs", "atomic.py", "errors.py", "examples")
+COMPONENTS = ("training", "data", "evaluation", "generation", "models", "methods", "runs", "merging", "atomic.py", "errors.py",
+              "examples")
 FORBIDDEN = {
     **{component: UPPER for component in COMPONENTS},
     "stages": ("tunelab.recipes", "tunelab.compare", "tunelab.cli"),

@@ -104,6 +104,9 @@ def save_artifact(run_dir: Path, name: str, save: Callable[[Path], None], tokeni
     with atomic_dir(artifact_dir) as tmp:
         save(tmp)
         tokenizer.save_pretrained(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(0o644)  # safetensors writes 0600; an artifact is meant to be read by others (a server, a colleague)
     return artifact_dir, round(dir_size_mb(artifact_dir), 3)
 
 
