@@ -41,6 +41,18 @@ def six_block_llama(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-6"), "llama", layers=6)
 
 
+@pytest.fixture(scope="session")
+def tiny_base_llama(tmp_path_factory) -> Path:
+    """A tiny "base model" llama (untied embeddings): no chat template, no ChatML tokens in the vocabulary."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-base-llama"), "llama", chat_template=None, chatml_tokens=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_qwen2(tmp_path_factory) -> Path:
+    """A tiny "base model" qwen2 (tied embeddings): no chat template, no ChatML tokens in the vocabulary."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-base-qwen2"), "qwen2", chat_template=None, chatml_tokens=False)
+
+
 def chat_records(n: int, seed: int = 0) -> list[dict]:
     """Short deterministic conversations a tiny model can partly memorise."""
     words = ["red", "blue", "green", "black", "white", "pink"]

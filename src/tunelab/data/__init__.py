@@ -3,7 +3,7 @@
 from tunelab.data.collate import collate
 from tunelab.data.inspect import inspect_report
 from tunelab.data.records import FORMATS, ROLES, Example, data_fingerprint, load_examples
-from tunelab.data.templates import CHATML_TEMPLATE, NAMED_TEMPLATES, prepare_tokenizer
+from tunelab.data.templates import CHATML_TEMPLATE, NAMED_TEMPLATES, prepare_tokenizer, turn_markers
 from tunelab.data.tokenize import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -28,4 +28,5 @@ __all__ = [
     "prepare_tokenizer",
     "render_example",
     "tokenize_examples",
+    "turn_markers",
 ]

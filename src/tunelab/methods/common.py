@@ -4,12 +4,24 @@
 base loading); ``PeftMethod`` implements save/load/merge/disable once for every method that peft
 provides (LoRA, QLoRA, IA3, prefix and prompt tuning), so each of those modules only says how its
 options become a peft config.
+
+Tokens a chat-template fallback adds get embedding rows the base model does not have. They are trained
+with peft's trainable tokens (in the input embedding and, when it is not tied to it, the output
+embedding), so the adapter carries exactly those rows; the resized embedding matrices themselves are
+not saved (peft's default would write the whole embedding: ~1.4 GB for Gemma 3 270M). A loader resizes
+the base to the tokenizer and the trainable tokens overwrite every new row.
+
+peft imports bitsandbytes whenever it is installed (``import peft`` does, and so does choosing LoRA's
+layer types), and bitsandbytes logs a kernel warning on import; only a quantized base (QLoRA) needs it, so
+peft is imported and applied inside :func:`without_bitsandbytes` for an unquantized model.
 """
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -48,17 +60,21 @@ class PeftMethod(MethodDefaults, ABC):
         """The peft config (``LoraConfig``, ``IA3Config``, ...) that ``options`` describe for ``model``."""
 
     def apply(self, model: nn.Module, options: BaseModel) -> nn.Module:
-        from peft import get_peft_model
+        with without_bitsandbytes(model):
+            from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(model, options))
+            config = self.peft_config(model, options)
+            _train_output_rows_too(model, config)
+            return get_peft_model(model, config)
 
     def save(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=_embedding_layers_to_save(model))
 
     def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
-        from peft import PeftModel
+        with without_bitsandbytes(base_model):
+            from peft import PeftModel
 
-        return PeftModel.from_pretrained(base_model, directory)
+            return PeftModel.from_pretrained(base_model, directory)
 
     def merge(self, model: nn.Module) -> nn.Module:
         if not self.mergeable:
@@ -67,3 +83,82 @@ class PeftMethod(MethodDefaults, ABC):
 
     def disabled(self, model: nn.Module) -> AbstractContextManager:
         return model.disable_adapter()
+
+
+@contextmanager
+def without_bitsandbytes(model: nn.Module | None = None) -> Iterator[None]:
+    """Make bitsandbytes unimportable while peft is imported or applied to an unquantized ``model``.
+
+    A ``None`` entry in ``sys.modules`` makes ``import bitsandbytes`` raise ImportError and
+    ``importlib.util.find_spec`` return None, which peft takes for "not installed". Nothing is hidden
+    for a quantized model or once bitsandbytes is imported (a quantized base was loaded in this process).
+    Afterwards peft's cached availability checks are cleared, so a later QLoRA in this process sees it.
+    """
+    if getattr(model, "is_quantized", False) or "bitsandbytes" in sys.modules:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+        import_utils = sys.modules.get("peft.import_utils")
+        for check in ("is_bnb_available", "is_bnb_4bit_available"):
+            getattr(getattr(import_utils, check, None), "cache_clear", lambda: None)()
+
+
+def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None) if module is not None else None
+
+
+def _train_output_rows_too(model: nn.Module, config) -> None:
+    """Extend trainable tokens given as a list (input embedding rows) to an untied output embedding.
+
+    Without this, the output rows of added tokens keep their random resize values: the model could not
+    learn to emit them, and a reloaded adapter would get different random rows (different logits).
+    """
+    indices = getattr(config, "trainable_token_indices", None)
+    if not isinstance(indices, list) or not hasattr(model, "get_output_embeddings"):
+        return
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or outputs.weight is inputs.weight:
+        return  # tied: peft follows the input rows in the output layer itself
+    names = _module_name(model, inputs), _module_name(model, outputs)
+    if None not in names:
+        config.trainable_token_indices = {names[0]: list(indices), names[1]: list(indices)}
+
+
+def _base_vocab_size(model_id: str | None) -> int | None:
+    """The vocabulary size of the base model on disk, or None when it cannot be read locally."""
+    if not model_id or not (Path(model_id) / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_id).get_text_config().vocab_size
+    except (OSError, ValueError):
+        return None
+
+
+def _embedding_layers_to_save(model: nn.Module) -> bool | str:
+    """False when every embedding row beyond the base vocabulary is a trainable token of each embedding
+    layer (the adapter holds them all); otherwise peft's own ``"auto"`` judgement (save whole layers)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    config = model.peft_config[model.active_adapter]
+    if getattr(config, "trainable_token_indices", None) is None:
+        return "auto"
+    base_vocab = _base_vocab_size(config.base_model_name_or_path)
+    vocab = getattr(model.get_base_model().config.get_text_config(), "vocab_size", None)
+    if base_vocab is None or vocab is None or vocab < base_vocab:
+        return "auto"
+    new_rows = set(range(base_vocab, vocab))
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if layer is None or not new_rows:
+            continue
+        if not isinstance(layer, TrainableTokensWrapper):
+            return "auto"
+        if not new_rows <= set(layer.token_adapter.token_indices.get(model.active_adapter, ())):
+            return "auto"
+    return False

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from tunelab.methods.base import register_method
-from tunelab.methods.common import PeftMethod
+from tunelab.methods.common import PeftMethod, without_bitsandbytes
 from tunelab.methods.footprint import Footprint, ShapeLike, block_linears
 
 
@@ -42,10 +42,11 @@ class IA3Options(BaseModel):
 def _ia3_defaults(model_type: str) -> tuple[list[str], list[str]]:
     """peft's default IA3 targets and feed-forward targets for an architecture (llama's if unknown)."""
     try:
-        from peft.utils.constants import (
-            TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as feedforward,
-            TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as targets,
-        )
+        with without_bitsandbytes():
+            from peft.utils.constants import (
+                TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as feedforward,
+                TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as targets,
+            )
     except ImportError:
         return ["k_proj", "v_proj", "down_proj"], ["down_proj"]
     return targets.get(model_type, targets["llama"]), feedforward.get(model_type, feedforward["llama"])

@@ -43,8 +43,8 @@ def check_method_fits(config: RunConfig, added_tokens: list[str] | None = None) 
                            + " (it changes the sequence the model attends over); set " + ", ".join(f"train.{c}=false" for c in clashes))
     if added_tokens and not _can_train_added_tokens(method):
         raise TunelabError(
-            f"the model has no chat template, so tunelab added the tokens {added_tokens}, whose embeddings start random; "
-            f"method {method.name} cannot train them. Give data.chat_template (a template using the model's own tokens) "
+            f"the model has no chat template, so tunelab's template uses the tokens {added_tokens}, whose embeddings are "
+            f"new or were never learned as turn markers; method {method.name} cannot train them. Give data.chat_template (a template using the model's own tokens) "
             "or use a method that trains embedding rows (lora, qlora or full)"
         )
 
@@ -91,8 +91,8 @@ def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: l
     method = get_method(config.method.name)
     options = method_options(config)
     if added_tokens and "trainable_token_indices" in type(options).model_fields and options.trainable_token_indices is None:
-        # Tokens added by the chat-template fallback start random; train their rows so the model can
-        # read <|im_start|> and learn to emit <|im_end|>.
+        # Tokens of the chat-template fallback start random (added) or untrained as turn markers (a base
+        # model's own): train their rows so the model can read <|im_start|> and learn to emit <|im_end|>.
         options = options.model_copy(update={"trainable_token_indices": tokenizer.convert_tokens_to_ids(added_tokens)})
     try:
         model = method.apply(model, options)

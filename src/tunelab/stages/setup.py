@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunelab.config.schema import RunConfig
-from tunelab.data import IGNORE_INDEX, Example, TokenizedExample, TokenizeStats, load_examples, prepare_tokenizer
+from tunelab.data import IGNORE_INDEX, Example, TokenizedExample, TokenizeStats, load_examples, prepare_tokenizer, turn_markers
 from tunelab.data.token_cache import cached_tokenize
 from tunelab.errors import DataError
 from tunelab.models.load import load_model, load_tokenizer, resolve_model_path
@@ -56,11 +56,18 @@ def load_prepared_tokenizer(config: RunConfig):
     """Resolve the model and load its tokenizer with the configured chat template applied.
 
     Returns:
-        (resolved model path, tokenizer, tokens added to the vocabulary by the template fallback).
+        (resolved model path, tokenizer, tokens whose embedding rows training must learn): the tokens the
+        template fallback added to the vocabulary, and, for a model without a chat template of its own, the
+        turn markers of the template tunelab applied. Those are in the vocabulary but the base model never
+        learned them as turn markers: Gemma 3 270M tuned with LoRA alone gave ``<end_of_turn>`` a probability
+        of about 0 where an answer ends, so no answer stopped; with the two marker rows trained, 12 of 12 did.
     """
     model_path = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.model.trust_remote_code)
+    had_template = bool(tokenizer.chat_template)
     added = prepare_tokenizer(tokenizer, config.data.chat_template)
+    if not had_template:
+        added += [marker for marker in turn_markers(tokenizer) if marker not in added]
     return model_path, tokenizer, added
 
 
@@ -71,7 +78,7 @@ def load_base_model(config: RunConfig, model_path: str, tokenizer, added_tokens:
     is left where it was put.
     """
     model = load_model(model_path, config.model.dtype, config.model.trust_remote_code, **load_kwargs)
-    if added_tokens:
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # as evaluation.run does for a saved run
         model.resize_token_embeddings(len(tokenizer))
     return model if "device_map" in load_kwargs else model.to(device)
 
