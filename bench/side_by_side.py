@@ -360,7 +360,7 @@ def run_tunelab(args, examples, steps, data_file: Path, packing: bool, row_budge
     from tunelab.recipes import sft
 
     if row_budget is not None:  # e: swap the recipe's packed collate for one with a fixed row budget
-        sft._packed_batches = lambda model: (
+        sft.collator = lambda model, packing: (
             lambda batch, pad_id: packed_micro_batch(batch, pad_id, max_tokens=row_budget))
 
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
@@ -387,13 +387,15 @@ def run_tunelab(args, examples, steps, data_file: Path, packing: bool, row_budge
 
 
 def _mark_step_cpu_time(sft) -> list[float]:
-    """Process CPU time at the start of sft's loop and at each step's log line (log_every=1), in a list.
+    """Process CPU time at the start of sft's loop (``run_token_loss``) and at each step's log line (log_every=1).
 
     CPU seconds of this process (all its threads) per step change much less than wall time when other
     jobs share the machine, so they compare runners on a busy machine where wall time cannot.
     """
+    from tunelab.training import reporter
+
     marks: list[float] = []
-    loop, log_class = sft._train_loop, sft.MetricsLog
+    loop, log_class = sft.run_token_loss, reporter.MetricsLog
 
     def timed_loop(*a, **k):
         marks.append(time.process_time())
@@ -405,7 +407,7 @@ def _mark_step_cpu_time(sft) -> list[float]:
                 marks.append(time.process_time())
             super().log(record)
 
-    sft._train_loop, sft.MetricsLog = timed_loop, TimedLog
+    sft.run_token_loss, reporter.MetricsLog = timed_loop, TimedLog
     return marks
 
 
