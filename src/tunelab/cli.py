@@ -84,21 +84,13 @@ def train(
 def data_inspect(config: ConfigArg, overrides: OverridesArg = None, example: int = typer.Option(0, help="index of the example to render")) -> None:
     """Validate the data, print statistics and render one example with its trained tokens marked."""
     from tunelab.config import load_config
-    from tunelab.data import inspect_report, render_example
-    from tunelab.stages.setup import load_prepared_tokenizer, read_examples, tokenize
+    from tunelab.recipes import get_recipe
 
     cfg = load_config(config, overrides or [])
-    examples = read_examples(cfg)
-    _, tokenizer, added = load_prepared_tokenizer(cfg)
-    data = tokenize(cfg, tokenizer, examples, added)
-    out = Console()
-    if not 0 <= example < len(examples.train):
-        raise TunelabError(f"--example {example}: the training set has {len(examples.train)} examples")
-    chosen = examples.train[example]
-    rendered = render_example(chosen, tokenizer, loss_on=cfg.data.loss_on)
-    inspect_report(data.train_stats, rendered, out, title=f"train ({chosen.source})")
-    if data.eval_stats is not None:
-        inspect_report(data.eval_stats, [], out, title="eval")
+    recipe = get_recipe(cfg.recipe.name)
+    if recipe.inspect is None:
+        raise TunelabError(f"recipe {recipe.name} has no data inspection yet")
+    recipe.inspect(cfg, example, Console())
 
 
 @models_app.callback()

@@ -77,3 +77,15 @@ def test_pretrain_options_are_validated_with_the_config(tmp_path, tiny_llama):
         _config(tmp_path, tiny_llama, "recipe.holdout=2")
     with pytest.raises(ConfigError, match="recipe.name: unknown recipe 'pretrian'"):
         load_config(None, ["recipe=pretrian", "data.train=x.jsonl"])
+
+
+def test_data_inspect_shows_the_blocks_of_a_pretrain_config(tmp_path, tiny_llama):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    config = tmp_path / "pretrain.yaml"
+    config.write_text(f"recipe: pretrain\nmodel: {tiny_llama}\ndata: {{train: {_corpus(tmp_path)}, max_length: 32}}\n")
+    result = CliRunner().invoke(app, ["data", "inspect", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "5 documents" in result.output and "100.0%" in result.output and "red fox" in result.output

@@ -27,6 +27,7 @@ class Recipe:
     options_class: type[BaseModel]
     main: Callable[..., TrainResult]
     summary: str  # one line for `tunelab recipes`
+    inspect: Callable[..., None] | None = None  # inspect(config, example_index, console) for `tunelab data inspect`
 
 
 _REGISTRY: dict[str, Recipe] = {}

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from tunelab.config.load import recipe_options
 from tunelab.config.schema import RunConfig
+from tunelab.errors import TunelabError
 from tunelab.data.packing import collator
 from tunelab.data.text import read_texts, split_holdout, text_blocks, text_files
 from tunelab.evaluation.run import LoadedModel
@@ -95,5 +96,23 @@ def _perplexity(model, blocks, config: RunConfig, tokenizer, env) -> dict | None
                            device=env.accelerator.device, autocast=env.accelerator.autocast)
 
 
+def inspect(config: RunConfig, example: int, console: Console) -> None:
+    """``tunelab data inspect``: documents, token blocks (every token trained) and one block as the model sees it."""
+    from tunelab.data import TokenizeStats, inspect_report
+
+    options: PretrainOptions = recipe_options(config)
+    docs = read_texts(config.data.train_files(), text_field=options.text_field)
+    _, tokenizer, _ = load_prepared_tokenizer(config)
+    blocks = text_blocks(docs, tokenizer, config.data.max_length)
+    if not 0 <= example < len(blocks):
+        raise TunelabError(f"--example {example}: {len(docs)} documents give {len(blocks)} blocks")
+    lengths = [len(b.input_ids) for b in blocks]
+    stats = TokenizeStats(examples=len(blocks), tokens=sum(lengths), trained_tokens=sum(lengths), max_len=max(lengths),
+                          mean_len=sum(lengths) / len(lengths))
+    shown = [(tokenizer.decode(blocks[example].input_ids), True)]
+    inspect_report(stats, shown, console, title=f"{len(docs)} documents → blocks of <= {config.data.max_length} tokens "
+                                                f"({blocks[example].source})")
+
+
 register_recipe(Recipe("pretrain", PretrainOptions, main,
-                       "continued pre-training on raw text (.txt/.md or a text column), loss on every token"))
+                       "continued pre-training on raw text (.txt/.md or a text column), loss on every token", inspect))

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 
 from tunelab.config.schema import RunConfig
+from tunelab.errors import TunelabError
 from tunelab.data.packing import collator
 from tunelab.evaluation.run import LoadedModel
 from tunelab.evaluation.summary import eval_summary
@@ -75,4 +76,21 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     return result_of(env, trained)
 
 
-register_recipe(Recipe("sft", SftOptions, main, "supervised fine-tuning on prompt→response examples (loss on the answers)"))
+def inspect(config: RunConfig, example: int, console: Console) -> None:
+    """``tunelab data inspect``: validate the data, print statistics, render one example with its trained tokens marked."""
+    from tunelab.data import inspect_report, render_example
+
+    examples = read_examples(config)
+    _, tokenizer, added = load_prepared_tokenizer(config)
+    data = tokenize(config, tokenizer, examples, added)
+    if not 0 <= example < len(examples.train):
+        raise TunelabError(f"--example {example}: the training set has {len(examples.train)} examples")
+    chosen = examples.train[example]
+    rendered = render_example(chosen, tokenizer, loss_on=config.data.loss_on)
+    inspect_report(data.train_stats, rendered, console, title=f"train ({chosen.source})")
+    if data.eval_stats is not None:
+        inspect_report(data.eval_stats, [], console, title="eval")
+
+
+register_recipe(Recipe("sft", SftOptions, main, "supervised fine-tuning on prompt→response examples (loss on the answers)",
+                       inspect))
