@@ -42,13 +42,13 @@ from tunelab.config.load import resolved_dict
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import get_method, method_names
-from tunelab.runs import read_run_manifest
+from tunelab.runs import read_run_config, read_run_manifest
 
 BASELINE_CANDIDATES = ("zero_shot", "few_shot", "rag")
 DEFAULT_SHOTS = 3  # k for few_shot / rag when the config does not set eval.few_shot / eval.rag
 SWEEP_KIND = "tunelab-sweep"  # sweep.yaml's ``kind``: marks a directory this command may write and clear in
 # What the trainer writes in a run directory before its manifest.json: the resolved config, and the
-# temporary files (".NAME.XXXX", tunelab.atomic) an atomic write interrupted by a crash leaves. A candidate
+# temporary files (".NAME.<random>", tunelab.atomic) an atomic write interrupted by a crash leaves. A candidate
 # folder without a manifest is cleared only when it holds nothing else.
 _BEFORE_MANIFEST = ("config.yaml",)
 _ATOMIC_LEFTOVERS = (".config.yaml.", ".manifest.json.")
@@ -295,9 +295,7 @@ def _check_same_candidate(run_dir: Path, manifest: dict, tree: dict) -> None:
     resolved = resolved_dict(RunConfig.model_validate(tree))
     if manifest.get("config_hash") == config_hash(resolved):
         return
-    old_path = run_dir / "config.yaml"
-    old = yaml.safe_load(old_path.read_text()) if old_path.is_file() else {}
-    differences = "; ".join(config_differences(old, resolved)[:5]) or "config hash differs"
+    differences = "; ".join(config_differences(read_run_config(run_dir), resolved)[:5]) or "config hash differs"
     raise TunelabError(f"{run_dir} was trained with a different config ({differences}); this sweep directory belongs to "
                        "another comparison: pass a new --out, or delete that candidate to retrain it")
 

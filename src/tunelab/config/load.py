@@ -98,6 +98,15 @@ def _format_pydantic_errors(err: ValidationError, prefix: str, lines: dict, sour
     return problems
 
 
+def _read_text(path: str | Path, source: str) -> str:
+    if not Path(path).is_file():
+        raise ConfigError([f"config file {path} not found (give the path of a YAML run configuration)"], source=source)
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read {path}: {exc}"], source=source) from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run configuration.
 
@@ -106,17 +115,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         overrides: ``key.sub=value`` strings applied on top of the file.
 
     Raises:
-        ConfigError: with every problem found (unreadable YAML, unknown keys, bad values, bad method options).
+        ConfigError: with every problem found (unreadable YAML, unknown keys, bad values, bad method or recipe options).
     """
     source = str(path) if path else "config"
-    text = ""
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError([f"config file {path} not found (give the path of a YAML run configuration)"], source=source)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([f"cannot read {path}: {exc}"], source=source) from None
+    text = _read_text(path, source) if path is not None else ""
     try:
         tree = yaml.safe_load(text) if text else {}
     except yaml.YAMLError as exc:

@@ -106,12 +106,16 @@ def _is_one_token(tokenizer, text: str) -> bool:
     return token_id is not None and tokenizer(text, add_special_tokens=False).input_ids == [token_id]
 
 
-def _is_file(path: Path) -> bool:
-    """``Path.is_file`` that answers False for strings no file system accepts as a name (too long, NUL)."""
+def template_file(choice: str) -> Path | None:
+    """The file a ``data.chat_template`` value names, if it names an existing file (an inline template
+    does not: it has newlines, or is a string no file system accepts as a name: too long, NUL)."""
+    if "\n" in choice:
+        return None
+    path = Path(choice)
     try:
-        return path.is_file()
+        return path if path.is_file() else None
     except (OSError, ValueError):
-        return False
+        return None
 
 
 def _resolve(choice: str, own: str | None, tokenizer) -> tuple[str, bool]:
@@ -127,8 +131,8 @@ def _resolve(choice: str, own: str | None, tokenizer) -> tuple[str, bool]:
         )
     if choice in NAMED_TEMPLATES:
         return NAMED_TEMPLATES[choice], False
-    path = Path(choice)
-    if choice.endswith(".jinja") or ("\n" not in choice and _is_file(path)):
+    path = template_file(choice) or Path(choice)
+    if choice.endswith(".jinja") or template_file(choice):
         try:
             return path.read_text(encoding="utf-8"), False
         except (OSError, UnicodeDecodeError) as e:

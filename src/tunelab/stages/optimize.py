@@ -47,18 +47,19 @@ def step_plan(config: RunConfig, n_examples: int, on_gpu: bool) -> StepPlan:
                           max_seconds=t.max_seconds)
 
 
-def prepare_optimization(config: RunConfig, tuned: TunedModel, accelerator, plan: StepPlan, resume_from: Path | None,
-                         console: Console, *, resuming: bool = False) -> Optimization:
-    """AdamW over the trainable parameters, the checkpoint restored (when resuming), all placed by accelerate."""
+def prepare_optimization(config: RunConfig, tuned: TunedModel, accelerator, plan: StepPlan, checkpoints: Path | None,
+                         console: Console) -> Optimization:
+    """AdamW over the trainable parameters, the newest readable checkpoint under ``checkpoints`` restored (when
+    resuming: not None), all placed by accelerate."""
     optimizer = adamw(list(tuned.params.values()), lr=config.train.lr, weight_decay=config.train.weight_decay)
     start_step, scaler_state, seconds = 0, None, 0.0
     restored = None
-    if resume_from is not None:
+    if checkpoints is not None:
         def skipped(path: Path, reason: str) -> None:
             console.print(f"[yellow]warning:[/] checkpoint {path} cannot be read ({reason}); trying the one before it", soft_wrap=True)
 
-        restored = load_latest_checkpoint(resume_from.parent, tuned.params, optimizer, on_skip=skipped)
-    if resuming and restored is None:
+        restored = load_latest_checkpoint(checkpoints, tuned.params, optimizer, on_skip=skipped)
+    if checkpoints is not None and restored is None:
         console.print(f"No readable checkpoint in {config.output_dir} yet: starting again from step 0.")
     if restored is not None:
         if restored.step > plan.total:

@@ -18,6 +18,7 @@ from tunelab.atomic import atomic_dir, write_text_atomic
 from tunelab.config.load import config_hash, resolved_dict
 from tunelab.config.schema import RunConfig
 from tunelab.data import data_fingerprint
+from tunelab.data.templates import template_file
 from tunelab.errors import TunelabError
 from tunelab.training.manifest import write_manifest
 from tunelab.training.rundir import check_run_dir, dir_size_mb, finish_manifest, new_manifest
@@ -32,16 +33,14 @@ class RunStart:
     data_files: list[str]
     data_hash: str
     resume: bool
-    resume_from: Path | None  # newest checkpoint, when resuming
     previous: dict[str, Any] | None  # the existing manifest, when resuming
 
 
 def hashed_inputs(config: RunConfig) -> list[str]:
     """Files whose content decides the training result: the data, and a chat template given as a file."""
     files = config.data.train_files() + config.data.eval_files()
-    template = config.data.chat_template
-    if len(template) < 4096 and "\n" not in template and Path(template).is_file():
-        files.append(template)
+    if template_file(config.data.chat_template):
+        files.append(config.data.chat_template)
     return files
 
 
@@ -52,10 +51,10 @@ def check_start(config: RunConfig, *, resume: bool, force: bool, precision: str,
     files = data_files if data_files is not None else hashed_inputs(config)
     resolved = resolved_dict(config)
     data_hash = data_fingerprint(files)
-    resume_from, previous = check_run_dir(run_dir, resume, force, resolved, data_hash)
+    _, previous = check_run_dir(run_dir, resume, force, resolved, data_hash)  # (its newest checkpoint: see stages.optimize)
     if previous is not None and not force:
         _check_same_machine_kind(run_dir, previous, precision, device_kind)
-    return RunStart(run_dir, resolved, files, data_hash, resume, resume_from, previous)
+    return RunStart(run_dir, resolved, files, data_hash, resume, previous)
 
 
 def _check_same_machine_kind(run_dir: Path, previous: dict, precision: str, device_kind: str) -> None:
@@ -79,9 +78,8 @@ def begin_run(start: RunStart, config: RunConfig, **fields: Any) -> dict[str, An
     """Write ``config.yaml`` and a ``running`` manifest; returns the manifest (kept up to date by the recipe)."""
     start.run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(start.run_dir / "config.yaml", yaml.safe_dump(start.resolved, sort_keys=False))
-    resumed_step = fields.pop("start_step", 0) if start.resume else None
-    fields.pop("start_step", None)
-    manifest = new_manifest(start.previous, resumed_step, config_hash=config_hash(start.resolved),
+    start_step = fields.pop("start_step", 0)
+    manifest = new_manifest(start.previous, start_step if start.resume else None, config_hash=config_hash(start.resolved),
                             data_hash=start.data_hash, data_files=start.data_files,
                             precision_setting=config.train.precision, recipe=config.recipe.name, **fields)
     write_manifest(start.run_dir, manifest)

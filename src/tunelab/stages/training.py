@@ -61,7 +61,8 @@ def prepare_training(config: RunConfig, env: Environment, base, tokenizer, added
     apply_kernels(base, config.train.kernels)
     tuned = apply_method(config, base, tokenizer, added_tokens, blocks)
     plan = step_plan(config, len(train_examples), on_gpu=env.accelerator.device.type == "cuda")
-    opt = prepare_optimization(config, tuned, env.accelerator, plan, env.start.resume_from, console, resuming=env.start.resume)
+    checkpoints = env.run_dir / "checkpoints" if env.start.resume else None
+    opt = prepare_optimization(config, tuned, env.accelerator, plan, checkpoints, console)
     return tuned, opt
 
 
