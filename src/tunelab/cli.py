@@ -6,7 +6,6 @@ User mistakes (``TunelabError``) print a clear message and exit with status 2, w
 from __future__ import annotations
 
 import sys
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.clikit import console, friendly as _friendly
 from tunelab.errors import TunelabError
 
 app = typer.Typer(help="Fine-tune language models and prove what they learned.", no_args_is_help=True, add_completion=False)
@@ -21,41 +21,6 @@ data_app = typer.Typer(help="Inspect and validate training data.", no_args_is_he
 models_app = typer.Typer(help="List and fetch embedded models.", invoke_without_command=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
-
-console = Console(stderr=True)
-
-
-def _quiet_libraries() -> None:
-    """Our progress bar and messages replace the libraries' per-file loading bars and deprecation chatter."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-
-
-def _friendly(fn):
-    """Turn user errors into a message and exit status 2; let bugs keep their traceback."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        _quiet_libraries()
-        try:
-            return fn(*args, **kwargs)
-        except TunelabError as err:
-            console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]; resume a training run with --resume")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML run configuration", exists=False)]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="overrides like train.lr=1e-4 method.r=8")]
@@ -188,32 +153,6 @@ def methods_command(
     Console().print(table)
 
 
-@app.command("merge")
-@_friendly
-def merge_command(
-    run: Annotated[Path, typer.Argument(help="a finished run directory of a mergeable method (lora, ia3, freeze, full)")],
-    out: Annotated[Path, typer.Option("--out", help="folder for the merged HF model (safetensors, tokenizer, README.md)")],
-    force: bool = typer.Option(False, "--force", help="write it even if the merged model does not reproduce the tuned one"),
-    prompts: int = typer.Option(8, min=1, help="held prompts the merge is verified on (the run's eval examples, else the probe)"),
-) -> None:
-    """Fold a run's trained update into its base: a plain HF model, verified against the tuned model before it is written.
-
-    The check compares merged and unmerged logits (max |Δ logit|) and greedy answers on held prompts; the
-    figures go to merge_report.json in the output. Methods that cannot be merged (prompt and prefix tuning,
-    Houlsby adapters, QLoRA's 4-bit base) are refused with the reason.
-    """
-    from tunelab.merging import merge_run
-
-    with console.status("merging and verifying ..."):
-        report = merge_run(run, out, force=force, prompts=prompts)
-    check = report["verification"]
-    agree = check["n_prompts"] - len(check["answers_differ"])
-    console.print(f"Merged {run} ({report['method']}) into [bold]{out}[/] in {report['seconds']:.0f} s: max |Δ logit| "
-                  f"{check['max_abs_logit_diff']:.2g} (tolerance {check['tolerance']:g}) and {agree} of {check['n_prompts']} "
-                  f"greedy answers equal on {check['prompts']}{'; FORCED past a failed check' if report['forced'] else ''}. "
-                  f"Report: {Path(out) / 'merge_report.json'}", soft_wrap=True)
-
-
 @app.command("recipes")
 @_friendly
 def recipes_command() -> None:
@@ -286,6 +225,22 @@ def demo(output_root: str = typer.Option("runs", help="where the demo's run dire
     from tunelab.demo import run_demo
 
     run_demo(output_root, console=console)
+
+
+def _register_commands() -> None:
+    """Commands that live beside what they drive; each module's ``register`` adds them (heavy imports stay lazy)."""
+    from tunelab.datagen.cli import register as datagen
+    from tunelab.export.cli import register as export
+    from tunelab.merging.cli import register as merging
+    from tunelab.serving.cli import register as serving
+
+    merging(app)
+    export(app)
+    serving(app)
+    datagen(data_app)
+
+
+_register_commands()
 
 
 def main() -> None:

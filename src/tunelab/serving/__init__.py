@@ -1,0 +1,1 @@
+"""``tunelab serve`` and ``tunelab chat``."""
