@@ -172,8 +172,11 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = "runs/latest"
+    init_from: str | None = Field(None, description="a finished run directory to start from: its adapter is trained on "
+                                  "(same method and options), or with init_from_merge its result is merged into the base first")
+    init_from_merge: bool = Field(False, description="merge init_from's result into the base and train a fresh method on top")
 
-    _output = field_validator("output_dir", mode="before")(lambda v: _expand_user(v))
+    _output = field_validator("output_dir", "init_from", mode="before")(lambda v: _expand_user(v))
 
     @field_validator("recipe", mode="before")
     @classmethod

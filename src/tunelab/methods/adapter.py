@@ -265,7 +265,7 @@ class HoulsbyAdapter(MethodDefaults):
         }
         (directory / CONFIG_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
-    def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
+    def load(self, base_model: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:
         """Apply the saved options to ``base_model`` and load the saved adapter weights (strictly)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -50,8 +50,9 @@ class TuningMethod(Protocol):
         """Write the trained artifact (safetensors) to ``directory``."""
         ...
 
-    def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
-        """Attach a saved artifact to a freshly loaded base model."""
+    def load(self, base_model: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:
+        """Attach a saved artifact to a freshly loaded base model; with ``trainable`` its parameters train on
+        (``init_from``), exactly those ``apply`` would have made trainable."""
         ...
 
     def merge(self, model: nn.Module) -> nn.Module:
@@ -63,6 +64,11 @@ class TuningMethod(Protocol):
 
     def disabled(self, model: nn.Module) -> AbstractContextManager:
         """Context in which ``model`` computes exactly what the base model did (``detachable`` methods)."""
+        ...
+
+    def starts_at_base(self, options: BaseModel) -> bool:
+        """Whether the freshly applied method computes what the base does, and ``disabled`` gives that back
+        unchanged: then the untrained base can serve as a reference model without a second copy."""
         ...
 
 

@@ -48,6 +48,9 @@ class MethodDefaults:
     def disabled(self, model: nn.Module) -> AbstractContextManager:
         raise TunelabError(f"method {self.name} changes the base weights in place; there is no base model to fall back to")
 
+    def starts_at_base(self, options: BaseModel) -> bool:
+        return self.detachable
+
 
 class PeftMethod(MethodDefaults, ABC):
     """A method implemented by a peft config; the artifact is a standard PEFT adapter directory."""
@@ -70,11 +73,11 @@ class PeftMethod(MethodDefaults, ABC):
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=_embedding_layers_to_save(model))
 
-    def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
+    def load(self, base_model: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:
         with without_bitsandbytes(base_model):
             from peft import PeftModel
 
-            return PeftModel.from_pretrained(base_model, directory)
+            return PeftModel.from_pretrained(base_model, directory, is_trainable=trainable)
 
     def merge(self, model: nn.Module) -> nn.Module:
         if not self.mergeable:

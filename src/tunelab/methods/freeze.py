@@ -105,7 +105,7 @@ class FreezeTuning(MethodDefaults):
         (directory / CONFIG_FILE).write_text(json.dumps(
             {"method": self.name, "options": options.model_dump(), "base_model": model.config._name_or_path}, indent=2) + "\n")
 
-    def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
+    def load(self, base_model: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:
         try:
             options = FreezeOptions(**json.loads((directory / CONFIG_FILE).read_text())["options"])
             tensors = load_file(str(directory / WEIGHTS_FILE))

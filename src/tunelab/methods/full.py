@@ -39,7 +39,7 @@ class FullFineTuning(MethodDefaults):
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)
 
-    def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
+    def load(self, base_model: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(directory, dtype=base_model.dtype)

@@ -120,6 +120,9 @@ class LoRA(PeftMethod):
             model._tunelab_pissa_initial = initial  # removed with the model
         return model
 
+    def starts_at_base(self, options: LoraOptions) -> bool:
+        return options.init != "pissa"  # PiSSA moves the principal components out of the base weights
+
     def save(self, model: nn.Module, directory: Path) -> None:
         initial = getattr(model, "_tunelab_pissa_initial", None)
         if initial is None:

@@ -18,6 +18,7 @@ from tunelab.config.load import method_options
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import TuningMethod, get_method, trainable_parameters
+from tunelab.stages.lineage import read_parent, start_from_parent
 from tunelab.stages.setup import load_base_model
 from tunelab.training.recompute import EVERY_BLOCK, enable_checkpointing, limit_checkpointing
 
@@ -76,11 +77,18 @@ def checkpointed_blocks(config: RunConfig, train_examples: list, console: Consol
 
 
 def load_base(config: RunConfig, model_path: str, tokenizer, added_tokens: list[str], device) -> nn.Module:
-    """The untuned model on ``device``, loaded as the method needs (quantized for QLoRA), with embeddings
-    resized for tokens a chat-template fallback added."""
+    """The model training starts from, on ``device``: the base loaded as the method needs (quantized for QLoRA),
+    with embeddings resized for tokens a chat-template fallback added; with ``init_from``, the parent run's
+    artifact on it (trainable) or merged into it (``stages.lineage``)."""
     torch.manual_seed(config.train.seed)
     extra = get_method(config.method.name).base_load_kwargs(method_options(config))
-    return load_base_model(config, model_path, tokenizer, added_tokens, device, **extra)
+    base = load_base_model(config, model_path, tokenizer, added_tokens, device, **extra)
+    return start_from_parent(read_parent(config), base)
+
+
+def continues_parent(config: RunConfig) -> bool:
+    """The run trains its ``init_from`` parent's artifact on (rather than a freshly applied method)."""
+    return config.init_from is not None and not config.init_from_merge
 
 
 def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: list[str], checkpointed: int = 0) -> TunedModel:
@@ -95,7 +103,8 @@ def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: l
         # model's own): train their rows so the model can read <|im_start|> and learn to emit <|im_end|>.
         options = options.model_copy(update={"trainable_token_indices": tokenizer.convert_tokens_to_ids(added_tokens)})
     try:
-        model = method.apply(model, options)
+        if not continues_parent(config):  # (a continued parent's artifact was loaded trainable by load_base)
+            model = method.apply(model, options)
     except ValueError as exc:  # e.g. peft: target modules not found in the model
         raise TunelabError(f"method {config.method.name}: {exc}") from None
     checkpointed = limit_checkpointing(model, checkpointed)

@@ -20,6 +20,7 @@ from tunelab.config.schema import RunConfig
 from tunelab.data import data_fingerprint
 from tunelab.data.templates import template_file
 from tunelab.errors import TunelabError
+from tunelab.stages.lineage import parent_inputs, read_parent
 from tunelab.training.manifest import write_manifest
 from tunelab.training.rundir import check_run_dir, dir_size_mb, finish_manifest, new_manifest
 
@@ -48,7 +49,7 @@ def check_start(config: RunConfig, *, resume: bool, force: bool, precision: str,
                 data_files: list[str] | None = None) -> RunStart:
     """Refuse to clobber a run, or to resume one whose config, data, precision or device kind changed (unless ``force``)."""
     run_dir = Path(config.output_dir)
-    files = data_files if data_files is not None else hashed_inputs(config)
+    files = (data_files if data_files is not None else hashed_inputs(config)) + parent_inputs(read_parent(config))
     resolved = resolved_dict(config)
     data_hash = data_fingerprint(files)
     _, previous = check_run_dir(run_dir, resume, force, resolved, data_hash)  # (its newest checkpoint: see stages.optimize)

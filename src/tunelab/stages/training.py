@@ -23,6 +23,7 @@ from rich.console import Console
 from tunelab.config.schema import RunConfig
 from tunelab.methods import count_parameters
 from tunelab.stages.evaluation import check_eval_settings
+from tunelab.stages.lineage import read_parent
 from tunelab.stages.model import TunedModel, apply_method, checkpointed_blocks
 from tunelab.stages.optimize import Optimization, prepare_optimization, step_plan
 from tunelab.stages.run import RunStart, begin_run, check_start, save_artifact, train_or_fail
@@ -82,7 +83,8 @@ def begin_training_run(config: RunConfig, env: Environment, tuned: TunedModel, o
     return begin_run(env.start, config, start_step=opt.start_step, model={"spec": config.model.path, "resolved": model_path},
                      method=config.method.name, precision=precision_name(env.accelerator), device=str(env.accelerator.device),
                      device_kind=env.accelerator.device.type, trainable_parameters=n_trainable, total_parameters=n_total,
-                     artifact=tuned.method.artifact, checkpointed_blocks=tuned.checkpointed_blocks)
+                     artifact=tuned.method.artifact, checkpointed_blocks=tuned.checkpointed_blocks,
+                     **({"parent": parent.record()} if (parent := read_parent(config)) else {}))
 
 
 @dataclass(frozen=True)
