@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tunelab.errors import TunelabError
 from tunelab.recipes import sft
-from tunelab.training import token_loop
+from tunelab.training import hooks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -268,7 +268,7 @@ def test_max_seconds_stops_training_and_anneals_the_schedule_on_time(make_config
     """Every optimizer step 'takes' 10 s: a 25 s budget ends a 12-step run after step 3, the learning
     rate follows the time spent rather than the steps, and a resume has nothing left to do."""
     ticks = iter(range(0, 10_000, 10))  # the loop reads the clock before and after each step: 10 s per step
-    monkeypatch.setattr(token_loop, "_clock", lambda: next(ticks))
+    monkeypatch.setattr(hooks, "clock", lambda: next(ticks))
     cfg = make_config("train.max_steps=12", "train.max_seconds=25", "train.warmup_ratio=0", "train.schedule=linear", output="t")
     result = sft.main(cfg)
     assert result.steps == 3

@@ -29,13 +29,18 @@ def inspect_report(stats: TokenizeStats, rendered: list[tuple[str, bool]], conso
         console: Where to print.
         title: Heading, e.g. the data files' names.
     """
-    plain = console.no_color or console.color_system is None
     console.print(_summary_table(stats, title))
     if stats.tokens_by_role:
         console.print(_role_table(stats))
+    print_rendered(rendered, console)
+
+
+def print_rendered(rendered: list[tuple[str, bool]], console: Console, title: str = "example (as the model sees it)") -> None:
+    """One rendered sequence in a panel, its trained tokens highlighted (or bracketed without colour)."""
     if rendered:
+        plain = console.no_color or console.color_system is None
         body = Group(_legend(plain), Text(""), _highlight(rendered, plain))
-        console.print(Panel(body, title="example (as the model sees it)", title_align="left"))
+        console.print(Panel(body, title=title, title_align="left"))
 
 
 def _share(part: int, whole: int) -> str:

@@ -2,8 +2,9 @@
 
 1. :func:`check_environment` — precision and device resolved, the run directory checked (or the resume
    checked against what the run started with), evaluation and kernel settings validated;
-2. :func:`prepare_training` — kernels, gradient checkpointing, the method applied, the step plan, the
-   optimizer and the restored checkpoint;
+2. :func:`prepare_training` — :func:`make_trainable` (kernels, gradient checkpointing, the method applied)
+   then :func:`optimize` (the step plan, the optimizer and the restored checkpoint); a recipe that needs the
+   start weights (a reference model's log-probabilities) calls the two itself;
 3. :func:`begin_training_run` — one summary line, ``config.yaml`` and a ``running`` manifest;
 4. :func:`train_and_save` — the recipe's own loop, costs (time, tokens/s, peak memory), the artifact.
 
@@ -58,13 +59,23 @@ def check_environment(config: RunConfig, *, resume: bool, force: bool, data_file
 def prepare_training(config: RunConfig, env: Environment, base, tokenizer, added_tokens: list[str], train_examples: list,
                      console: Console) -> tuple[TunedModel, Optimization]:
     """The untuned ``base`` made trainable the method's way, and the optimisation state over ``train_examples``."""
+    tuned = make_trainable(config, env, base, tokenizer, added_tokens, train_examples, console)
+    return tuned, optimize(config, env, tuned, len(train_examples), console)
+
+
+def make_trainable(config: RunConfig, env: Environment, base, tokenizer, added_tokens: list[str], train_examples: list,
+                   console: Console) -> TunedModel:
+    """Kernels, gradient checkpointing (planned over ``train_examples``) and the method applied to ``base``."""
     blocks = checkpointed_blocks(config, train_examples, console)
     apply_kernels(base, config.train.kernels)
-    tuned = apply_method(config, base, tokenizer, added_tokens, blocks)
-    plan = step_plan(config, len(train_examples), on_gpu=env.accelerator.device.type == "cuda")
+    return apply_method(config, base, tokenizer, added_tokens, blocks)
+
+
+def optimize(config: RunConfig, env: Environment, tuned: TunedModel, n_examples: int, console: Console) -> Optimization:
+    """The step plan over ``n_examples``, the optimizer, and (on resume) the newest readable checkpoint restored."""
+    plan = step_plan(config, n_examples, on_gpu=env.accelerator.device.type == "cuda")
     checkpoints = env.run_dir / "checkpoints" if env.start.resume else None
-    opt = prepare_optimization(config, tuned, env.accelerator, plan, checkpoints, console)
-    return tuned, opt
+    return prepare_optimization(config, tuned, env.accelerator, plan, checkpoints, console)
 
 
 def already_finished(env: Environment, opt: Optimization) -> bool:

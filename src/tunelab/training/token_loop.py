@@ -10,21 +10,18 @@ checkpoints), summed over resumes.
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
 from tunelab.data import TokenizedExample
+from tunelab.training import hooks
 from tunelab.training.loss import summed_loss_of_batch, to_device, trained_token_count
 from tunelab.training.optim import optimizer_step, set_lr
 from tunelab.training.reporter import StepReporter
 from tunelab.training.validation import validation_loss
 
-_clock = time.monotonic  # times optimizer steps for max_seconds (a test replaces it)
 
 
 def run_token_loss(opt, train: list[TokenizedExample], evals: list[TokenizedExample], *, pad_id: int,
@@ -40,13 +37,13 @@ def run_token_loss(opt, train: list[TokenizedExample], evals: list[TokenizedExam
     opt.model.train()
     with StepReporter(run_dir, plan, opt.start_step, console) as reporter:
         for step in range(opt.start_step, plan.total):
-            started = _clock()
+            started = hooks.clock()
             micro_ids = plan.micro_batches(step)
             micro = [make_batch([train[i] for i in ids], pad_id) for ids in micro_ids]
             set_lr(opt.optimizer, lr := plan.lr(step, seconds))
             outcome = optimizer_step(opt.model, opt.optimizer, opt.params.values(), micro, loss_fn, accelerator=opt.accelerator,
                                      count=sum(trained_token_count(b["labels"]) for b in micro), max_grad_norm=max_grad_norm)
-            seconds += _clock() - started
+            seconds += hooks.clock() - started
             done = step + 1
             last = plan.is_last(done, seconds)
             reporter.step(done, outcome, lr=lr, last=last, input_tokens=sum(len(train[i].input_ids) for ids in micro_ids for i in ids))
@@ -56,13 +53,8 @@ def run_token_loss(opt, train: list[TokenizedExample], evals: list[TokenizedExam
             if plan.save_due(done, last):
                 reporter.require_finite(outcome, done)  # never checkpoint a diverged model
                 save_state(opt, run_dir, done, seconds, keep_last)
-            _crash_for_tests(done)
+            hooks.crash_for_tests(done)
             if last:
                 break
     return reporter
 
-
-def _crash_for_tests(step: int) -> None:
-    """``TUNELAB_TEST_SIGKILL_AT_STEP=N`` kills the process with SIGKILL after step N (resume tests)."""
-    if os.environ.get("TUNELAB_TEST_SIGKILL_AT_STEP") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
