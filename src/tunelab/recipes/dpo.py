@@ -32,7 +32,7 @@ from tunelab.stages.run import finish_run, hashed_inputs
 from tunelab.stages.setup import Examples, load_prepared_tokenizer
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, make_trainable, nothing_to_do,
                                      optimize, result_of, train_and_save)
-from tunelab.training.pair_loop import pair_metrics, run_pair_loss
+from tunelab.training.pair_loop import pair_metrics, pair_objective, run_pair_loss
 from tunelab.training.preference import PreferenceOptions, get_preference_loss, preference_loss_names
 
 _LOSS_KNOBS = {"beta": "beta", "label_smoothing": "label_smoothing", "gamma": "gamma", "orpo_lambda": "lambda_"}
@@ -103,8 +103,8 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     # 3. Train on the pairs, then save the artifact.
     t = config.train
     trained = train_and_save(config, env, opt, tuned, tokenizer, manifest, lambda: run_pair_loss(
-        opt, data.train, data.eval, references=references, spec=spec, options=loss_options, pad_id=tokenizer.pad_token_id,
-        run_dir=env.run_dir, console=console, eval_batch_size=t.batch_size, keep_last=t.keep_last,
+        opt, data.train, loss_fn=pair_objective(references[0], spec, loss_options), held_out=metrics,
+        pad_id=tokenizer.pad_token_id, run_dir=env.run_dir, console=console, keep_last=t.keep_last,
         max_grad_norm=t.max_grad_norm, save_state=save_state), console)
 
     # 4. Pair metrics, task score and probe: the start model against the tuned one.

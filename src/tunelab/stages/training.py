@@ -136,9 +136,11 @@ class Trained:
 
 
 def train_and_save(config: RunConfig, env: Environment, opt: Optimization, tuned: TunedModel, tokenizer,
-                   manifest: dict[str, Any], loop: Callable[[], StepReporter], console: Console) -> Trained:
+                   manifest: dict[str, Any], loop: Callable[[], StepReporter], console: Console,
+                   save_extra: Callable[[Path], None] | None = None) -> Trained:
     """Run ``loop()`` (a diverged run is marked failed and leaves no artifact), then save the artifact atomically
-    with the tokenizer and its chat template; costs go to the manifest when the recipe finishes the run."""
+    with the tokenizer and its chat template (and whatever ``save_extra(folder)`` adds, e.g. a reward head);
+    costs go to the manifest when the recipe finishes the run."""
     reset_peak_memory()
     started = time.time()
     reporter = train_or_fail(env.run_dir, manifest, loop)
@@ -149,8 +151,12 @@ def train_and_save(config: RunConfig, env: Environment, opt: Optimization, tuned
         costs["stopped_by"] = "max_seconds"
         console.print(f"train.max_seconds={config.train.max_seconds:g} reached after {reporter.done} of {opt.plan.total} steps.")
     model = env.accelerator.unwrap_model(opt.model)
-    artifact_dir, costs["artifact_mb"] = save_artifact(env.run_dir, tuned.method.artifact,
-                                                       lambda tmp: tuned.method.save(model, tmp), tokenizer)
+    def save(tmp: Path) -> None:
+        tuned.method.save(model, tmp)
+        if save_extra is not None:
+            save_extra(tmp)
+
+    artifact_dir, costs["artifact_mb"] = save_artifact(env.run_dir, tuned.method.artifact, save, tokenizer)
     n_trainable, n_total = manifest["trainable_parameters"], manifest["total_parameters"]
     console.print(f"Saved {tuned.method.artifact} to [bold]{artifact_dir}[/] ({costs['artifact_mb']:.1f} MB); "
                   f"trainable parameters {n_trainable:,} ({100 * n_trainable / n_total:.3f}% of {n_total:,}).", soft_wrap=True)

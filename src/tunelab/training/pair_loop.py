@@ -135,13 +135,13 @@ def pair_metrics(model, pairs: list[TokenizedPair], reference: Reference, spec: 
     return {f"eval_{key.replace('rewards/', '')}": value / max(len(pairs), 1) for key, value in sums.items()}
 
 
-def run_pair_loss(opt, train: list[TokenizedPair], evals: list[TokenizedPair], *, references: tuple[Reference, Reference],
-                  spec: PreferenceLossSpec, options: PreferenceOptions, pad_id: int, run_dir: Path, console: Console,
-                  eval_batch_size: int, keep_last: int, max_grad_norm: float | None, save_state: Callable) -> StepReporter:
-    """Train ``opt`` (a ``stages.optimize.Optimization``) on ``train`` pairs from its start step; ``references``
-    is (train, eval) reference. Returns the reporter, as ``token_loop.run_token_loss`` does."""
+def run_pair_loss(opt, train: list[TokenizedPair], *, loss_fn: Callable, held_out: Callable[[torch.nn.Module], dict | None],
+                  pad_id: int, run_dir: Path, console: Console, keep_last: int, max_grad_norm: float | None,
+                  save_state: Callable) -> StepReporter:
+    """Train ``opt`` (a ``stages.optimize.Optimization``) on ``train`` pairs from its start step with ``loss_fn``
+    (:func:`pair_objective`, or a reward model's); ``held_out(model)`` gives the held-out metrics (None: no
+    pairs held out). Returns the reporter, as ``token_loop.run_token_loss`` does."""
     plan, device, seconds = opt.plan, opt.accelerator.device, opt.seconds_spent
-    loss_fn = pair_objective(references[0], spec, options)
     opt.model.train()
     with StepReporter(run_dir, plan, opt.start_step, console) as reporter:
         for step in range(opt.start_step, plan.total):
@@ -156,9 +156,8 @@ def run_pair_loss(opt, train: list[TokenizedPair], evals: list[TokenizedPair], *
             last = plan.is_last(done, seconds)
             tokens = sum(len(train[i].chosen.input_ids) + len(train[i].rejected.input_ids) for ids in micro_ids for i in ids)
             reporter.step(done, outcome, lr=lr, last=last, input_tokens=tokens)
-            if evals and plan.eval_due(done, last):
-                reporter.evaluation(done, pair_metrics(opt.model, evals, references[1], spec, options, batch_size=eval_batch_size,
-                                                       pad_id=pad_id, device=device, autocast=opt.accelerator.autocast))
+            if plan.eval_due(done, last) and (metrics := held_out(opt.model)) is not None:
+                reporter.evaluation(done, metrics)
             if plan.save_due(done, last):
                 reporter.require_finite(outcome, done)
                 save_state(opt, run_dir, done, seconds, keep_last)
