@@ -26,13 +26,15 @@ from tunelab.training.validation import validation_loss
 
 def run_token_loss(opt, train: list[TokenizedExample], evals: list[TokenizedExample], *, pad_id: int,
                    make_batch: Callable, run_dir: Path, console: Console, eval_batch_size: int, keep_last: int,
-                   max_grad_norm: float | None, save_state: Callable) -> StepReporter:
+                   max_grad_norm: float | None, save_state: Callable, token_loss: Callable | None = None) -> StepReporter:
     """Train ``opt`` (a ``stages.optimize.Optimization``) on ``train`` from its start step; returns the reporter
-    (last loss, last validation metrics, tokens and steps done)."""
+    (last loss, last validation metrics, tokens and steps done). ``token_loss(model, batch)`` is the loss summed
+    over a batch's trained tokens (default: the cross-entropy; distillation passes its divergence)."""
     plan, device, seconds = opt.plan, opt.accelerator.device, opt.seconds_spent
+    summed = token_loss or summed_loss_of_batch
 
     def loss_fn(model, batch):
-        return summed_loss_of_batch(model, to_device(batch, device)), 0, {}
+        return summed(model, to_device(batch, device)), 0, {}
 
     opt.model.train()
     with StepReporter(run_dir, plan, opt.start_step, console) as reporter:
