@@ -3,7 +3,7 @@ and on every catalog GPU, and suggests changes when it does not fit."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from tunelab.config.schema import RunConfig
@@ -12,6 +12,7 @@ from tunelab.planning.data import DataProfile, count_examples
 from tunelab.planning.devices import CPU_MFU, GPU_MFU, GPUS, Device, GiB, resolve_device
 from tunelab.planning.memory import MemoryEstimate, PlannedBatch, MemoryEnv, estimate_memory
 from tunelab.planning.method import PlannedMethod, planned_method
+from tunelab.planning.recipes import rows_per_example, teacher_bytes
 from tunelab.planning.shape import ModelShape, load_shape
 from tunelab.planning.timing import TimeEstimate, flops_per_token
 from tunelab.training.schedule import total_steps
@@ -39,6 +40,7 @@ class Plan:
     time_by_gpu: dict[str, float | None]
     suggestions: list[str]
     assumptions: list[str]
+    recipe_note: str | None = None  # what the recipe adds (both sides of pairs, a teacher)
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,8 @@ def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Kno
     else:
         rows, seq = (1, train.batch_size * t) if train.packing else (train.batch_size, t)
         logit_rows = train.batch_size * (t - 1) * (1.0 if m.full_logits else knobs.completion_fraction)
-    batch = PlannedBatch(rows, seq, logit_rows, knobs.padded or train.packing or m.prefix > 0)
+    per = rows_per_example(config)  # a pair recipe's micro-batch holds both sides of every pair
+    batch = PlannedBatch(rows * per, seq, logit_rows * per, knobs.padded or train.packing or m.prefix > 0)
     mixed = precision in ("bf16", "fp16")
     base = 4 if m.quant_bits else w
     liger = knobs.kernels == "liger" or config.train.kernels == "liger"
@@ -127,6 +130,9 @@ def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Kno
         blocks = _resolve_blocks(config, shape, device, knobs)
     memory = estimate_memory(shape, m, env, batch, checkpointing=blocks,
                               grad_accum=train.grad_accum, held_logits=knobs.held_logits)
+    teacher, _ = teacher_bytes(config, w, batch.logit_rows)
+    if teacher:  # resident through every phase of the step
+        memory = replace(memory, weights=memory.weights + teacher, phases={k: v + teacher for k, v in memory.phases.items()})
     return memory, m, batch
 
 
@@ -175,6 +181,7 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
     )
     if not fits or result.tight:
         result.suggestions = _suggest(config, shape, device, knobs)
+    result.recipe_note = _recipe_note(config, w=torch_dtype(config.model.dtype).itemsize, logit_rows=batch.logit_rows)
     result.assumptions = _assumptions(result, knobs, m)
     return result
 
@@ -202,6 +209,8 @@ def _estimate_time(config: RunConfig, shape: ModelShape, m: PlannedMethod, devic
         total = tokens * train.epochs if tokens else None
     if total and m.virtual_tokens:  # every row also runs the soft prompt
         total *= (row + m.virtual_tokens) / row
+    if total:  # a pair recipe runs both sides of every example
+        total *= rows_per_example(config)
     completion = d.trained_tokens / max(d.tokens, 1) if d else knobs.completion_fraction
     if blocks is None:
         blocks = _resolve_blocks(config, shape, device, knobs)
@@ -267,6 +276,16 @@ def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs
     return out
 
 
+def _recipe_note(config: RunConfig, *, w: int, logit_rows: float) -> str | None:
+    teacher_note = teacher_bytes(config, w, logit_rows)[1]
+    if teacher_note:
+        return teacher_note
+    if rows_per_example(config) > 1:
+        return (f"recipe {config.recipe.name}: both sides of each pair in one forward ({rows_per_example(config)} rows per "
+                "example); the reference model costs no weights (method switched off, or precomputed log-probabilities)")
+    return None
+
+
 def _assumptions(p: Plan, knobs: _Knobs, m: PlannedMethod) -> list[str]:
     gpu = p.device.kind == "gpu"
     overhead = "CUDA context + allocator slack" if gpu else "the Python process; glibc may hold more"
@@ -282,6 +301,8 @@ def _assumptions(p: Plan, knobs: _Knobs, m: PlannedMethod) -> list[str]:
         notes.append(f"model type {p.shape.model_type!r} approximated by a llama-style block")
     if m.quant_bits:
         notes.append("quantised base: bitsandbytes layout (NF4 blocks of 64, double-quantised scales)")
+    if p.recipe_note:
+        notes.append(p.recipe_note)
     if p.time.seconds is not None:
         peak = (p.time.peak_flops or 0) / 1e12
         source = "measured matmul peak of the 2-core dev machine" if not gpu else "dense peak"
