@@ -141,3 +141,16 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_llama, pairs, preco
     b = load_file(tmp_path / "killed/adapter/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _final_losses(tmp_path / "straight") == _final_losses(tmp_path / "killed")
+
+
+def test_data_inspect_shows_both_sides_of_a_pair(tmp_path, tiny_llama, pairs):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    config = tmp_path / "dpo.yaml"
+    config.write_text(f"recipe: dpo\nmodel: {tiny_llama}\ndata: {{train: {pairs['train']}}}\n")
+    result = CliRunner().invoke(app, ["data", "inspect", str(config), "--example", "2"])
+    assert result.exit_code == 0, result.output
+    assert "chosen (" in result.output and "rejected (" in result.output and "thanks" in result.output
+    assert "15 pairs (1 held out)" in result.output
