@@ -17,7 +17,7 @@ from tunelab.clikit import console, friendly as _friendly
 from tunelab.errors import TunelabError
 
 app = typer.Typer(help="Fine-tune language models and prove what they learned.", no_args_is_help=True, add_completion=False)
-data_app = typer.Typer(help="Inspect and validate training data.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect, validate and generate training data.", no_args_is_help=True)
 models_app = typer.Typer(help="List and fetch embedded models.", invoke_without_command=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
