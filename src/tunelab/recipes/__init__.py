@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from tunelab.stages.training import TrainResult
 
-_MODULES = ("sft", "pretrain", "dpo", "reward", "distill")  # importing a recipe module registers it
+_MODULES = ("sft", "pretrain", "dpo", "reward", "distill", "grpo")  # importing a recipe module registers it
 __all__ = ["Recipe", "TrainResult", "get_recipe", "recipe_names", "register_recipe"]
 
 

@@ -1,6 +1,7 @@
-"""What every training loop shares for tests: the clock that times optimizer steps, and a deliberate crash.
+"""What every training loop shares: the clock that times optimizer steps, the end of a step, a deliberate crash.
 
 ``clock`` times optimizer steps for ``train.max_seconds`` (a test replaces ``hooks.clock``);
+:func:`finish_step` checkpoints when the plan says so (never a diverged model);
 ``TUNELAB_TEST_SIGKILL_AT_STEP=N`` kills the process with SIGKILL after step N (the resume tests).
 """
 
@@ -16,3 +17,12 @@ clock = time.monotonic
 def crash_for_tests(step: int) -> None:
     if os.environ.get("TUNELAB_TEST_SIGKILL_AT_STEP") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def finish_step(opt, reporter, outcome, done: int, last: bool, seconds: float, *, run_dir, keep_last: int, save_state) -> bool:
+    """After optimizer step ``done``: checkpoint if due (after checking the loss is finite); True when the loop ends."""
+    if opt.plan.save_due(done, last):
+        reporter.require_finite(outcome, done)
+        save_state(opt, run_dir, done, seconds, keep_last)
+    crash_for_tests(done)
+    return last

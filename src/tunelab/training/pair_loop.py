@@ -158,11 +158,8 @@ def run_pair_loss(opt, train: list[TokenizedPair], *, loss_fn: Callable, held_ou
             reporter.step(done, outcome, lr=lr, last=last, input_tokens=tokens)
             if plan.eval_due(done, last) and (metrics := held_out(opt.model)) is not None:
                 reporter.evaluation(done, metrics)
-            if plan.save_due(done, last):
-                reporter.require_finite(outcome, done)
-                save_state(opt, run_dir, done, seconds, keep_last)
-            hooks.crash_for_tests(done)
-            if last:
+            if hooks.finish_step(opt, reporter, outcome, done, last, seconds, run_dir=run_dir, keep_last=keep_last,
+                                 save_state=save_state):
                 break
     return reporter
 

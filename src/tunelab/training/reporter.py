@@ -3,7 +3,7 @@
 A recipe calls :meth:`StepReporter.step` after each optimizer step; only on logged steps is anything read
 back from the device (the loss, the gradient norm, the recipe's extra stats such as rewards, margins or
 KL), so un-logged GPU steps never wait for the host. Extra stats are logged as their mean per unit of
-loss (``stats[k] / count``) unless the recipe passes them already reduced.
+loss (``stats[k] / count``); what a recipe reduced itself goes in ``reduced`` and is logged as it is.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ class StepReporter:
         self.progress.__exit__(*exc)
         self.log.close()
 
-    def step(self, done: int, outcome: StepOutcome, *, lr: float, input_tokens: int, last: bool) -> None:
-        """Count the step's tokens; on a logged step write its record and update the bar."""
+    def step(self, done: int, outcome: StepOutcome, *, lr: float, input_tokens: int, last: bool,
+             reduced: dict[str, float] | None = None) -> None:
+        """Count the step's tokens; on a logged step write its record and update the bar. ``reduced`` are
+        stats the recipe already reduced (e.g. GRPO's reward means), logged as they are."""
         self.done = done
         self._tokens_window += input_tokens
         self.tokens_total += input_tokens
@@ -58,6 +60,7 @@ class StepReporter:
         if outcome.grad_norm is not None:
             record["grad_norm"] = float(outcome.grad_norm)
         record.update({key: float(value) / max(outcome.count, 1) for key, value in outcome.stats.items()})
+        record.update({key: float(value) for key, value in (reduced or {}).items()})
         self.log.log(record)
         self.progress.update(self._task, completed=done, loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
         total = self.plan.total

@@ -52,11 +52,8 @@ def run_token_loss(opt, train: list[TokenizedExample], evals: list[TokenizedExam
             if evals and plan.eval_due(done, last):
                 reporter.evaluation(done, validation_loss(opt.model, evals, batch_size=eval_batch_size, pad_id=pad_id,
                                                           device=device, autocast=opt.accelerator.autocast))
-            if plan.save_due(done, last):
-                reporter.require_finite(outcome, done)  # never checkpoint a diverged model
-                save_state(opt, run_dir, done, seconds, keep_last)
-            hooks.crash_for_tests(done)
-            if last:
+            if hooks.finish_step(opt, reporter, outcome, done, last, seconds, run_dir=run_dir, keep_last=keep_last,
+                                 save_state=save_state):
                 break
     return reporter
 

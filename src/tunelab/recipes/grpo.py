@@ -1,0 +1,130 @@
+"""GRPO recipe (``recipe: grpo``): reinforcement learning from reward functions, no labelled answers needed.
+
+Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath): for each prompt the policy samples
+``num_generations`` completions, their rewards are normalised within the group (the advantage), and the
+clipped policy-ratio objective of PPO raises the likelihood of the better ones. Loss aggregation
+``dapo`` (default; Yu et al. 2025: token-level over the batch, ``epsilon_high`` for the clip-higher
+trick), ``dr_grpo`` (Liu et al. 2025: a constant normaliser) or ``grpo`` (per-sequence means). ``beta``
+> 0 adds a KL term to the reference, the policy with its method switched off (default 0, as TRL).
+
+Data: ``data.train`` prompt records (``tunelab.data.prompts``: instruction data's final answer becomes the
+field ``reference``); ``data.eval`` instruction examples scored with ``eval.metric`` before and after, with
+the forgetting probe, as every recipe. Rewards: ``recipe.rewards: [{fn, weight, ...options}]``, each
+checked on a dry sample before training (``tunelab.rewards.functions``). ``init_from`` an SFT run is the
+normal start.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+
+from tunelab.config.load import recipe_options
+from tunelab.config.schema import RunConfig
+from tunelab.data import load_examples
+from tunelab.data.prompts import load_prompts
+from tunelab.errors import TunelabError
+from tunelab.evaluation.run import LoadedModel
+from tunelab.evaluation.summary import eval_summary
+from tunelab.recipes import Recipe, TrainResult, register_recipe
+from tunelab.rewards.functions import RewardSet
+from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
+from tunelab.stages.model import check_method_fits, continues_parent, load_base
+from tunelab.stages.optimize import save_state
+from tunelab.stages.run import finish_run
+from tunelab.stages.setup import Examples, load_prepared_tokenizer
+from tunelab.stages.training import (already_finished, begin_training_run, check_environment, make_trainable, nothing_to_do,
+                                     optimize, result_of, train_and_save)
+from tunelab.training.grpo_loop import GrpoSettings, run_grpo
+
+
+class GrpoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rewards: list[dict[str, Any]] = Field(default_factory=list, description="reward functions: [{fn: NAME or "
+                                          "'package.module:function', weight: 1.0, ...options}]")
+    num_generations: int = Field(4, ge=2, description="completions sampled per prompt (the group)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    max_completion_length: int = Field(64, gt=0, description="tokens sampled per completion at most")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="divide advantages by the group's or "
+                                                             "the batch's reward std, or not (Dr. GRPO)")
+    loss_type: Literal["dapo", "dr_grpo", "grpo"] = Field("dapo", description="how token losses are aggregated")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip (DAPO's clip-higher, e.g. 0.28); default epsilon")
+    num_iterations: int = Field(1, ge=1, description="optimizer steps per batch of samples")
+    beta: float = Field(0.0, ge=0, description="weight of the KL to the reference (the method switched off); 0 = none")
+    generation_batch_size: int = Field(32, gt=0, description="rows per generate call")
+    samples_every: int = Field(5, ge=0, description="write sample completions with rewards to samples.jsonl every N steps")
+
+
+def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
+    """Train by GRPO as configured."""
+    console = console or Console(stderr=True)
+    options: GrpoOptions = recipe_options(config)
+    if not options.rewards:
+        raise TunelabError("recipe.rewards is empty: give at least one reward function, e.g. rewards: [{fn: sql_exec, db: shop.sqlite}]")
+    # 1. Validate the prompts, the task examples, the reward functions, the run directory and the method.
+    prompts = load_prompts(config.data.train_files(), system_prompt=config.data.system_prompt)
+    task = Examples([], load_examples(config.data.eval_files(), system_prompt=config.data.system_prompt) if config.data.eval_files() else [])
+    rewards = RewardSet(options.rewards)
+    rewards.dry_run(["a dry-run completion"] * 2, [list(p.messages) for p in prompts[:2]], [p.fields for p in prompts[:2]])
+    env = check_environment(config, resume=resume, force=force)
+    model_path, tokenizer, added = load_prepared_tokenizer(config)
+    check_method_fits(config, added)
+    if options.beta > 0 and continues_parent(config):
+        raise TunelabError("recipe.beta > 0 needs the reference to be the start model with the method switched off; with "
+                           "init_from continuing an adapter that is the base instead. Set init_from_merge: true, or beta: 0")
+
+    # 2. The start model's task score and probe; the method and optimizer.
+    start = load_base(config, model_path, tokenizer, added, env.accelerator.device)
+    before = evaluate_before(config, LoadedModel(start, tokenizer, "untuned"), task, env.run_dir, console)
+    tuned = make_trainable(config, env, start, tokenizer, added, _planned_rows(prompts, tokenizer, options), console)
+    opt = optimize(config, env, tuned, len(prompts), console)
+    if already_finished(env, opt):
+        return nothing_to_do(env, tuned.method.artifact, opt.start_step, console)
+    what = (f"{len(prompts)} prompts x {options.num_generations} samples, rewards {', '.join(rewards.names)}, "
+            f"loss {options.loss_type}")
+    manifest = begin_training_run(config, env, tuned, opt, model_path, console, what)
+    save_before(env.run_dir, before)
+
+    # 3. Sample, score, update; then save the artifact.
+    t = config.train
+    disabled = (lambda model: tuned.method.disabled(model)) if options.beta > 0 else None
+    trained = train_and_save(config, env, opt, tuned, tokenizer, manifest, lambda: run_grpo(
+        opt, [list(p.messages) for p in prompts], [p.fields for p in prompts], rewards, tokenizer=tokenizer,
+        settings=_settings(options, config), disabled=disabled, run_dir=env.run_dir, console=console,
+        keep_last=t.keep_last, max_grad_norm=t.max_grad_norm, save_state=save_state), console)
+
+    # 4. Task score and probe: the start model against the tuned one.
+    report = evaluate_after(config, LoadedModel(trained.model, tokenizer, "tuned"), task, before, env.run_dir, console)
+    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=trained.reporter.last_loss,
+               final_eval=trained.reporter.last_eval, eval_summary=eval_summary(report))
+    return result_of(env, trained)
+
+
+def _planned_rows(prompts, tokenizer, options: GrpoOptions) -> list:
+    """What the memory plan sizes micro-batches by: each prompt's group of rows at the longest completion."""
+    from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
+    from tunelab.generation import render_prompt
+
+    rows = []
+    for p in prompts:
+        ids = render_prompt(tokenizer, list(p.messages))
+        row = TokenizedExample(ids + [0] * options.max_completion_length,
+                               [IGNORE_INDEX] * len(ids) + [0] * options.max_completion_length, p.source)
+        rows += [row] * options.num_generations
+    return rows
+
+
+def _settings(options: GrpoOptions, config: RunConfig) -> GrpoSettings:
+    return GrpoSettings(num_generations=options.num_generations, temperature=options.temperature, top_p=options.top_p,
+                        max_completion_length=options.max_completion_length, scale_rewards=options.scale_rewards,
+                        epsilon=options.epsilon, epsilon_high=options.epsilon_high, aggregation=options.loss_type,
+                        num_iterations=options.num_iterations, beta=options.beta, seed=config.train.seed,
+                        generation_batch_size=options.generation_batch_size, samples_every=options.samples_every)
+
+
+register_recipe(Recipe("grpo", GrpoOptions, main, "GRPO: reinforcement learning from reward functions (any eval metric)"))

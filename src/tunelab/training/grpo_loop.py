@@ -1,0 +1,151 @@
+"""The loop of the GRPO recipe: sample, score, normalise within groups, update ``num_iterations`` times.
+
+One step of the plan is one round: the step's prompts (``batch_size × grad_accum`` of them) are answered
+``G`` times each by the current policy (``training.rollouts``), every reward function scores every
+completion (``tunelab.rewards.functions``), advantages are normalised within each prompt's group
+(``training.grpo``), and the clipped policy-ratio objective takes ``num_iterations`` optimizer steps on
+those samples (the ratio is to the policy that sampled them). Checkpoints fall between rounds, and the
+sampling seed is a function of (seed, step), so a resume draws the same completions as an uninterrupted
+run. The optional KL term's reference is the policy with its tuning method switched off.
+
+Logged per round: the mean and std of each reward function and of the weighted total, the share of
+groups whose rewards are all equal (no learning signal), the mean completion length and how many ran
+out of tokens, the clip fraction and the KL; every ``samples_every`` rounds a few completions with their
+rewards go to ``samples.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from tunelab.generation import SamplingSettings
+from tunelab.training import hooks
+from tunelab.training.grpo import group_advantages, grpo_loss_sum, grpo_normaliser
+from tunelab.training.logprobs import token_logprobs
+from tunelab.training.loss import to_device
+from tunelab.training.optim import optimizer_step, set_lr
+from tunelab.training.reporter import StepReporter
+from tunelab.training.rollouts import Rollouts, rollout_batch, sample_rollouts, step_seed
+
+
+@dataclass(frozen=True)
+class GrpoSettings:
+    """The GRPO knobs the loop reads (the recipe's options, as plain values)."""
+
+    num_generations: int
+    temperature: float
+    top_p: float
+    max_completion_length: int
+    scale_rewards: str
+    epsilon: float
+    epsilon_high: float | None
+    aggregation: str
+    num_iterations: int
+    beta: float
+    seed: int
+    generation_batch_size: int
+    samples_every: int
+
+
+def _micro_batches(rollouts: Rollouts, advantages: torch.Tensor, prompt_groups: list[list[int]], pad_id: int, device):
+    """The step's rows split as the plan's micro-batches of prompts (each prompt's whole group together)."""
+    g = rollouts.group_size
+    out, start = [], 0
+    for group in prompt_groups:
+        rows = list(range(start * g, (start + len(group)) * g))
+        start += len(group)
+        batch = to_device(rollout_batch([rollouts.rows[r] for r in rows], pad_id), device)
+        out.append({"batch": batch, "advantages": advantages[rows].to(device), "mask": (batch["labels"][:, 1:] != -100)})
+    return out
+
+
+def _logps(model, mb) -> torch.Tensor:
+    b = mb["batch"]
+    return token_logprobs(model, b["input_ids"], b["attention_mask"], b["labels"])
+
+
+@torch.no_grad()
+def _fixed_logps(model, micro: list[dict], settings: GrpoSettings, disabled: Callable | None) -> None:
+    """The sampling policy's log-probabilities (when updated more than once) and the reference's (KL)."""
+    for mb in micro:
+        if settings.num_iterations > 1:
+            mb["old"] = _logps(model, mb)
+        if settings.beta > 0 and disabled is not None:
+            with disabled(model):
+                mb["ref"] = _logps(model, mb)
+
+
+def _objective(settings: GrpoSettings):
+    def loss_fn(model, mb):
+        logps = _logps(model, mb)
+        loss, stats = grpo_loss_sum(logps, mb.get("old", logps.detach()), mb["advantages"], mb["mask"], epsilon=settings.epsilon,
+                                    epsilon_high=settings.epsilon_high, aggregation=settings.aggregation,
+                                    max_completion_length=settings.max_completion_length, ref_logps=mb.get("ref"),
+                                    beta=settings.beta)
+        return loss, 0, stats
+    return loss_fn
+
+
+def _reward_stats(names: list[str], per_fn: torch.Tensor, total: torch.Tensor, zero_share: float, rollouts: Rollouts,
+                  max_len: int) -> dict[str, float]:
+    stats = {"reward": float(total.mean()), "reward_std": float(total.std()) if len(total) > 1 else 0.0,
+             "zero_variance_groups": float(zero_share), "completion_length": float(rollouts.lengths().mean()),
+             "truncated": float(sum(c.finish_reason == "length" for c in rollouts.completions)) / len(rollouts.completions)}
+    for i, name in enumerate(names):
+        stats[f"rewards/{name}"] = float(per_fn[:, i].mean())
+        stats[f"rewards/{name}_std"] = float(per_fn[:, i].std()) if len(per_fn) > 1 else 0.0
+    return stats
+
+
+def _write_samples(run_dir: Path, step: int, prompts: list, rollouts: Rollouts, total: torch.Tensor, keep: int = 4) -> None:
+    with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+        for row in range(0, min(len(rollouts.completions), keep * rollouts.group_size), rollouts.group_size):
+            index = rollouts.prompt_index[row]
+            f.write(json.dumps({"step": step, "prompt": prompts[index][-1]["content"], "completion": rollouts.completions[row].text,
+                                "reward": float(total[row])}, ensure_ascii=False) + "\n")
+
+
+def run_grpo(opt, prompts: list, fields: list[dict], rewards, *, tokenizer, settings: GrpoSettings, disabled: Callable | None,
+             run_dir: Path, console: Console, keep_last: int, max_grad_norm: float | None, save_state: Callable) -> StepReporter:
+    """Train ``opt`` (a ``stages.optimize.Optimization``) by GRPO on ``prompts`` (conversations ending with a user
+    turn; ``fields[i]`` reach the reward functions) from its start step; returns the reporter."""
+    plan, device, seconds = opt.plan, opt.accelerator.device, opt.seconds_spent
+    model = opt.accelerator.unwrap_model(opt.model)
+    loss_fn = _objective(settings)
+    with StepReporter(run_dir, plan, opt.start_step, console) as reporter:
+        for step in range(opt.start_step, plan.total):
+            started = hooks.clock()
+            groups = [list(ids) for ids in plan.micro_batches(step)]
+            indices = [i for group in groups for i in group]
+            sampling = SamplingSettings(temperature=settings.temperature, top_p=settings.top_p, seed=step_seed(settings.seed, step),
+                                        max_new_tokens=settings.max_completion_length)
+            rollouts = sample_rollouts(model, tokenizer, prompts, indices, group_size=settings.num_generations, settings=sampling,
+                                       batch_size=settings.generation_batch_size)
+            row_prompts = [prompts[i] for i in rollouts.prompt_index]
+            per_fn, total = rewards.score(rollouts.texts, row_prompts, [fields[i] for i in rollouts.prompt_index])
+            advantages, zero_share = group_advantages(total.view(len(indices), settings.num_generations), settings.scale_rewards)
+            micro = _micro_batches(rollouts, advantages.reshape(-1), groups, tokenizer.pad_token_id, device)
+            _fixed_logps(model, micro, settings, disabled)
+            count = sum(grpo_normaliser(mb["mask"], settings.aggregation, settings.max_completion_length) for mb in micro)
+            set_lr(opt.optimizer, lr := plan.lr(step, seconds))
+            opt.model.train()
+            for _ in range(settings.num_iterations):
+                outcome = optimizer_step(opt.model, opt.optimizer, opt.params.values(), micro, loss_fn, accelerator=opt.accelerator,
+                                         count=count, max_grad_norm=max_grad_norm)
+            seconds += hooks.clock() - started
+            done = step + 1
+            last = plan.is_last(done, seconds)
+            reporter.step(done, outcome, lr=lr, last=last, input_tokens=sum(len(r.input_ids) for r in rollouts.rows),
+                          reduced=_reward_stats(rewards.names, per_fn, total, zero_share, rollouts, settings.max_completion_length))
+            if settings.samples_every and (done % settings.samples_every == 0 or last):
+                _write_samples(run_dir, done, prompts, rollouts, total)
+            if hooks.finish_step(opt, reporter, outcome, done, last, seconds, run_dir=run_dir, keep_last=keep_last,
+                                 save_state=save_state):
+                break
+    return reporter
