@@ -1,0 +1,182 @@
+"""The OpenAI wire format the server speaks: request bodies (pydantic), error bodies, response bodies.
+
+Only the fields this server acts on are declared; other fields clients send are ignored, as OpenAI-compatible
+servers do. Request bodies are checked by pydantic (wrong types answer 422); what pydantic cannot see
+(message order, an unknown model, a prompt plus ``max_tokens`` beyond the context) raises :class:`APIError`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal, Union
+
+from pydantic import BaseModel, Field
+
+from tunelab.errors import TunelabError
+from tunelab.generation import Completion, SamplingSettings
+
+
+class APIError(Exception):
+    """A request the server refuses, answered with ``status`` and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+    """``{"error": {"message", "type", "param", "code"}}``, the shape OpenAI's clients parse."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class SamplingFields(BaseModel):
+    """What chat and text completions share."""
+
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: dict | None = None
+
+    def wants_usage_in_stream(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def settings(self, prompt_tokens: int, context: int, default_max: int) -> SamplingSettings:
+        """The decoding settings, with ``max_tokens`` checked against the room the prompt leaves in the context.
+
+        Raises:
+            APIError: 400 when prompt plus ``max_tokens`` exceed the context, or a stop string is empty.
+        """
+        room = context - prompt_tokens
+        asked = self.max_completion_tokens or self.max_tokens
+        if room < 1 or (asked is not None and asked > room):
+            raise APIError(400, f"max_tokens {asked}: the prompt has {prompt_tokens} tokens and the model's context is "
+                                f"{context}, so at most {max(room, 0)} can be generated; shorten the prompt or lower max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        temperature = 1.0 if self.temperature is None else self.temperature  # OpenAI's default
+        try:
+            return SamplingSettings(temperature=temperature, top_p=1.0 if self.top_p is None else self.top_p,
+                                    max_new_tokens=asked or min(default_max, room), seed=self.seed, stop=tuple(stop))
+        except TunelabError as exc:
+            raise APIError(400, str(exc), param="stop") from None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage]
+
+    def conversation(self) -> list[dict]:
+        """The messages as the chat template takes them, checked for what a template cannot answer.
+
+        Raises:
+            APIError: 400 when there are no messages, a system message is not first, or the last is not the user's.
+        """
+        if not self.messages:
+            raise APIError(400, "messages is empty: send at least one user message", param="messages")
+        out = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        if any(m["role"] == "system" for m in out[1:]):
+            raise APIError(400, "messages: a system message may only come first; merge it into the first one", param="messages")
+        if out[-1]["role"] != "user":
+            raise APIError(400, f"messages: the last message is the {out[-1]['role']}'s; end with a user message "
+                                "(the assistant's reply is what is generated)", param="messages")
+        return out
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[str]]
+
+    def prompts(self) -> list[str]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        if not prompts:
+            raise APIError(400, "prompt is an empty list: send a string or a list of strings", param="prompt")
+        return prompts
+
+
+class LoadLoraRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraRequest(BaseModel):
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(completions: list[Completion]) -> dict:
+    """Token counts of a response: every prompt once per choice made from it, as OpenAI counts them."""
+    prompt = sum(c.prompt_tokens for c in completions)
+    generated = sum(len(c.token_ids) for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+def chat_response(model_id: str, completions: list[Completion]) -> dict:
+    """A ``chat.completion`` body: one choice per completion (the ``n`` samples of one conversation)."""
+    choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
+    prompt = completions[0].prompt_tokens if completions else 0
+    counted = usage(completions)
+    counted.update(prompt_tokens=prompt, total_tokens=prompt + counted["completion_tokens"])  # one conversation
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model_id,
+            "choices": choices, "usage": counted}
+
+
+def completion_response(model_id: str, completions: list[Completion], n: int) -> dict:
+    """A ``text_completion`` body: ``n`` choices per prompt, prompt after prompt."""
+    choices = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+               for i, c in enumerate(completions)]
+    counted = usage(completions)
+    prompt = sum(c.prompt_tokens for c in completions[::n])
+    counted.update(prompt_tokens=prompt, total_tokens=prompt + counted["completion_tokens"])
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model_id,
+            "choices": choices, "usage": counted}
+
+
+def chat_chunk(chunk_id: str, model_id: str, delta: dict, finish_reason: str | None = None) -> dict:
+    return {"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_id,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def stream_chunk(chat: bool, chunk_id: str, model_id: str, text: str | None, finish: str | None = None) -> dict:
+    """One streamed event: a text delta (``text``) or the closing one (``text`` None, with ``finish``)."""
+    if chat:
+        return chat_chunk(chunk_id, model_id, {} if text is None else {"content": text}, finish)
+    return {"id": chunk_id, "object": "text_completion", "created": int(time.time()), "model": model_id,
+            "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+
+
+def usage_chunk(chat: bool, chunk_id: str, model_id: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last event of a stream that asked for ``stream_options.include_usage``: no choices, the token counts."""
+    counted = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+               "total_tokens": prompt_tokens + completion_tokens}
+    return {"id": chunk_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model_id, "choices": [], "usage": counted}
