@@ -214,3 +214,29 @@ def test_weights_tied_only_in_the_base_are_merged_apart():
     tuned = MergeInput({"embed.weight": torch.ones(4, 3), "lm_head.weight": torch.full((4, 3), 2.0)})
     merged = merge_state_dicts("task_arithmetic", base, [tuned])
     assert merged["embed.weight"].unique().tolist() == [1.0] and merged["lm_head.weight"].unique().tolist() == [2.0]
+
+
+def test_dare_ties_matches_peft_dare_ties_svd_where_no_entry_is_dropped():
+    # DARE's drops are random (peft draws them with torch.bernoulli, we with a generator seeded per tensor), so the
+    # two can only be compared where nothing is dropped: at density 1 both reduce to TIES' sign election by total
+    # mass and the mean of the agreeing entries, which with equal weights is the same rule in both.
+    peft_model, target = _two_lora_adapters()
+    peft_model.add_weighted_adapter(["x", "y"], [1.0, 1.0], "m", combination_type="dare_ties_svd", density=1.0, svd_rank=5)
+    base, models = _as_models(target, [1.0, 1.0])
+    ours = merge_state_dicts("dare_ties", base, models, seed=11)["w"] - base["w"]
+    assert torch.allclose(ours, target.get_delta_weight("m").detach(), atol=1e-5)
+    assert (ours != 0).float().mean() > 0.5  # most entries agree with the elected sign and are kept
+
+
+def test_dare_keeps_the_share_of_entries_peft_keeps():
+    # The same rule by another draw: over many entries, our mask and peft's random_pruning keep about the same
+    # fraction, and both rescale the survivors by 1 / density.
+    from peft.utils.merge_utils import random_pruning
+
+    task = torch.linspace(0.5, 1.5, 4000)
+    ours = merge_state_dicts("dare_linear", {"w": torch.zeros(4000)}, [MergeInput({"w": task}, density=0.3)], seed=2)["w"]
+    torch.manual_seed(2)
+    theirs = random_pruning(task, 0.3, rescale=True)
+    for merged in (ours, theirs):
+        kept = merged != 0
+        assert abs(float(kept.float().mean()) - 0.3) < 0.03 and torch.allclose(merged[kept], task[kept] / 0.3)

@@ -1,1 +1,22 @@
-"""``tunelab export``: write a run or model as HF or GGUF, verified with the runtime that will run it."""
+"""Export: a run (merged) or model as HF safetensors, GGUF (f16/q8_0/q4_0, with an Ollama Modelfile) or a GGUF
+LoRA adapter, each checked against the HF model in llama.cpp before it is published (``export_model``).
+
+Names are loaded on first use, so ``tunelab --help`` (which imports ``tunelab.export.cli``) does not import
+torch, numpy or gguf.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_WHERE = {"export_model": "pipeline", "FORMATS": "pipeline", "write_gguf": "gguf_model", "QUANTS": "gguf_model",
+          "SUPPORTED_ARCHS": "gguf_model"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'tunelab.export' has no attribute {name!r}")
+    return getattr(import_module(f"tunelab.export.{_WHERE[name]}"), name)

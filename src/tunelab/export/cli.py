@@ -2,8 +2,45 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from tunelab.clikit import console, friendly
 
 
 def register(app: typer.Typer) -> None:
-    """Add this package's commands (none yet)."""
+    """Add ``export`` to the ``tunelab`` command."""
+    app.command("export")(friendly(export_command))
+
+
+def export_command(
+    source: Annotated[Path, typer.Argument(help="a finished run directory (merged first) or a Hugging Face model directory")],
+    format: Annotated[str, typer.Option("--format", help="hf | gguf | gguf-lora (a run's LoRA adapter for llama.cpp --lora)")] = "gguf",
+    quant: Annotated[str, typer.Option("--quant", help="f16 | q8_0 | q4_0 (GGUF formats)")] = "f16",
+    out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: beside the source)")] = None,
+    force: bool = typer.Option(False, "--force", help="publish even if the llama.cpp check fails (recorded in the report)"),
+    prompts: int = typer.Option(8, min=1, help="held prompts to check on (the run's eval examples, else the probe)"),
+    new_tokens: int = typer.Option(32, min=1, help="greedy tokens generated per held prompt"),
+) -> None:
+    """Export a run or model: GGUF (with an Ollama Modelfile) or HF, checked against the HF model before it is written.
+
+    The GGUF is loaded in llama.cpp (llama-cpp-python) and compared on held prompts: prompt token ids, chat
+    template rendering, greedy answers and perplexity; the figures go to export_report.json in the output.
+    """
+    from tunelab.export import export_model
+
+    with console.status(f"exporting {source} as {format} ..."):
+        report = export_model(source, format, quant, out, force=force, prompts=prompts, new_tokens=new_tokens)
+    check = report.get("verification") or {}
+    if check.get("checked"):
+        task = check.get("task") or {}
+        score = f", task {task['metric']} {task['hf']:.1%} → {task['gguf']:.1%}" if "hf" in task else ""
+        console.print(f"Exported {source} to [bold]{report['output']}[/] ({report.get('file')}, {report['seconds']:.0f} s): "
+                      f"greedy agreement {check['greedy_agreement']:.0%} on {check['n_prompts']} prompts, perplexity "
+                      f"{check['perplexity_increase']:+.2%}{score}{'; FORCED past a failed check' if check['forced'] else ''}. "
+                      f"Report: {Path(report['output']) / 'export_report.json'}", soft_wrap=True)
+    else:
+        console.print(f"Exported {source} to [bold]{report['output']}[/] in {report['seconds']:.0f} s "
+                      f"{'(NOT checked in llama.cpp)' if check else ''}", soft_wrap=True)

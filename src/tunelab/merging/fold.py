@@ -67,6 +67,22 @@ def refusal_reason(run: Run, method: Any) -> str:
             f"as `tunelab eval --model {run.path}` loads it), or train with a mergeable method ({mergeable}) to get one model.")
 
 
+def fold_in_memory(run_dir: str | Path) -> tuple[Run, Any]:
+    """The run's tuned model with its update folded into the weights (nothing written), as ``LoadedModel``.
+
+    Raises:
+        TunelabError: Not a finished run, or a method whose update cannot be folded (with why and what instead).
+    """
+    from tunelab.evaluation.run import LoadedModel, load_for_eval
+
+    run = _open(run_dir)
+    method = get_method(run.method_name)
+    if not method.mergeable:
+        raise TunelabError(refusal_reason(run, method))
+    loaded = load_for_eval(str(run.path))
+    return run, LoadedModel(method.merge(loaded.model), loaded.tokenizer, f"run {run.path} (folded)")
+
+
 def _check_out_dir(run: Run, out: Path) -> None:
     out_r, run_r = out.resolve(), run.path.resolve()
     if out_r == run_r or out_r in run_r.parents:

@@ -1,0 +1,188 @@
+"""``MERGE.yaml``: which models ``tunelab merge`` combines, and how, validated with every problem reported at once.
+
+```yaml
+merge:
+  method: ties                 # linear | task_arithmetic | ties | dare_linear | dare_ties
+  base: smollm2-135m-instruct  # alias, HF dir (task vectors are differences from it; not needed by linear)
+  models:
+    - {path: runs/sql-lora, weight: 1.0, density: 0.5}   # a run directory (folded first) or an HF dir
+    - {path: runs/reviews-lora}
+  lambda: 1.0                  # scale of the merged task vector
+  seed: 0                      # DARE's random drops
+```
+
+Problems name the file, the line and the key (``merge.yaml:7: merge.models[1].density: ...``) as the run
+configuration loader does; relative paths are relative to the current directory, as in run configs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tunelab.errors import ConfigError
+
+# Rules that use a density (the rest would silently ignore one, so giving it is reported as a mistake).
+DENSITY_RULES = ("ties", "dare_linear", "dare_ties")
+
+
+class ModelEntry(BaseModel):
+    """One model of the merge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="a tunelab run directory (its update is folded into its base first) or an HF model directory")
+    weight: float = Field(1.0, allow_inf_nan=False, description="its share of the merge")
+    density: float | None = Field(None, gt=0, le=1, description="fraction of its task vector kept (ties, dare_*)")
+
+
+class MergeSection(BaseModel):
+    """The ``merge:`` mapping."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    method: str
+    base: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    lambda_: float | None = Field(None, alias="lambda", allow_inf_nan=False)
+    seed: int = 0
+
+
+class MergeFile(BaseModel):
+    """The whole file: one ``merge:`` mapping."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge: MergeSection
+
+
+def is_merge_file(path: Path) -> bool:
+    """Whether ``tunelab merge``'s argument names a merge file rather than a run directory."""
+    return path.suffix in (".yaml", ".yml") and not path.is_dir()
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Every mapping key and sequence item of the YAML document -> its 1-based line (list items by index)."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = prefix + (str(key_node.value),)
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[prefix + (str(index),)] = item.start_mark.line + 1
+                walk(item, prefix + (str(index),))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _key_name(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+
+
+class _Problems:
+    """Collects ``file:line: key: message`` lines; the line is that of the deepest key the file has."""
+
+    def __init__(self, source: str, lines: dict[tuple[str, ...], int]):
+        self.source, self.lines, self.found = source, lines, []
+
+    def add(self, loc: tuple, message: str) -> None:
+        parts = tuple(str(p) for p in loc)
+        line = next((self.lines[parts[:n]] for n in range(len(parts), 0, -1) if parts[:n] in self.lines), None)
+        where = f"{self.source}:{line}: " if line else f"{self.source}: "
+        self.found.append(f"{where}{_key_name(loc) or '(top level)'}: {message}")
+
+
+def _pydantic_problems(err: ValidationError, problems: _Problems) -> None:
+    for item in err.errors():
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (the keys are merge.method, base, models (path, weight, density), lambda, seed)"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        problems.add(tuple(item["loc"]), message)
+
+
+def _source_problem(value: str, *, runs_allowed: bool) -> str | None:
+    """Why ``value`` cannot be a model to merge, or None; loading decides the rest (e.g. a hub id's existence)."""
+    from tunelab.models.embedded import EMBEDDED
+    from tunelab.runs import open_run
+
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if open_run(path) is not None:
+            return None if runs_allowed else "is a run directory; give the base model (its alias or HF directory)"
+        if not (path / "config.json").is_file():
+            return "is a folder with neither manifest.json (a run) nor config.json (an HF model); point it at one of those"
+        return None
+    if value in EMBEDDED or (value.count("/") == 1 and not value.startswith((".", "/", "~")) and not path.exists()):
+        return None  # an embedded alias or a hub id
+    kinds = "a run directory, an HF model directory" if runs_allowed else "an HF model directory"
+    return f"{value!r} not found; give {kinds} or an embedded alias ({', '.join(EMBEDDED)})"
+
+
+def _semantic_problems(section: MergeSection, problems: _Problems) -> None:
+    from tunelab.merging.rules import get_merge_rule, merge_rule_names
+
+    method = section.method
+    if method not in merge_rule_names():
+        problems.add(("merge", "method"), f"unknown merge method {method!r}; choose one of: {', '.join(merge_rule_names())}")
+        return
+    if get_merge_rule(method).needs_base and section.base is None:
+        problems.add(("merge", "method"), f"{method} merges task vectors (each model minus the base); set merge.base "
+                                          "to the base model the models were fine-tuned from")
+    if section.base is not None and (why := _source_problem(section.base, runs_allowed=False)):
+        problems.add(("merge", "base"), why)
+    if method == "linear" and section.lambda_ is not None:
+        problems.add(("merge", "lambda"), "linear averages whole weights and has no task vector to scale; remove lambda "
+                                          "or use task_arithmetic")
+    if method == "linear" and abs(sum(m.weight for m in section.models)) < 1e-12:
+        problems.add(("merge", "models"), "the weights sum to 0, so linear has no weighted average; give weights with a non-zero sum")
+    for index, entry in enumerate(section.models):
+        if entry.density is not None and method not in DENSITY_RULES:
+            problems.add(("merge", "models", index, "density"), f"{method} keeps every entry of a task vector; density "
+                                                                f"applies to {', '.join(DENSITY_RULES)}: remove it or change merge.method")
+        if why := _source_problem(entry.path, runs_allowed=True):
+            problems.add(("merge", "models", index, "path"), why)
+
+
+def load_merge_spec(path: str | Path) -> MergeSection:
+    """Read and validate a merge file.
+
+    Raises:
+        ConfigError: Every problem found (unreadable YAML, unknown keys, bad values, an unknown method, a
+            missing base, models that are not there), each with the file line and the key.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read {path}: {exc} (give the path of a merge YAML file)"], source=source) from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"invalid YAML: {exc}"], source=source) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(["the file must be a YAML mapping with one key, merge: {method, base, models, lambda, seed}"], source=source)
+    problems = _Problems(source, _key_lines(text))
+    try:
+        section = MergeFile.model_validate(tree).merge
+    except ValidationError as err:
+        _pydantic_problems(err, problems)
+        section = None
+    if section is not None:
+        _semantic_problems(section, problems)
+    if problems.found:
+        raise ConfigError(problems.found, source=source)
+    assert section is not None
+    return section

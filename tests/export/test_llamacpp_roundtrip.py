@@ -1,0 +1,51 @@
+"""A tiny llama exported to GGUF and run in llama.cpp (llama-cpp-python): token ids, chat template parity, greedy
+answers and perplexity against transformers; and a tiny LoRA run as a GGUF adapter on a GGUF base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (pip install 'tunelab[export]')")
+
+from tunelab.export import export_model  # noqa: E402
+from tunelab.recipes import sft  # noqa: E402
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_tiny_llama_runs_in_llama_cpp_like_in_transformers(tiny_llama, tmp_path, quant):
+    # A random tiny model's logits are nearly flat, so q8_0's rounding flips near-ties in its greedy answers
+    # (about half of them): its agreement is measured, not required; the perplexity still barely moves.
+    report = export_model(tiny_llama, "gguf", quant, tmp_path / "out", prompts=6, new_tokens=12, force=quant != "f16")
+    check = report["verification"]
+    assert check["checked"] and (quant != "f16" or not check["failed"])
+    assert abs(check["perplexity_increase"]) < 0.05
+    assert check["prompt_tokens_equal"] == check["n_prompts"] == 6  # the probe: a model dir has no eval data
+    assert check["template"]["passed"] and check["template"]["jinja"] == 6
+    if quant == "f16":
+        assert check["greedy_agreement"] == 1.0 and abs(check["perplexity_increase"]) < 1e-2
+    saved = json.loads((tmp_path / "out" / "export_report.json").read_text())
+    assert saved["verification"]["greedy_agreement"] == check["greedy_agreement"]
+    assert "greedy answers equal to the HF model's" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_broken_layout_is_caught_and_nothing_is_written(tiny_llama, tmp_path, monkeypatch):
+    """Without the q/k interleaving llama.cpp computes other attention: the check must notice."""
+    import tunelab.export.gguf_model as gm
+
+    monkeypatch.setattr(gm, "permute_rotary_rows", lambda weight, heads: weight)
+    with pytest.raises(Exception, match="failed its llama.cpp check.*Nothing was written"):
+        export_model(tiny_llama, "gguf", "f16", tmp_path / "out", prompts=6, new_tokens=12)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_run_as_a_gguf_adapter(make_config, tmp_path):
+    run = sft.main(make_config("eval.before=false", "eval.max_new_tokens=4", "train.max_steps=4", "train.lr=5e-2",
+                               "method.r=4")).run_dir
+    report = export_model(run, "gguf-lora", "f16", tmp_path / "lora", prompts=6, new_tokens=12)
+    check = report["verification"]
+    assert report["lora"]["rank"] == 4 and report["lora"]["tensors"] > 0
+    assert check["prompts"].startswith("data.eval") and check["prompt_tokens_equal"] == check["n_prompts"]
+    assert check["greedy_agreement"] == 1.0 and not check["failed"]
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == sorted([report["file"], "export_report.json"])
