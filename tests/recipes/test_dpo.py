@@ -68,7 +68,8 @@ def _final_losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in metrics(run_dir) if "loss" in m]
 
 
-def test_live_and_precomputed_references_give_the_same_losses(dpo_config, capsys):
+def test_live_and_precomputed_references_give_the_same_losses(dpo_config, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     live = dpo.main(dpo_config("train.max_steps=3", output="live")).run_dir
     cached = dpo.main(dpo_config("train.max_steps=3", "recipe.precompute_reference=true", output="cached")).run_dir
     assert _final_losses(live) == pytest.approx(_final_losses(cached), abs=1e-5)
@@ -89,7 +90,9 @@ def test_every_registered_loss_trains(dpo_config, loss, extra):
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_full_fine_tuning_and_a_continued_parent_use_a_precomputed_reference(dpo_config, make_config, capsys):
+def test_full_fine_tuning_and_a_continued_parent_use_a_precomputed_reference(dpo_config, make_config, capsys, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))  # an empty reference cache: the table is computed here
     dpo.main(dpo_config("train.max_steps=2", output="full", method="full"))
     assert "Computing the reference" in capsys.readouterr().err
     parent = sft.main(make_config("eval.before=false", "eval.max_new_tokens=4", "train.max_steps=3", output="sft")).run_dir

@@ -27,8 +27,12 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("merge-real")
     previous = os.getcwd()
     os.chdir(REPO)  # the presets' data paths are relative to the repository
+    from tunelab.examples.sql.task import build_database
+
+    db = build_database(str(folder / "shop.sqlite"))  # a fresh clone has no runs/shop.sqlite
     try:
-        sql = sft.main(load_config(CONFIGS / "sft_lora_sql.yaml", [f"output_dir={folder / 'sql'}", "eval.probe=true", *SHORT])).run_dir
+        sql = sft.main(load_config(CONFIGS / "sft_lora_sql.yaml", [f"output_dir={folder / 'sql'}", "eval.probe=true",
+                                                                   f"eval.db={db}", *SHORT])).run_dir
         reviews = sft.main(load_config(CONFIGS / "sft_lora.yaml", [f"output_dir={folder / 'reviews'}", "eval.probe=false", *SHORT])).run_dir
     finally:
         os.chdir(previous)
