@@ -62,8 +62,8 @@ def _apply_override(tree: dict, path: list[str], value: Any) -> None:
 _SHORTHAND_KEYS = {"model": "path", "method": "name", "recipe": "name"}
 
 
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map every mapping key path in a YAML document to its 1-based line number."""
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Every mapping key path and sequence item (by index) of a YAML document -> its 1-based line number."""
     lines: dict[tuple[str, ...], int] = {}
 
     def walk(node: Any, prefix: tuple[str, ...]) -> None:
@@ -72,6 +72,10 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
                 path = prefix + (str(key_node.value),)
                 lines[path] = key_node.start_mark.line + 1
                 walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[prefix + (str(index),)] = item.start_mark.line + 1
+                walk(item, prefix + (str(index),))
 
     try:
         walk(yaml.compose(text), ())
@@ -129,7 +133,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(["the file must be a YAML mapping of keys (model, method, data, train, output_dir)"], source=source)
     for key_path, value in parse_overrides(overrides or []):
         _apply_override(tree, key_path, value)
-    lines = _key_lines(text)
+    lines = key_lines(text)
 
     problems: list[str] = []
     config = None

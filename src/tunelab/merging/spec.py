@@ -18,11 +18,11 @@ configuration loader does; relative paths are relative to the current directory,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tunelab.config.load import key_lines
 from tunelab.errors import ConfigError
 
 # Rules that use a density (the rest would silently ignore one, so giving it is reported as a mistake).
@@ -62,28 +62,6 @@ class MergeFile(BaseModel):
 def is_merge_file(path: Path) -> bool:
     """Whether ``tunelab merge``'s argument names a merge file rather than a run directory."""
     return path.suffix in (".yaml", ".yml") and not path.is_dir()
-
-
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Every mapping key and sequence item of the YAML document -> its 1-based line (list items by index)."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: Any, prefix: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                path = prefix + (str(key_node.value),)
-                lines[path] = key_node.start_mark.line + 1
-                walk(value_node, path)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                lines[prefix + (str(index),)] = item.start_mark.line + 1
-                walk(item, prefix + (str(index),))
-
-    try:
-        walk(yaml.compose(text), ())
-    except yaml.YAMLError:
-        pass
-    return lines
 
 
 def _key_name(loc: tuple) -> str:
@@ -174,7 +152,7 @@ def load_merge_spec(path: str | Path) -> MergeSection:
         raise ConfigError([f"invalid YAML: {exc}"], source=source) from None
     if not isinstance(tree, dict):
         raise ConfigError(["the file must be a YAML mapping with one key, merge: {method, base, models, lambda, seed}"], source=source)
-    problems = _Problems(source, _key_lines(text))
+    problems = _Problems(source, key_lines(text))
     try:
         section = MergeFile.model_validate(tree).merge
     except ValidationError as err:
