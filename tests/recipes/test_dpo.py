@@ -157,3 +157,9 @@ def test_data_inspect_shows_both_sides_of_a_pair(tmp_path, tiny_llama, pairs):
     assert result.exit_code == 0, result.output
     assert "chosen (" in result.output and "rejected (" in result.output and "thanks" in result.output
     assert "15 pairs (1 held out)" in result.output
+
+
+def test_a_reused_untuned_evaluation_does_not_read_pairs_as_instruction_data(dpo_config):
+    first = dpo.main(dpo_config("train.max_steps=1", output="first")).run_dir
+    again = dpo.main(dpo_config("train.max_steps=1", f"eval.before_from={first / 'eval_before.json'}", output="again"))
+    assert again.steps == 1  # it used to fail: eval.before_from was checked against data.train read as SFT examples

@@ -90,9 +90,9 @@ def test_before_from_scored_another_way_is_refused_before_anything_loads(make_co
     _before(shared, untuned)
     shared_file = Path(shared.output_dir) / "eval_before.json"
     same = make_config("eval.max_new_tokens=4", "eval.batch_size=3", f"eval.before_from={shared_file}", output="same")
-    check_eval_settings(same)  # batch_size only: fine
+    check_eval_settings(same, read_examples(same))  # batch_size only: fine
     result, _ = _before(same, untuned)
     assert result["zero_shot"] == json.loads(shared_file.read_text())["zero_shot"]
     other = make_config("eval.max_new_tokens=5", f"eval.before_from={shared_file}", output="other")
     with pytest.raises(TunelabError, match=r"eval.before_from.*other evaluation settings.*max_new_tokens: 4 → 5"):
-        check_eval_settings(other)
+        check_eval_settings(other, read_examples(other))

@@ -85,8 +85,8 @@ def run_compare(config_path: Path, overrides: list[str], candidates: list[str], 
     from tunelab.stages.evaluation import check_eval_settings
     from tunelab.stages.setup import read_examples
 
-    check_eval_settings(config)
     examples = read_examples(config)
+    check_eval_settings(config, examples)
     sweep_dir = Path(sweep_dir or default_sweep_dir(config))
     _check_sweep_dir(sweep_dir)
     trained = [c for c in candidates if c not in BASELINE_CANDIDATES]

@@ -54,7 +54,8 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         raise TunelabError("recipe.teacher is not set: give the teacher model (an embedded alias, an HF folder or a run directory)")
     # 1. Validate the records, the run directory, the settings and the method before anything loads.
     examples = read_examples(config)
-    env = check_environment(config, resume=resume, force=force, data_files=hashed_inputs(config) + _teacher_files(options.teacher))
+    env = check_environment(config, resume=resume, force=force, data_files=hashed_inputs(config) + _teacher_files(options.teacher),
+                            task=examples)
     model_path, tokenizer, added = load_prepared_tokenizer(config)
     check_method_fits(config, added)
 

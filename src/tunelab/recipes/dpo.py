@@ -79,7 +79,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     task = Examples([], load_examples([options.task_eval], system_prompt=config.data.system_prompt) if options.task_eval else [])
     reference = reference_path(config, options.reference)
     env = check_environment(config, resume=resume, force=force,
-                            data_files=hashed_inputs(config) + ([options.task_eval] if options.task_eval else []))
+                            data_files=hashed_inputs(config) + ([options.task_eval] if options.task_eval else []), task=task)
     model_path, tokenizer, added = load_prepared_tokenizer(config)
     check_method_fits(config, added)
 

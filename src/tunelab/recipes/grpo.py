@@ -71,7 +71,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     task = Examples([], load_examples(config.data.eval_files(), system_prompt=config.data.system_prompt) if config.data.eval_files() else [])
     rewards = RewardSet(options.rewards)
     rewards.dry_run(["a dry-run completion"] * 2, [list(p.messages) for p in prompts[:2]], [p.fields for p in prompts[:2]])
-    env = check_environment(config, resume=resume, force=force)
+    env = check_environment(config, resume=resume, force=force, task=task)
     model_path, tokenizer, added = load_prepared_tokenizer(config)
     check_method_fits(config, added)
     if options.beta > 0 and continues_parent(config):

@@ -48,7 +48,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     train_docs = read_texts(config.data.train_files(), text_field=options.text_field)
     eval_docs = read_texts(config.data.eval_files(), text_field=options.text_field) if config.data.eval_files() else []
     files = [str(p) for p in text_files(config.data.train_files() + config.data.eval_files())]
-    env = check_environment(config, resume=resume, force=force, data_files=files)
+    env = check_environment(config, resume=resume, force=force, data_files=files, task=Examples([]))
     model_path, tokenizer, added = load_prepared_tokenizer(config)
     check_method_fits(config, added)
 

@@ -42,7 +42,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     console = console or Console(stderr=True)
     # 1. Validate everything cheap before anything expensive: records, run directory, settings, method.
     examples = read_examples(config)
-    env = check_environment(config, resume=resume, force=force)
+    env = check_environment(config, resume=resume, force=force, task=examples)
     model_path, tokenizer, added = load_prepared_tokenizer(config)
     check_method_fits(config, added)
 

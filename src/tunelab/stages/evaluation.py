@@ -37,20 +37,19 @@ DEPENDS_ON = {"zero_shot": ("model", "task"), "few_shot": ("model", "task", "few
               "probe": ("model", "probe")}
 
 
-def check_eval_settings(config: RunConfig) -> None:
+def check_eval_settings(config: RunConfig, examples: Examples | None = None) -> None:
     """Fail before training on an unknown metric, missing metric options, a bad probe file, or an
-    ``eval.before_from`` file scored with other settings than this run's."""
+    ``eval.before_from`` file scored with other settings than this run's (checked against ``examples``, the
+    recipe's task examples, when it passes them; else when the untuned model is evaluated)."""
     from tunelab.evaluation.metrics import score
 
-    if config.data.eval_files():
+    if config.data.eval_files() or (examples is not None and examples.eval):
         score(config.eval.metric, [], [], **config.eval.metric_options())
     load_probe(config.eval.probe)
     if config.eval.rag_documents and not Path(config.eval.rag_documents).is_dir():
         raise TunelabError(f"eval.rag_documents: {config.eval.rag_documents} is not a folder; give a folder of .txt/.md files")
-    if config.eval.before_from:
-        from tunelab.stages.setup import read_examples
-
-        plan_before(config, read_examples(config), Path(config.output_dir))
+    if config.eval.before_from and examples is not None:
+        plan_before(config, examples, Path(config.output_dir))
 
 
 def _eval_examples(config: RunConfig, examples: Examples):

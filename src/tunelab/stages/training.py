@@ -46,12 +46,14 @@ class Environment:
         return self.start.run_dir
 
 
-def check_environment(config: RunConfig, *, resume: bool, force: bool, data_files: list[str] | None = None) -> Environment:
-    """Everything cheap that can refuse the run before a model loads."""
+def check_environment(config: RunConfig, *, resume: bool, force: bool, data_files: list[str] | None = None,
+                      task=None) -> Environment:
+    """Everything cheap that can refuse the run before a model loads; ``task`` (``stages.setup.Examples``) are the
+    examples the recipe evaluates on, for checking a reused ``eval.before_from``."""
     precision = resolve_precision(config.train.precision)
     start = check_start(config, resume=resume, force=force, precision=precision, device_kind=device_kind(),
                         data_files=data_files)
-    check_eval_settings(config)
+    check_eval_settings(config, task)
     check_kernels(config.train.kernels, device_kind())
     return Environment(start, precision, make_accelerator(precision))
 
