@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.rewards import functions
+from tunelab.rewards import builtins, functions
 from tunelab.rewards.functions import RewardSet, load_reward, register_reward, reward_names
 
 
@@ -121,7 +121,7 @@ def test_reward_model_is_loaded_once_and_scores_prompt_completion_pairs(monkeypa
             return [float(len(c)) for c in completions]
 
     monkeypatch.setattr(tunelab.rewards, "load", lambda run: loads.append(run) or Stub())
-    monkeypatch.setattr(functions, "_REWARD_MODELS", {})
+    monkeypatch.setattr(builtins, "_REWARD_MODELS", {})
     rewards = RewardSet([{"fn": "reward_model", "run": str(tmp_path / "rm"), "batch_size": 2}])
     prompts = [[{"role": "user", "content": "hi"}], "hello"]
     for _ in range(2):
@@ -137,7 +137,7 @@ def test_reward_model_needs_a_reward_run(tmp_path, monkeypatch):
     monkeypatch.setattr(tunelab.rewards, "load", lambda run: attempts.append(run) or real_load(run))
     with pytest.raises(TunelabError, match="reward 'reward_model': .*not a `recipe: reward` run"):
         _scores({"fn": "reward_model", "run": str(tmp_path)}, ["a", "b", "c"])
-    assert str(tmp_path.resolve()) not in functions._REWARD_MODELS
+    assert str(tmp_path.resolve()) not in builtins._REWARD_MODELS
     assert len(attempts) == 1  # a user error is not retried example by example
 
 
