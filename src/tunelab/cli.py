@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.clikit import console, friendly as _friendly
+from tunelab.clikit import console, friendly as _friendly, metric_options
 from tunelab.errors import TunelabError
 
 app = typer.Typer(help="Fine-tune language models and prove what they learned.", no_args_is_help=True, add_completion=False)
@@ -184,20 +184,12 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, min=1, help="evaluate only the first N examples"),
 ) -> None:
     """Evaluate a model on a dataset with one metric; write a JSON report and print a summary."""
-    import yaml
 
     from tunelab.data import load_examples
     from tunelab.evaluation.run import evaluate, load_for_eval, write_report
 
     examples = load_examples([str(data)], **_run_data_format(Path(model)))[:limit]
-    options = {}
-    for item in option or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise TunelabError(f"--option {item!r}: expected KEY=VALUE")
-        options[key] = yaml.safe_load(value)
-    if db is not None:
-        options["db"] = str(db)
+    options = metric_options(option, db)
     loaded = load_for_eval(model, str(adapter) if adapter else None)
     report = evaluate(loaded, examples, metric, max_new_tokens=max_new_tokens, batch_size=batch_size, options=options)
     report["data"] = str(data)

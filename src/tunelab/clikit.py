@@ -47,3 +47,18 @@ def friendly(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def metric_options(items: list[str] | None, db, base: dict | None = None) -> dict:
+    """``--option KEY=VALUE`` (values read as YAML) and ``--db PATH`` over ``base``: a metric's options."""
+    import yaml
+
+    options = dict(base or {})
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TunelabError(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    if db is not None:
+        options["db"] = str(db)
+    return options

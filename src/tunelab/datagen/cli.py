@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from tunelab.clikit import console, friendly
+from tunelab.clikit import console, friendly, metric_options
 from tunelab.errors import TunelabError
 
 
@@ -115,21 +115,12 @@ def preferences_command(
 
 def _metric_and_options(eval_section: dict, metric: str | None, db: Path | None, items: list[str]) -> tuple[str, dict]:
     """The metric and its options: the run's own (eval.metric and its options) unless the command line says otherwise."""
-    import yaml
 
     from tunelab.config.schema import EvalConfig
 
     recorded = EvalConfig(**eval_section)
     metric = metric or recorded.metric
-    options = recorded.metric_options() if metric == recorded.metric else {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise TunelabError(f"--option {item!r}: expected KEY=VALUE")
-        options[key] = yaml.safe_load(value)
-    if db is not None:
-        options["db"] = str(db)
-    return metric, options
+    return metric, metric_options(items, db, recorded.metric_options() if metric == recorded.metric else {})
 
 
 def _write_pairs(run, loaded, examples, data: Path, metric: str, options: dict, out: Path, **settings: Any) -> None:
