@@ -31,8 +31,9 @@ def wrong_count(completions, prompts, **fields):
 
 @pytest.fixture
 def grpo_setup(tmp_path, tiny_llama, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    (tmp_path / "grpo_test_rewards.py").write_text(REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "grpo_test_rewards", raising=False)  # each test's own copy of the module
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Colour {i}?", "answer": str(i)}) + "\n" for i in range(8)))
     return tmp_path, prompts
@@ -43,7 +44,7 @@ def _config(tmp_path, prompts, tiny_llama, *overrides, output="grpo"):
                               "train.batch_size=4", "train.lr=5e-2", "train.max_steps=8", "train.warmup_ratio=0",
                               "recipe.max_completion_length=12", "recipe.num_generations=4", "recipe.samples_every=2",
                               "eval.probe=false", "eval.before=false", f"output_dir={tmp_path / output}", *overrides]
-                       + ["recipe.rewards=[{fn: 'my_rewards:short'}]"])
+                       + ["recipe.rewards=[{fn: 'grpo_test_rewards:short'}]"])
 
 
 def _logged(run_dir: Path) -> list[dict]:
@@ -64,7 +65,7 @@ def test_mean_reward_rises_and_samples_are_written(grpo_setup, tiny_llama):
 def test_a_reward_returning_the_wrong_count_stops_before_training(grpo_setup, tiny_llama):
     tmp_path, prompts = grpo_setup
     config = _config(tmp_path, prompts, tiny_llama, output="bad")
-    config.recipe.rewards = [{"fn": "my_rewards:wrong_count"}]
+    config.recipe.rewards = [{"fn": "grpo_test_rewards:wrong_count"}]
     with pytest.raises(TunelabError, match="wrong_count"):
         grpo.main(config)
     assert not (tmp_path / "bad").exists()
@@ -75,7 +76,7 @@ def test_sigkill_then_resume_is_bit_identical(grpo_setup, tiny_llama):
 
     def config(name: str) -> Path:
         path = tmp_path / f"{name}.yaml"
-        path.write_text(f"recipe: {{name: grpo, num_generations: 4, max_completion_length: 8, rewards: [{{fn: 'my_rewards:short'}}]}}\n"
+        path.write_text(f"recipe: {{name: grpo, num_generations: 4, max_completion_length: 8, rewards: [{{fn: 'grpo_test_rewards:short'}}]}}\n"
                         f"model: {tiny_llama}\nmethod: {{name: lora, r: 4}}\ndata: {{train: {prompts}}}\n"
                         "train: {max_steps: 6, batch_size: 2, grad_accum: 2, lr: 0.02, save_every: 2, seed: 3}\n"
                         f"eval: {{probe: false, before: false}}\noutput_dir: {tmp_path / name}\n")
