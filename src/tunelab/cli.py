@@ -33,13 +33,31 @@ def train(
     overrides: OverridesArg = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in output_dir")] = False,
     force: Annotated[bool, typer.Option("--force", help="resume even if config or data changed")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="train on N processes of this machine (torchrun; one per "
+                                       "GPU, or CPU cores shared out); the global batch is batch_size × grad_accum × N, "
+                                       "and the config's distributed: section says how they share the model")] = 1,
 ) -> None:
     """Train a model as CONFIG says (recipe: sft by default, or pretrain, ...); the result lands in output_dir."""
+    import os
+
     from tunelab.config import load_config
     from tunelab.recipes import get_recipe
 
-    cfg = load_config(config, overrides or [])
-    result = get_recipe(cfg.recipe.name).main(cfg, resume=resume, force=force, console=console)
+    cfg = load_config(config, overrides or [])  # a bad config fails here, once, before N processes start
+    launched = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if nproc > 1 and not launched:
+        from tunelab.training.launch import launch
+
+        args = [str(config), *(overrides or []), *(["--resume"] if resume else []), *(["--force"] if force else [])]
+        if (status := launch(nproc, args)) != 0:
+            console.print(f"[bold red]error:[/] training on {nproc} processes failed (status {status}); the failing "
+                          "process's error is above")
+            raise typer.Exit(status if status != 1 else 2)
+        return
+    out = console if os.environ.get("RANK", "0") == "0" else Console(stderr=True, quiet=True)  # rank 0 speaks for all
+    result = get_recipe(cfg.recipe.name).main(cfg, resume=resume, force=force, console=out)
+    if out is not console:
+        return
     loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
     console.print(f"Done in {result.train_seconds:.1f} s: {result.steps} steps, final train loss {loss}. Run: {result.run_dir}")
 
@@ -113,12 +131,33 @@ def plan_command(
     config: ConfigArg,
     overrides: OverridesArg = None,
     gpu: str = typer.Option(None, "--gpu", help="a GPU name (h100-80gb, h200, a100-80gb, l4, rtx-4090, ...) or 'current'/'cpu'; default: this machine"),
+    gpus: int = typer.Option(None, "--gpus", min=1, help="also predict the memory per rank on N GPUs for DDP, ZeRO-1/2 and "
+                             "ZeRO-3/FSDP (default GPU: h100-80gb when this machine has none)"),
+    strategy: str = typer.Option(None, "--strategy", help="with --gpus: only this strategy (ddp, zero1, zero2, fsdp)"),
 ) -> None:
     """Predict a config's peak memory and training time before running it (from the model's config.json only)."""
     from tunelab.config import load_config
     from tunelab.planning import plan, print_plan
 
-    print_plan(plan(load_config(config, overrides or []), gpu), Console())
+    if strategy is not None and gpus is None:
+        raise TunelabError("--strategy needs --gpus N")
+    if gpus is not None and gpu is None:
+        import torch
+
+        gpu = "current" if torch.cuda.is_available() else "h100-80gb"
+    result = plan(load_config(config, overrides or []), gpu)
+    out = Console()
+    print_plan(result, out)
+    if gpus is not None:
+        from tunelab.planning.distributed import STRATEGIES, print_rank_table, rank_table
+
+        rows = rank_table(result.memory, result.shape, gpus)
+        if strategy is not None:
+            wanted = {"fsdp": "zero3/fsdp", "zero3": "zero3/fsdp"}.get(strategy, strategy)
+            if wanted not in STRATEGIES:
+                raise TunelabError(f"--strategy {strategy}: choose ddp, zero1, zero2 or fsdp")
+            rows = [r for r in rows if r.strategy == wanted]
+        print_rank_table(rows, out, result.device.memory_bytes, result.device.name)
 
 
 @app.command("methods")

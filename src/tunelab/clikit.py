@@ -7,6 +7,7 @@ never ``tunelab.cli`` (which imports them).
 
 from __future__ import annotations
 
+import os
 from functools import wraps
 
 import typer
@@ -40,7 +41,8 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except TunelabError as err:
-            console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+            rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+            console.print(f"[bold red]error:[/] {rank}{err}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]; resume a training run with --resume")

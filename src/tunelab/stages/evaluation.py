@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.atomic import write_text_atomic
+from tunelab.training.distributed import is_main
 from tunelab.config.schema import RunConfig
 from tunelab.data import data_fingerprint
 from tunelab.evaluation.report import (PROBE_MAX_NEW_TOKENS, draw_shots, evaluate_task, few_shot_examples, load_probe,
@@ -183,7 +184,10 @@ def _compare(saved: dict, current: dict, wanted: list[str], path: Path) -> Befor
 
 
 def evaluate_before(config: RunConfig, loaded: LoadedModel, examples: Examples, run_dir: Path, console: Console) -> dict[str, Any]:
-    """Evaluate the untuned model, reusing the results saved earlier that were scored the same way (:func:`plan_before`)."""
+    """Evaluate the untuned model, reusing the results saved earlier that were scored the same way (:func:`plan_before`).
+    With several processes only rank 0 evaluates (the others get ``{}``)."""
+    if not is_main():
+        return {}
     plan = plan_before(config, examples, run_dir)
     if plan.todo and plan.why:
         console.print(f"[yellow]{plan.source}[/] cannot be reused as it is: {'; '.join(plan.why)}. "
@@ -213,7 +217,8 @@ def evaluate_before(config: RunConfig, loaded: LoadedModel, examples: Examples, 
 
 def save_before(run_dir: Path, before: dict[str, Any]) -> None:
     """Keep the untuned model's results (and their ``settings``) so a resumed run need not evaluate it again."""
-    write_text_atomic(run_dir / "eval_before.json", json.dumps(before, indent=2, ensure_ascii=False) + "\n")
+    if is_main():
+        write_text_atomic(run_dir / "eval_before.json", json.dumps(before, indent=2, ensure_ascii=False) + "\n")
 
 
 def evaluate_after(config: RunConfig, loaded: LoadedModel, examples: Examples, before: dict, run_dir: Path, console: Console,
@@ -222,7 +227,10 @@ def evaluate_after(config: RunConfig, loaded: LoadedModel, examples: Examples, b
 
     ``eval.json`` records the settings its scores were made with (``settings``), as ``eval_before.json`` does;
     ``extra`` adds a recipe's own results (e.g. the pretrain recipe's held-out perplexity before and after).
+    With several processes only rank 0 evaluates (the others get ``{}``).
     """
+    if not is_main():
+        return {}
     report: dict[str, Any] = {"metric": config.eval.metric, "baselines": {}, **(extra or {})}
     for key in BASELINES:
         if key in before:

@@ -6,6 +6,7 @@ A checkpoint holds weights, optimizer, RNG states, the step and the seconds spen
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from rich.console import Console
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.stages.model import TunedModel
-from tunelab.training.checkpoint import load_latest_checkpoint, save_checkpoint
+from tunelab.training import distributed
+from tunelab.training.checkpoint import load_latest_checkpoint, rng_states, save_checkpoint
 from tunelab.training.optim import adamw
 from tunelab.training.plan import StepPlan
 
@@ -31,6 +33,7 @@ class Optimization:
     plan: StepPlan
     start_step: int
     seconds_spent: float
+    whole: torch.nn.Module | None = None  # FSDP: an unsharded CPU copy the trained shards are gathered into at the end
 
     @property
     def finished(self) -> bool:
@@ -39,18 +42,26 @@ class Optimization:
 
 
 def step_plan(config: RunConfig, n_examples: int, on_gpu: bool) -> StepPlan:
-    """The config's training numbers as a :class:`StepPlan` over ``n_examples``."""
+    """The config's training numbers as a :class:`StepPlan` over ``n_examples`` (and this process's share of it)."""
     t = config.train
     return StepPlan.build(n_examples, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs,
                           max_steps=t.max_steps, seed=t.seed, lr=t.lr, schedule=t.schedule, warmup_ratio=t.warmup_ratio,
                           save_every=t.save_every, eval_every=t.eval_every, log_every=t.log_every, on_gpu=on_gpu,
-                          max_seconds=t.max_seconds)
+                          max_seconds=t.max_seconds, world=distributed.world())
 
 
 def prepare_optimization(config: RunConfig, tuned: TunedModel, accelerator, plan: StepPlan, checkpoints: Path | None,
                          console: Console) -> Optimization:
     """AdamW over the trainable parameters, the newest readable checkpoint under ``checkpoints`` restored (when
-    resuming: not None), all placed by accelerate."""
+    resuming: not None), all placed by accelerate (DDP-wrapped under a distributed launch), or sharded first
+    with ``distributed.strategy: fsdp``."""
+    fsdp = distributed.world().distributed and config.distributed.strategy == "fsdp"
+    whole = None
+    if fsdp:
+        whole = copy.deepcopy(tuned.model).cpu()
+        distributed.shard_model(tuned.model, config.distributed.cpu_offload)
+        shards = dict(tuned.model.named_parameters())
+        tuned.params = {name: shards[name] for name in tuned.params}
     optimizer = adamw(list(tuned.params.values()), lr=config.train.lr, weight_decay=config.train.weight_decay)
     start_step, scaler_state, seconds = 0, None, 0.0
     restored = None
@@ -68,15 +79,52 @@ def prepare_optimization(config: RunConfig, tuned: TunedModel, accelerator, plan
         console.print(f"Resuming from {restored.path} (step {restored.step}).")
         state = restored.state
         start_step, scaler_state, seconds = restored.step, state.get("grad_scaler"), state.get("train_seconds", 0.0)
-    model, optimizer = accelerator.prepare(tuned.model, optimizer)
+    if fsdp:
+        model, optimizer = tuned.model, accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(tuned.model, optimizer)
     if scaler_state and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(scaler_state)
-    return Optimization(model, optimizer, tuned.params, accelerator, plan, start_step, seconds)
+    return Optimization(model, optimizer, tuned.params, accelerator, plan, start_step, seconds, whole)
+
+
+def trained_model(opt: Optimization) -> torch.nn.Module:
+    """The model at the end of training, whole: as it trained, or (FSDP) the trained shards gathered into the
+    unsharded copy (on every rank, so the evaluation after training runs as it does in one process)."""
+    model = opt.accelerator.unwrap_model(opt.model)
+    if opt.whole is None:
+        return model
+    whole = dict(opt.whole.named_parameters())
+    with torch.no_grad():
+        for name, param in opt.params.items():
+            whole[name].copy_(distributed.full_tensor(param).cpu())
+    return opt.whole.to(opt.accelerator.device)
 
 
 def save_state(opt: Optimization, run_dir: Path, done: int, seconds_spent: float, keep_last: int) -> None:
-    """Checkpoint step ``done`` (with the time spent and the fp16 grad-scaler state, if any)."""
+    """Checkpoint step ``done`` (with the time spent and the fp16 grad-scaler state, if any). With several
+    processes every rank calls it (FSDP shards are gathered), rank 0 writes, and the others wait for it."""
     scaler = opt.accelerator.scaler
     extra = {"epoch": opt.plan.epoch_of(done - 1), "train_seconds": seconds_spent,
              **({"grad_scaler": scaler.state_dict()} if scaler else {})}
-    save_checkpoint(run_dir / "checkpoints", done, opt.params, opt.optimizer, extra, keep_last)
+    if not distributed.world().distributed:
+        save_checkpoint(run_dir / "checkpoints", done, opt.params, opt.optimizer, extra, keep_last)
+        return
+    params = {name: distributed.full_tensor(p) for name, p in opt.params.items()}
+    optimizer = _Gathered(opt.optimizer.state_dict())
+    rngs = distributed.gather_objects(rng_states())
+    if distributed.is_main():
+        save_checkpoint(run_dir / "checkpoints", done, params, optimizer, extra, keep_last, other_ranks=rngs[1:])
+    distributed.barrier()
+
+
+class _Gathered:
+    """An optimizer's state with FSDP-sharded tensors gathered whole (a collective), as ``save_checkpoint`` reads it."""
+
+    def __init__(self, state: dict):
+        self._state = {"state": {i: {k: distributed.full_tensor(v) if torch.is_tensor(v) else v for k, v in per.items()}
+                                 for i, per in state["state"].items()},
+                       "param_groups": state["param_groups"]}
+
+    def state_dict(self) -> dict:
+        return self._state

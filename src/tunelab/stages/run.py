@@ -21,6 +21,7 @@ from tunelab.data import data_fingerprint
 from tunelab.data.templates import template_file
 from tunelab.errors import TunelabError
 from tunelab.stages.lineage import parent_inputs, read_parent
+from tunelab.training.distributed import barrier, is_main, launched_world
 from tunelab.training.manifest import write_manifest
 from tunelab.training.rundir import check_run_dir, dir_size_mb, finish_manifest, new_manifest
 
@@ -55,6 +56,7 @@ def check_start(config: RunConfig, *, resume: bool, force: bool, precision: str,
     _, previous = check_run_dir(run_dir, resume, force, resolved, data_hash)  # (its newest checkpoint: see stages.optimize)
     if previous is not None and not force:
         _check_same_machine_kind(run_dir, previous, precision, device_kind)
+        _check_same_processes(run_dir, previous, config)
     return RunStart(run_dir, resolved, files, data_hash, resume, previous)
 
 
@@ -75,15 +77,37 @@ def _check_same_machine_kind(run_dir: Path, previous: dict, precision: str, devi
         )
 
 
+def processes(config: RunConfig) -> dict[str, Any]:
+    """The manifest's record of how many processes train and how they share the model."""
+    size = launched_world().size
+    return {"processes": size, "distributed_strategy": config.distributed.strategy if size > 1 else None}
+
+
+def _check_same_processes(run_dir: Path, previous: dict, config: RunConfig) -> None:
+    """A resume runs on as many processes, sharing the model the same way, as the run started with: the global
+    batch and the data each rank reads depend on it."""
+    was = {"processes": previous.get("processes", 1), "distributed_strategy": previous.get("distributed_strategy")}
+    now = processes(config)
+    if was != now:
+        raise TunelabError(f"refusing to resume {run_dir}: it started on {was['processes']} process(es)"
+                           f"{' with ' + was['distributed_strategy'] if was['distributed_strategy'] else ''}, this is "
+                           f"{now['processes']}{' with ' + now['distributed_strategy'] if now['distributed_strategy'] else ''}. "
+                           f"Resume with --nproc {was['processes']}"
+                           f"{' and distributed.strategy=' + was['distributed_strategy'] if was['distributed_strategy'] else ''}, "
+                           "or pass --force to continue anyway (the result will differ from an uninterrupted run).")
+
+
 def begin_run(start: RunStart, config: RunConfig, **fields: Any) -> dict[str, Any]:
-    """Write ``config.yaml`` and a ``running`` manifest; returns the manifest (kept up to date by the recipe)."""
-    start.run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(start.run_dir / "config.yaml", yaml.safe_dump(start.resolved, sort_keys=False))
+    """Write ``config.yaml`` and a ``running`` manifest (rank 0 only); returns the manifest (kept up to date by the recipe)."""
     start_step = fields.pop("start_step", 0)
     manifest = new_manifest(start.previous, start_step if start.resume else None, config_hash=config_hash(start.resolved),
                             data_hash=start.data_hash, data_files=start.data_files,
-                            precision_setting=config.train.precision, recipe=config.recipe.name, **fields)
-    write_manifest(start.run_dir, manifest)
+                            precision_setting=config.train.precision, recipe=config.recipe.name, **processes(config),
+                            **fields)
+    if is_main():
+        start.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(start.run_dir / "config.yaml", yaml.safe_dump(start.resolved, sort_keys=False))
+        write_manifest(start.run_dir, manifest)
     return manifest
 
 
@@ -92,22 +116,26 @@ def train_or_fail(run_dir: Path, manifest: dict[str, Any], train: Callable[[], A
     try:
         return train()
     except TunelabError:
-        write_manifest(run_dir, {**manifest, "status": "failed"})
+        if is_main():
+            write_manifest(run_dir, {**manifest, "status": "failed"})
         raise
 
 
 def save_artifact(run_dir: Path, name: str, save: Callable[[Path], None], tokenizer) -> tuple[Path, float]:
     """Write the artifact folder atomically (``save(tmp)`` plus the tokenizer and its chat template); returns
-    (its path, its size in MB)."""
+    (its path, its size in MB). With several processes rank 0 writes it and the others wait until it is there."""
     artifact_dir = run_dir / name
-    with atomic_dir(artifact_dir) as tmp:
-        save(tmp)
-        tokenizer.save_pretrained(tmp)
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                path.chmod(0o644)  # safetensors writes 0600; an artifact is meant to be read by others (a server, a colleague)
+    if is_main():
+        with atomic_dir(artifact_dir) as tmp:
+            save(tmp)
+            tokenizer.save_pretrained(tmp)
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    path.chmod(0o644)  # safetensors writes 0600; an artifact is meant to be read by others (a server, a colleague)
+    barrier()
     return artifact_dir, round(dir_size_mb(artifact_dir), 3)
 
 
 def finish_run(run_dir: Path, manifest: dict[str, Any], **fields: Any) -> None:
-    write_manifest(run_dir, finish_manifest(manifest, **fields))
+    if is_main():
+        write_manifest(run_dir, finish_manifest(manifest, **fields))

@@ -26,8 +26,10 @@ from tunelab.methods import count_parameters
 from tunelab.stages.evaluation import check_eval_settings
 from tunelab.stages.lineage import read_parent
 from tunelab.stages.model import TunedModel, apply_method, checkpointed_blocks
-from tunelab.stages.optimize import Optimization, prepare_optimization, step_plan
+from tunelab.stages.optimize import Optimization, prepare_optimization, step_plan, trained_model
 from tunelab.stages.run import RunStart, begin_run, check_start, save_artifact, train_or_fail
+from tunelab.errors import TunelabError
+from tunelab.training.distributed import all_sum, barrier, launched_world
 from tunelab.training.device import device_kind, make_accelerator, peak_memory, precision_name, reset_peak_memory, resolve_precision
 from tunelab.training.kernels import apply_kernels, check_kernels
 from tunelab.training.reporter import StepReporter
@@ -50,12 +52,28 @@ def check_environment(config: RunConfig, *, resume: bool, force: bool, data_file
                       task=None) -> Environment:
     """Everything cheap that can refuse the run before a model loads; ``task`` (``stages.setup.Examples``) are the
     examples the recipe evaluates on, for checking a reused ``eval.before_from``."""
+    check_distributed(config)
     precision = resolve_precision(config.train.precision)
     start = check_start(config, resume=resume, force=force, precision=precision, device_kind=device_kind(),
                         data_files=data_files)
     check_eval_settings(config, task)
     check_kernels(config.train.kernels, device_kind())
-    return Environment(start, precision, make_accelerator(precision))
+    accelerator = make_accelerator(precision, config.distributed.timeout_minutes)
+    barrier()  # every rank has checked the run directory before rank 0 writes to it
+    return Environment(start, precision, accelerator)
+
+
+def check_distributed(config: RunConfig) -> None:
+    """Under a distributed launch, refuse a strategy that cannot run here before anything loads."""
+    if not launched_world().distributed:
+        return
+    strategy = config.distributed.strategy
+    if strategy == "deepspeed":
+        raise TunelabError("distributed.strategy: deepspeed is not wired into tunelab's loop yet; use fsdp, which shards "
+                           "parameters, gradients and optimizer state over the ranks as ZeRO-3 does, or ddp")
+    if strategy == "fsdp" and config.recipe.name == "grpo":
+        raise TunelabError("distributed.strategy: fsdp cannot run recipe grpo: each rank samples its own prompts, and a "
+                           "sharded model needs every rank in every forward pass; use ddp")
 
 
 def prepare_training(config: RunConfig, env: Environment, base, tokenizer, added_tokens: list[str], train_examples: list,
@@ -147,12 +165,13 @@ def train_and_save(config: RunConfig, env: Environment, opt: Optimization, tuned
     started = time.time()
     reporter = train_or_fail(env.run_dir, manifest, loop)
     seconds = time.time() - started
-    costs = {"train_seconds": round(seconds, 2), "tokens_per_s": round(reporter.tokens_total / max(seconds, 1e-9), 1),
+    tokens = float(all_sum([reporter.tokens_total])[0])  # every rank's share
+    costs = {"train_seconds": round(seconds, 2), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
              "steps_done": reporter.done, **peak_memory()}
     if reporter.done < opt.plan.total:
         costs["stopped_by"] = "max_seconds"
         console.print(f"train.max_seconds={config.train.max_seconds:g} reached after {reporter.done} of {opt.plan.total} steps.")
-    model = env.accelerator.unwrap_model(opt.model)
+    model = trained_model(opt)
     def save(tmp: Path) -> None:
         tuned.method.save(model, tmp)
         if save_extra is not None:

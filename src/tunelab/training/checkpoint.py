@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from tunelab.atomic import atomic_dir, fsync_dir
 from tunelab.errors import TunelabError
+from tunelab.training.distributed import local_like, relayout_optimizer_state, world
 
 _NAME = re.compile(r"^step-(\d{8})$")
 _TEMPORARY = re.compile(r"^\.step-\d{8}\.(tmp|old)-")  # names atomic_dir (and pruning) give in-flight dirs
@@ -92,11 +93,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any],
     keep_last: int,
+    other_ranks: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``root/step-NNNNNNNN`` atomically and durably, then delete all but the newest ``keep_last``.
 
     Temporaries a killed run left in ``root`` are removed first. The checkpoint just written is always kept
     (also when a newer-numbered one exists), and older ones are deleted only once it is safely on disk.
+    ``other_ranks`` (several processes): the :func:`rng_states` of ranks 1, 2, ..., which rank 0 writes
+    beside its own so each rank resumes with its own random streams.
     """
     _remove_temporaries(root)
     target = root / f"step-{step:08d}"
@@ -104,12 +108,15 @@ def save_checkpoint(
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         opt_tensors, param_groups = _flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, tmp / "optimizer.safetensors")
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"torch_cuda_{i}"] = s
+        own = rng_states()
+        rng = dict(own["torch"])
+        python_ranks = {}
+        for rank, states in enumerate(other_ranks or [], start=1):
+            rng.update({f"rank{rank}/{name}": tensor for name, tensor in states["torch"].items()})
+            python_ranks[str(rank)] = states["python_random"]
         save_file(rng, tmp / "rng.safetensors")
-        state = {"step": step, "param_groups": param_groups, "python_random": _python_rng_state(), **extra}
+        state = {"step": step, "param_groups": param_groups, "python_random": own["python_random"],
+                 **({"python_random_ranks": python_ranks} if python_ranks else {}), **extra}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     _prune(root, target, keep_last)
     return target
@@ -141,6 +148,15 @@ def _prune(root: Path, keep: Path, keep_last: int) -> None:
         fsync_dir(root)
     for hole in moved:
         shutil.rmtree(hole, ignore_errors=True)
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's random states: torch's (CPU and every CUDA device) and Python's."""
+    torch_states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            torch_states[f"torch_cuda_{i}"] = state
+    return {"torch": torch_states, "python_random": _python_rng_state()}
 
 
 def _python_rng_state() -> list:
@@ -252,16 +268,29 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimi
     contents = _read(path)
     _check_fits(path, contents, trainable, optimizer)
     optimizer.load_state_dict(contents.optimizer)
+    relayout_optimizer_state(optimizer)
     with torch.no_grad():
         for name, param in trainable.items():
-            param.copy_(contents.trainable[name].to(param.device, param.dtype))
-    torch.set_rng_state(contents.rng["torch_cpu"])
+            param.copy_(local_like(contents.trainable[name].to(param.device, param.dtype), param))
+    rng, python_random = _own_rng(contents)
+    torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():
-        cuda_states = [contents.rng[k] for k in sorted(k for k in contents.rng if k.startswith("torch_cuda_"))]
+        cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
-    random.setstate(contents.python_random)
+    random.setstate(python_random)
     return contents.state
+
+
+def _own_rng(contents: _Contents) -> tuple[dict[str, torch.Tensor], tuple]:
+    """This rank's torch and Python random states from a checkpoint (rank 0's in one process)."""
+    rank = world().rank
+    prefix = f"rank{rank}/"
+    saved = (contents.state.get("python_random_ranks") or {}).get(str(rank))
+    if rank == 0 or f"{prefix}torch_cpu" not in contents.rng or saved is None:
+        return {k: v for k, v in contents.rng.items() if "/" not in k}, contents.python_random
+    version, internal, gauss = saved
+    return {k[len(prefix):]: v for k, v in contents.rng.items() if k.startswith(prefix)}, (version, tuple(internal), gauss)
 
 
 def load_latest_checkpoint(

@@ -27,11 +27,19 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def make_accelerator(precision: str):
-    """An ``accelerate.Accelerator`` for the resolved ``precision`` (mixed precision on its autocast)."""
+def make_accelerator(precision: str, timeout_minutes: float = 60):
+    """An ``accelerate.Accelerator`` for the resolved ``precision`` (mixed precision on its autocast). Under a
+    distributed launch it creates the process group (NCCL on GPUs, gloo on CPUs: accelerate needs ``cpu=True``
+    to take a CPU launch as distributed) with ``timeout_minutes`` for a collective."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+    from tunelab.training.distributed import launched_world, process_group_kwargs
+
+    mixed = {"fp32": "no"}.get(precision, precision)
+    if not launched_world().distributed:
+        return Accelerator(mixed_precision=mixed)
+    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=process_group_kwargs(timeout_minutes))
 
 
 def precision_name(accelerator) -> str:

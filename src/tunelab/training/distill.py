@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.errors import TunelabError
 from tunelab.training.linear_cross_entropy import chunk_rows as default_chunk_rows
+from tunelab.training.distributed import wrapped
 from tunelab.training.loss import IGNORE_INDEX, plain_causal_lm
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -65,17 +66,27 @@ def _trained_hidden(backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["trained_index"])
 
 
+def _wrapped_trained_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, batch["trained_index"])
+
+
 def distill_loss_sum(student, teacher, batch: dict[str, torch.Tensor], *, kind: str, beta: float = 0.5, temperature: float = 1.0,
                      alpha: float = 0.0, chunk_rows: int | None = None) -> torch.Tensor:
     """Summed ``(1 − α)·divergence + α·cross-entropy`` over the trained positions of ``batch`` (from
     ``training.loss.to_device``: it carries ``trained_index``); gradients reach the student only."""
-    s_backbone, s_head = _backbone_and_head(student, "student")
     t_backbone, t_head = _backbone_and_head(teacher, "teacher")
-    s_hidden = _trained_hidden(s_backbone, batch)
+    if wrapped(student):  # DDP/FSDP: only the wrapper's forward synchronises, so the student's full logits
+        s_hidden = _wrapped_trained_logits(student, batch)
+        s_head, vocab = torch.nn.Identity(), s_hidden.shape[-1]
+    else:
+        s_backbone, s_head = _backbone_and_head(student, "student")
+        s_hidden, vocab = _trained_hidden(s_backbone, batch), s_head.weight.shape[0]
     with torch.no_grad():
         t_hidden = _trained_hidden(t_backbone, batch)
     targets = batch["labels"].reshape(-1).index_select(0, batch["trained_index"] + 1)
-    rows = chunk_rows or default_chunk_rows(s_head.weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(vocab)
 
     def chunk(s_h: torch.Tensor, t_h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         s_logits = s_head(s_h)

@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 
 from tunelab.generation import SamplingSettings
-from tunelab.training import hooks
+from tunelab.training import distributed, hooks
 from tunelab.training.grpo import group_advantages, grpo_loss_sum, grpo_normaliser
 from tunelab.training.logprobs import token_logprobs
 from tunelab.training.loss import to_device
@@ -92,15 +92,42 @@ def _objective(settings: GrpoSettings):
     return loss_fn
 
 
-def _reward_stats(names: list[str], per_fn: torch.Tensor, total: torch.Tensor, zero_share: float, rollouts: Rollouts,
-                  max_len: int) -> dict[str, float]:
+def _reward_stats(names: list[str], per_fn: torch.Tensor, total: torch.Tensor, zero_share: float, lengths: torch.Tensor,
+                  truncated: torch.Tensor) -> dict[str, float]:
     stats = {"reward": float(total.mean()), "reward_std": float(total.std()) if len(total) > 1 else 0.0,
-             "zero_variance_groups": float(zero_share), "completion_length": float(rollouts.lengths().mean()),
-             "truncated": float(sum(c.finish_reason == "length" for c in rollouts.completions)) / len(rollouts.completions)}
+             "zero_variance_groups": float(zero_share), "completion_length": float(lengths.mean()),
+             "truncated": float(truncated.float().mean())}
     for i, name in enumerate(names):
         stats[f"rewards/{name}"] = float(per_fn[:, i].mean())
         stats[f"rewards/{name}_std"] = float(per_fn[:, i].std()) if len(per_fn) > 1 else 0.0
     return stats
+
+
+@dataclass
+class _Scored:
+    """A round's rewards over every rank's real prompts (fillers left out), and this rank's advantages."""
+
+    advantages: torch.Tensor  # (this rank's rows,): fillers' rows 0
+    zero_share: float
+    stats: dict[str, float]
+
+
+def _score_round(rollouts: Rollouts, per_fn: torch.Tensor, total: torch.Tensor, real_prompts: int, names: list[str],
+                 settings: GrpoSettings) -> _Scored:
+    """Group-normalised advantages and the logged reward statistics of a round. With several processes the
+    rewards of all ranks are gathered first, so ``scale_rewards: batch`` and the statistics are the global
+    batch's, as in one process."""
+    g = settings.num_generations
+    rows = real_prompts * g
+    lengths = rollouts.lengths()
+    truncated = torch.tensor([c.finish_reason == "length" for c in rollouts.completions])
+    mine = (total[:rows].cpu(), per_fn[:rows].cpu(), lengths[:rows], truncated[:rows])
+    parts = distributed.gather_objects(mine)
+    whole = [torch.cat([p[i] for p in parts]) for i in range(4)]
+    advantages, zero_share = group_advantages(whole[0].view(-1, g), settings.scale_rewards)
+    start = sum(len(p[0]) for p in parts[: distributed.world().rank])
+    own = torch.cat([advantages.reshape(-1)[start : start + rows], torch.zeros(len(total) - rows)])
+    return _Scored(own, zero_share, _reward_stats(names, whole[1], whole[0], zero_share, whole[2], whole[3]))
 
 
 def _write_samples(run_dir: Path, step: int, prompts: list, rollouts: Rollouts, total: torch.Tensor, keep: int = 4) -> None:
@@ -121,7 +148,7 @@ def run_grpo(opt, prompts: list, fields: list[dict], rewards, *, tokenizer, sett
     with StepReporter(run_dir, plan, opt.start_step, console) as reporter:
         for step in range(opt.start_step, plan.total):
             started = hooks.clock()
-            groups = [list(ids) for ids in plan.micro_batches(step)]
+            groups, fillers = [list(ids) for ids in plan.micro_batches(step)], plan.fillers(step)
             indices = [i for group in groups for i in group]
             sampling = SamplingSettings(temperature=settings.temperature, top_p=settings.top_p, seed=step_seed(settings.seed, step),
                                         max_new_tokens=settings.max_completion_length)
@@ -129,21 +156,23 @@ def run_grpo(opt, prompts: list, fields: list[dict], rewards, *, tokenizer, sett
                                        batch_size=settings.generation_batch_size)
             row_prompts = [prompts[i] for i in rollouts.prompt_index]
             per_fn, total = rewards.score(rollouts.texts, row_prompts, [fields[i] for i in rollouts.prompt_index])
-            advantages, zero_share = group_advantages(total.view(len(indices), settings.num_generations), settings.scale_rewards)
-            micro = _micro_batches(rollouts, advantages.reshape(-1), groups, tokenizer.pad_token_id, device)
+            scored = _score_round(rollouts, per_fn, total, sum(len(gr) for gr in groups[: len(groups) - fillers]),
+                                  rewards.names, settings)
+            micro = _micro_batches(rollouts, scored.advantages, groups, tokenizer.pad_token_id, device)
             _fixed_logps(model, micro, settings, disabled)
-            count = sum(grpo_normaliser(mb["mask"], settings.aggregation, settings.max_completion_length) for mb in micro)
+            count = sum(grpo_normaliser(mb["mask"], settings.aggregation, settings.max_completion_length)
+                        for mb in micro[: len(micro) - fillers])
             set_lr(opt.optimizer, lr := plan.lr(step, seconds))
             opt.model.train()
             for _ in range(settings.num_iterations):
                 outcome = optimizer_step(opt.model, opt.optimizer, opt.params.values(), micro, loss_fn, accelerator=opt.accelerator,
-                                         count=count, max_grad_norm=max_grad_norm)
+                                         count=count, max_grad_norm=max_grad_norm, fillers=fillers)
             seconds += hooks.clock() - started
             done = step + 1
             last = plan.is_last(done, seconds)
             reporter.step(done, outcome, lr=lr, last=last, input_tokens=sum(len(r.input_ids) for r in rollouts.rows),
-                          reduced=_reward_stats(rewards.names, per_fn, total, zero_share, rollouts, settings.max_completion_length))
-            if settings.samples_every and (done % settings.samples_every == 0 or last):
+                          reduced=scored.stats)
+            if settings.samples_every and (done % settings.samples_every == 0 or last) and distributed.is_main():
                 _write_samples(run_dir, done, prompts, rollouts, total)
             if hooks.finish_step(opt, reporter, outcome, done, last, seconds, run_dir=run_dir, keep_last=keep_last,
                                  save_state=save_state):

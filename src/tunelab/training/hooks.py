@@ -2,7 +2,8 @@
 
 ``clock`` times optimizer steps for ``train.max_seconds`` (a test replaces ``hooks.clock``);
 :func:`finish_step` checkpoints when the plan says so (never a diverged model);
-``TUNELAB_TEST_SIGKILL_AT_STEP=N`` kills the process with SIGKILL after step N (the resume tests).
+``TUNELAB_TEST_SIGKILL_AT_STEP=N`` kills the process with SIGKILL after step N (the resume tests);
+``TUNELAB_TEST_FAIL_AT_STEP=R:N`` makes rank R fail with an error after step N (the distributed tests).
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import os
 import signal
 import time
 
+from tunelab.errors import TunelabError
+
 clock = time.monotonic
 
 
 def crash_for_tests(step: int) -> None:
     if os.environ.get("TUNELAB_TEST_SIGKILL_AT_STEP") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("TUNELAB_TEST_FAIL_AT_STEP") == f"{os.environ.get('RANK', 0)}:{step}":
+        raise TunelabError(f"failing on purpose after step {step} (TUNELAB_TEST_FAIL_AT_STEP)")
 
 
 def finish_step(opt, reporter, outcome, done: int, last: bool, seconds: float, *, run_dir, keep_last: int, save_state) -> bool:

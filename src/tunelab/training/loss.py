@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from tunelab.data.packing import check_packed_attention
 from tunelab.errors import TunelabError
+from tunelab.training import distributed
 from tunelab.training.linear_cross_entropy import chunk_rows, linear_cross_entropy_sum
 
 IGNORE_INDEX = -100
@@ -81,8 +82,13 @@ def plain_causal_lm(model):
 
     Exact for plain models (also with modules added inside the decoder, such as bottleneck adapters or
     freeze tuning) and for LoRA and IA3 (their layers sit inside the decoder); not for prompt/prefix
-    tuning, whose PEFT wrapper changes the inputs, nor for heads with scaling or soft-capping.
+    tuning, whose PEFT wrapper changes the inputs, nor for heads with scaling or soft-capping. Never for a
+    DDP-wrapped or FSDP-sharded model: DDP synchronises gradients and FSDP gathers parameters only in the
+    wrapped model's own forward, which the fast path would bypass (silently unsynchronised gradients), so
+    there the loss is computed from the full logits.
     """
+    if distributed.wrapped(model):
+        return None
     base = model
     config = _peft_config(model)
     if config is not None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.training import distributed
 
 LossFn = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, int, dict[str, torch.Tensor]]"]
 
@@ -47,27 +48,48 @@ class StepOutcome:
 
 
 def optimizer_step(model, optimizer, params: Sequence[torch.Tensor], micro_batches: Sequence[Any], loss_fn: LossFn, *,
-                   count: int, accelerator, max_grad_norm: float | None) -> StepOutcome:
+                   count: int, accelerator, max_grad_norm: float | None, fillers: int = 0) -> StepOutcome:
     """Forward/backward every micro-batch of one step, then clip and step.
 
     Args:
-        count: Units of loss in the whole step (known before any forward pass, e.g. trained tokens from
-            the labels); each micro-batch's summed loss is divided by it before its backward.
+        count: Units of loss in this process's micro-batches (known before any forward pass, e.g. trained
+            tokens from the labels), fillers excluded; with several processes it is summed over ranks, and
+            each micro-batch's summed loss is divided by the step's total before its backward.
         max_grad_norm: Clip the global gradient norm to this (None: no clipping).
+        fillers: The last ``fillers`` micro-batches only keep this rank in step with the others (weight 0,
+            ``training.distributed``).
+
+    The outcome's loss and stats are summed over all ranks (the same on every rank).
     """
+    params = list(params)
+    total = int(distributed.all_sum([count])[0]) if distributed.world().distributed else count
+    scale = distributed.gradient_scale() / max(total, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
     stats: dict[str, torch.Tensor] = {}
-    for batch in micro_batches:
-        with accelerator.autocast():
-            loss, _, batch_stats = loss_fn(model, batch)
-        accelerator.backward(loss / max(count, 1))
-        loss_sum += loss.detach()
+    last = len(micro_batches) - 1
+    for i, batch in enumerate(micro_batches):
+        weight = 0.0 if i > last - fillers else 1.0
+        with distributed.gradient_sync(model, accelerator, sync=i == last):
+            with accelerator.autocast():
+                loss, _, batch_stats = loss_fn(model, batch)
+            accelerator.backward(loss * (scale * weight))
+        loss_sum += loss.detach() * weight
         for key, value in batch_stats.items():
-            stats[key] = stats.get(key, 0) + value.detach()
-    grad_norm = accelerator.clip_grad_norm_(list(params), max_grad_norm) if max_grad_norm else None
+            stats[key] = stats.get(key, 0) + value.detach() * weight
+    if distributed.world().distributed:
+        distributed.average_outside(model, params)
+        loss_sum, stats = _summed_over_ranks(loss_sum, stats)
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss_sum, count, grad_norm, stats)
+    return StepOutcome(loss_sum, total, grad_norm, stats)
+
+
+def _summed_over_ranks(loss_sum: torch.Tensor, stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One all-reduce of the step's loss and stats (every rank has the same keys: fillers report theirs × 0)."""
+    keys = sorted(stats)
+    summed = distributed.all_sum(torch.stack([loss_sum.double(), *(torch.as_tensor(stats[k]).double() for k in keys)]))
+    return summed[0], dict(zip(keys, summed[1:]))
 
 
 def require_finite(loss_sum: torch.Tensor, step: int) -> float:

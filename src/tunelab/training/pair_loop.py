@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 
 from tunelab.data.preferences import TokenizedPair, collate_pairs
-from tunelab.training import hooks
+from tunelab.training import distributed, hooks
 from tunelab.training.logprobs import sequence_logprobs
 from tunelab.training.loss import to_device
 from tunelab.training.optim import optimizer_step, set_lr
@@ -123,16 +123,18 @@ def pair_metrics(model, pairs: list[TokenizedPair], reference: Reference, spec: 
     """Held-out pairs: mean loss, rewards, margin, preference accuracy and log-probability accuracy."""
     was_training = model.training
     model.eval()
-    sums: dict[str, float] = {}
-    for start in range(0, len(pairs), batch_size):
+    sums: dict[str, torch.Tensor] = {}
+    for start, weight in distributed.weighted_share(list(range(0, len(pairs), batch_size))):
         batch = pair_batch(pairs, list(range(start, min(start + batch_size, len(pairs)))), pad_id, device)
         with autocast():
             result, logp_accuracy = pair_loss(model, batch, reference, spec, options)
         values = {"pref_loss": result.loss.sum(), **result.stats_sum(), "logp_accuracy": logp_accuracy.sum()}
         for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
+            sums[key] = sums.get(key, 0.0) + value.detach().double() * weight
     model.train(was_training)
-    return {f"eval_{key.replace('rewards/', '')}": value / max(len(pairs), 1) for key, value in sums.items()}
+    keys = sorted(sums)
+    summed = distributed.all_sum(torch.stack([sums[k] for k in keys])).tolist() if keys else []
+    return {f"eval_{key.replace('rewards/', '')}": value / max(len(pairs), 1) for key, value in zip(keys, summed)}
 
 
 def run_pair_loss(opt, train: list[TokenizedPair], *, loss_fn: Callable, held_out: Callable[[torch.nn.Module], dict | None],
@@ -146,17 +148,18 @@ def run_pair_loss(opt, train: list[TokenizedPair], *, loss_fn: Callable, held_ou
     with StepReporter(run_dir, plan, opt.start_step, console) as reporter:
         for step in range(opt.start_step, plan.total):
             started = hooks.clock()
-            micro_ids = plan.micro_batches(step)
+            micro_ids, fillers = plan.micro_batches(step), plan.fillers(step)
             micro = [pair_batch(train, list(ids), pad_id, device) for ids in micro_ids]
+            real = len(micro) - fillers
             set_lr(opt.optimizer, lr := plan.lr(step, seconds))
             outcome = optimizer_step(opt.model, opt.optimizer, opt.params.values(), micro, loss_fn, accelerator=opt.accelerator,
-                                     count=sum(b.pairs for b in micro), max_grad_norm=max_grad_norm)
+                                     count=sum(b.pairs for b in micro[:real]), max_grad_norm=max_grad_norm, fillers=fillers)
             seconds += hooks.clock() - started
             done = step + 1
             last = plan.is_last(done, seconds)
-            tokens = sum(len(train[i].chosen.input_ids) + len(train[i].rejected.input_ids) for ids in micro_ids for i in ids)
+            tokens = sum(len(train[i].chosen.input_ids) + len(train[i].rejected.input_ids) for ids in micro_ids[:real] for i in ids)
             reporter.step(done, outcome, lr=lr, last=last, input_tokens=tokens)
-            if plan.eval_due(done, last) and (metrics := held_out(opt.model)) is not None:
+            if plan.eval_due(done, last) and (metrics := held_out(opt.accelerator.unwrap_model(opt.model))) is not None:
                 reporter.evaluation(done, metrics)
             if hooks.finish_step(opt, reporter, outcome, done, last, seconds, run_dir=run_dir, keep_last=keep_last,
                                  save_state=save_state):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from tunelab.training.distributed import World, share
 from tunelab.training.schedule import epoch_batches, lr_at, steps_per_epoch, total_steps, warmup_steps
 
 
@@ -27,28 +28,41 @@ class StepPlan:
     eval_every: int
     log_every: int
     max_seconds: float | None = None
+    world: World = World()
 
     @classmethod
     def build(cls, n_examples: int, *, batch_size: int, grad_accum: int, epochs: float, max_steps: int | None,
               seed: int, lr: float, schedule: str, warmup_ratio: float, save_every: int | None = None,
               eval_every: int | None = None, log_every: int | None = None, on_gpu: bool = False,
-              max_seconds: float | None = None) -> StepPlan:
+              max_seconds: float | None = None, world: World = World()) -> StepPlan:
         """Defaults: checkpoint once an epoch, evaluate at each checkpoint, log every step on CPU and every
-        10 on a GPU (a logged step reads the loss, which makes the host wait for the GPU)."""
+        10 on a GPU (a logged step reads the loss, which makes the host wait for the GPU). With several
+        processes (``world``) a step holds ``grad_accum`` micro-batches per process (``grad_accum`` is then the
+        global count ``grad_accum × world.size``)."""
+        grad_accum *= world.size
         per_epoch = steps_per_epoch(n_examples, batch_size, grad_accum)
         total = total_steps(n_examples, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps)
         save = save_every or per_epoch
         return cls(n_examples, batch_size, grad_accum, seed, total, per_epoch, warmup_steps(total, warmup_ratio), lr,
-                   schedule, save, eval_every or save, log_every or (10 if on_gpu else 1), max_seconds)
+                   schedule, save, eval_every or save, log_every or (10 if on_gpu else 1), max_seconds, world)
 
     def epoch_of(self, step: int) -> int:
         return step // self.per_epoch
 
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """Example indices of each micro-batch of optimizer step ``step`` (0-based)."""
+    def global_micro_batches(self, step: int) -> list[list[int]]:
+        """Example indices of each micro-batch of optimizer step ``step`` (0-based), over all processes."""
         epoch, index = divmod(step, self.per_epoch)
         order = _epoch_order(self.n_examples, self.batch_size, self.seed, epoch)
         return order[index * self.grad_accum : (index + 1) * self.grad_accum]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This process's micro-batches of ``step``: all of them in one process; with several, its share, ending
+        with :meth:`fillers` copies of the step's first micro-batch (``training.distributed``)."""
+        return share(self.global_micro_batches(step), self.world)[0]
+
+    def fillers(self, step: int) -> int:
+        """How many of :meth:`micro_batches` are fillers (weighted 0, run so every rank makes as many passes)."""
+        return share(self.global_micro_batches(step), self.world)[1]
 
     def lr(self, step: int, seconds_spent: float = 0.0) -> float:
         """The learning rate of ``step``; with a time budget the schedule follows whichever budget is further spent."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tunelab.training import distributed
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import StepOutcome, require_finite
 from tunelab.training.progress import training_progress
@@ -24,7 +25,7 @@ class StepReporter:
 
     def __init__(self, run_dir: Path, plan: StepPlan, start_step: int, console: Console, description: str = "train"):
         self.plan, self.console, self.start_step = plan, console, start_step
-        self.log = MetricsLog(run_dir, resume_step=start_step)
+        self.log = MetricsLog(run_dir, resume_step=start_step) if distributed.is_main() else _NoLog()
         self.progress = training_progress(console)
         self.description = description
         self.last_loss: float | None = None
@@ -54,6 +55,8 @@ class StepReporter:
             return
         elapsed = max(time.time() - self._window_start, 1e-9)
         tok_s = self._tokens_window / elapsed
+        if distributed.world().distributed:  # every rank logs the same steps: one all-reduce of the window's tokens
+            tok_s = float(distributed.all_sum([self._tokens_window])[0]) / elapsed
         self.last_loss = require_finite(outcome.loss_sum, done) / max(outcome.count, 1)
         record = {"step": done, "epoch": round(done / self.plan.per_epoch, 4), "loss": self.last_loss, "lr": lr,
                   "tokens_per_s": tok_s, "trained_tokens": outcome.count}
@@ -79,3 +82,13 @@ class StepReporter:
         self.log.log({"step": done, **metrics})
         shown = "  ".join(f"{k} {v:.4f}" if k != "eval_ppl" else f"ppl {v:.2f}" for k, v in metrics.items())
         self.progress.console.print(f"step {done}: {shown}")
+
+
+class _NoLog:
+    """The metrics log of a rank other than 0: rank 0 writes the run directory."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

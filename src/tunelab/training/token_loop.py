@@ -40,17 +40,19 @@ def run_token_loss(opt, train: list[TokenizedExample], evals: list[TokenizedExam
     with StepReporter(run_dir, plan, opt.start_step, console) as reporter:
         for step in range(opt.start_step, plan.total):
             started = hooks.clock()
-            micro_ids = plan.micro_batches(step)
+            micro_ids, fillers = plan.micro_batches(step), plan.fillers(step)
             micro = [make_batch([train[i] for i in ids], pad_id) for ids in micro_ids]
+            real = len(micro) - fillers
             set_lr(opt.optimizer, lr := plan.lr(step, seconds))
             outcome = optimizer_step(opt.model, opt.optimizer, opt.params.values(), micro, loss_fn, accelerator=opt.accelerator,
-                                     count=sum(trained_token_count(b["labels"]) for b in micro), max_grad_norm=max_grad_norm)
+                                     count=sum(trained_token_count(b["labels"]) for b in micro[:real]),
+                                     max_grad_norm=max_grad_norm, fillers=fillers)
             seconds += hooks.clock() - started
             done = step + 1
             last = plan.is_last(done, seconds)
-            reporter.step(done, outcome, lr=lr, last=last, input_tokens=sum(len(train[i].input_ids) for ids in micro_ids for i in ids))
+            reporter.step(done, outcome, lr=lr, last=last, input_tokens=sum(len(train[i].input_ids) for ids in micro_ids[:real] for i in ids))
             if evals and plan.eval_due(done, last):
-                reporter.evaluation(done, validation_loss(opt.model, evals, batch_size=eval_batch_size, pad_id=pad_id,
+                reporter.evaluation(done, validation_loss(opt.accelerator.unwrap_model(opt.model), evals, batch_size=eval_batch_size, pad_id=pad_id,
                                                           device=device, autocast=opt.accelerator.autocast))
             if hooks.finish_step(opt, reporter, outcome, done, last, seconds, run_dir=run_dir, keep_last=keep_last,
                                  save_state=save_state):

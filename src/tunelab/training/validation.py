@@ -7,12 +7,14 @@ import math
 import torch
 
 from tunelab.data import TokenizedExample, collate
+from tunelab.training import distributed
 from tunelab.training.loss import summed_loss_of_batch, to_device, trained_token_count
 
 
 @torch.no_grad()
 def validation_loss(model, examples: list[TokenizedExample], *, batch_size: int, pad_id: int, device, autocast) -> dict[str, float]:
-    """Mean loss per trained token over ``examples`` and its perplexity.
+    """Mean loss per trained token over ``examples`` and its perplexity (with several processes each computes a
+    share of the batches and all return the whole set's figures).
 
     Args:
         model: The model under training; put in eval mode for the pass and restored after.
@@ -24,14 +26,15 @@ def validation_loss(model, examples: list[TokenizedExample], *, batch_size: int,
     """
     was_training = model.training
     model.eval()
-    total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
-    for start in range(0, len(examples), batch_size):
+    total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0.0
+    for start, weight in distributed.weighted_share(list(range(0, len(examples), batch_size))):
         batch = collate(examples[start : start + batch_size], pad_id)
-        tokens += trained_token_count(batch["labels"])
+        tokens += trained_token_count(batch["labels"]) * weight
         batch = to_device(batch, device)
         with autocast():
-            total += summed_loss_of_batch(model, batch).double()
+            total += summed_loss_of_batch(model, batch).double() * weight
     if was_training:
         model.train()
-    loss = float(total) / max(tokens, 1)
+    total, tokens = distributed.all_sum(torch.stack([total, torch.tensor(tokens, dtype=torch.float64, device=device)]))
+    loss = float(total) / max(float(tokens), 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
