@@ -263,9 +263,11 @@ def _register_commands() -> None:
     from tunelab.datagen.cli import register as datagen
     from tunelab.export.cli import register as export
     from tunelab.merging.cli import register as merging
+    from tunelab.pipeline.cli import register as pipeline
     from tunelab.serving.cli import register as serving
 
     merging(app)
+    pipeline(app)
     export(app)
     serving(app)
     datagen(data_app)

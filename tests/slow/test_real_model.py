@@ -29,7 +29,7 @@ SQL_CONFIG = REPO / "configs/smollm2-135m-instruct/sft_lora_sql.yaml"
 # steps: p(<end_of_turn>) ~ 0, every answer runs to max_new_tokens); the recipe therefore trains the rows of
 # the turn markers of the template it applies to a model without one (stages.setup.load_prepared_tokenizer).
 MODELS = [pytest.param("smollm2-135m-instruct", [], id="smollm2"),
-          pytest.param("gemma3-270m", ["method.r=8", "eval.few_shot=0", "eval.limit=6"], id="gemma3")]
+          pytest.param("gemma3-270m", ["method.r=8", "eval.few_shot=0", "eval.limit=6", "train.batch_size=4"], id="gemma3")]
 
 
 def test_lora_on_embedded_model_learns_and_loads_with_peft(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import tunelab
 from tunelab.methods import method_names
 
 ROOT = Path(tunelab.__file__).parent
-UPPER = ("tunelab.stages", "tunelab.planning", "tunelab.recipes", "tunelab.compare", "tunelab.cli", "tunelab.demo")
+UPPER = ("tunelab.stages", "tunelab.planning", "tunelab.recipes", "tunelab.compare", "tunelab.pipeline", "tunelab.cli", "tunelab.demo")
 COMPONENTS = ("training", "data", "evaluation", "generation", "models", "methods", "runs", "merging", "export", "serving", "datagen", "rewards",
               "atomic.py", "errors.py", "clikit.py",
               "examples")

@@ -84,6 +84,24 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
+def _key_name(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+
+
+class Problems:
+    """Collects ``file:line: key: message`` lines of a YAML file other than a run config (a merge file, a
+    pipeline); the line is that of the deepest key the file has (``key_lines``)."""
+
+    def __init__(self, source: str, lines: dict[tuple[str, ...], int]):
+        self.source, self.lines, self.found = source, lines, []
+
+    def add(self, loc: tuple, message: str) -> None:
+        parts = tuple(str(p) for p in loc)
+        line = next((self.lines[parts[:n]] for n in range(len(parts), 0, -1) if parts[:n] in self.lines), None)
+        where = f"{self.source}:{line}: " if line else f"{self.source}: "
+        self.found.append(f"{where}{_key_name(loc) or '(top level)'}: {message}")
+
+
 def _format_pydantic_errors(err: ValidationError, prefix: str, lines: dict, source: str) -> list[str]:
     problems = []
     for item in err.errors():

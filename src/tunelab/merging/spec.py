@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tunelab.config.load import key_lines
+from tunelab.config.load import Problems, key_lines
 from tunelab.errors import ConfigError
 
 # Rules that use a density (the rest would silently ignore one, so giving it is reported as a mistake).
@@ -64,24 +64,7 @@ def is_merge_file(path: Path) -> bool:
     return path.suffix in (".yaml", ".yml") and not path.is_dir()
 
 
-def _key_name(loc: tuple) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
-
-
-class _Problems:
-    """Collects ``file:line: key: message`` lines; the line is that of the deepest key the file has."""
-
-    def __init__(self, source: str, lines: dict[tuple[str, ...], int]):
-        self.source, self.lines, self.found = source, lines, []
-
-    def add(self, loc: tuple, message: str) -> None:
-        parts = tuple(str(p) for p in loc)
-        line = next((self.lines[parts[:n]] for n in range(len(parts), 0, -1) if parts[:n] in self.lines), None)
-        where = f"{self.source}:{line}: " if line else f"{self.source}: "
-        self.found.append(f"{where}{_key_name(loc) or '(top level)'}: {message}")
-
-
-def _pydantic_problems(err: ValidationError, problems: _Problems) -> None:
+def _pydantic_problems(err: ValidationError, problems: Problems) -> None:
     for item in err.errors():
         message = item["msg"]
         if item["type"] == "extra_forbidden":
@@ -109,7 +92,7 @@ def _source_problem(value: str, *, runs_allowed: bool) -> str | None:
     return f"{value!r} not found; give {kinds} or an embedded alias ({', '.join(EMBEDDED)})"
 
 
-def _semantic_problems(section: MergeSection, problems: _Problems) -> None:
+def _semantic_problems(section: MergeSection, problems: Problems) -> None:
     from tunelab.merging.rules import get_merge_rule, merge_rule_names
 
     method = section.method
@@ -152,7 +135,7 @@ def load_merge_spec(path: str | Path) -> MergeSection:
         raise ConfigError([f"invalid YAML: {exc}"], source=source) from None
     if not isinstance(tree, dict):
         raise ConfigError(["the file must be a YAML mapping with one key, merge: {method, base, models, lambda, seed}"], source=source)
-    problems = _Problems(source, key_lines(text))
+    problems = Problems(source, key_lines(text))
     try:
         section = MergeFile.model_validate(tree).merge
     except ValidationError as err:

@@ -1,0 +1,162 @@
+"""What each kind of stage reads, where it writes, and how it runs — every kind through the same code its
+own command uses (a recipe's ``main``, ``merge_run``, ``export_model``, ``tunelab eval``'s evaluation, the
+``tunelab data`` commands).
+
+A stage's *inputs* are what its result depends on: its options and resolved config (with each earlier
+stage it names standing as that stage's key), and the content hash of every file it reads that no stage
+made. The pipeline's content address of a stage is the hash of these (``pipeline.runner``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from tunelab.data import data_fingerprint
+from tunelab.pipeline.spec import KIND_KEYS, Stage, is_training
+
+# ``set`` keys whose value may name an earlier stage (elsewhere a value equal to a stage's name stays as it is)
+REFERENCE_KEYS = ("init_from", "data.train", "data.eval", "recipe.teacher", "model", "model.path", "eval.before_from")
+OUTPUT = {"merge": "model", "export": "export", "eval": "report.json", "preferences": "pairs.jsonl", "generate": "data.jsonl"}
+
+
+def output_of(stage: Stage, folder: Path) -> Path:
+    """Where ``stage`` (run in ``folder``) leaves what later stages use."""
+    return folder / ("run" if is_training(stage.kind) else OUTPUT[stage.kind])
+
+
+def _resolve(value: Any, outputs: dict[str, Path]) -> Any:
+    """A value naming an earlier stage, as that stage's output path (recursively through lists and mappings)."""
+    if isinstance(value, str) and value in outputs:
+        return str(outputs[value])
+    if isinstance(value, list):
+        return [_resolve(v, outputs) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve(v, outputs) for k, v in value.items()}
+    return value
+
+
+def _as_keys(value: Any, paths: dict[str, str]) -> Any:
+    """A resolved value with each earlier stage's output path replaced by that stage's key."""
+    if isinstance(value, str) and value in paths:
+        return paths[value]
+    if isinstance(value, list):
+        return [_as_keys(v, paths) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_keys(v, paths) for k, v in value.items()}
+    return value
+
+
+def training_config(stage: Stage, outputs: dict[str, Path], run_dir: Path):
+    """The stage's run config: its file, its ``set`` overrides (stage names resolved in the keys that take a
+    path: ``REFERENCE_KEYS``), its run directory."""
+    from tunelab.config import load_config
+
+    overrides = [f"{key}={json.dumps(_resolve(value, outputs) if key in REFERENCE_KEYS else value)}"
+                 for key, value in stage.set.items()]
+    return load_config(stage.config, overrides + [f"output_dir={run_dir}"])
+
+
+def options_of(stage: Stage, outputs: dict[str, Path]) -> dict[str, Any]:
+    """A non-training stage's options (those of its kind), stage names resolved in ``from``, ``model``, ``data``."""
+    fields = stage.model_dump(by_alias=False, include=KIND_KEYS[stage.kind])
+    return {k: _resolve(v, outputs) if k in ("from_", "model", "data") else v for k, v in fields.items()}
+
+
+def stage_inputs(stage: Stage, outputs: dict[str, Path], keys: dict[str, str], folder: Path) -> dict[str, Any]:
+    """``{"config": ..., "files": {path: hash}, "parents": {name: key}}``: what the stage's result depends on."""
+    from tunelab.config.load import resolved_dict
+
+    by_path = {str(outputs[name]): f"stage:{name}:{key}" for name, key in keys.items()}
+    if is_training(stage.kind):
+        from tunelab.stages.run import hashed_inputs
+
+        config = training_config(stage, outputs, output_of(stage, folder))
+        tree = {k: v for k, v in resolved_dict(config).items() if k != "output_dir"}
+        files = [f for f in hashed_inputs(config) if f not in by_path]
+        if config.eval.db and config.eval.db not in by_path:
+            files.append(config.eval.db)
+    else:
+        tree = options_of(stage, outputs)
+        files = [tree[k] for k in ("data", "db") if isinstance(tree.get(k), str) and tree[k] not in by_path and Path(tree[k]).is_file()]
+    parents = {name: key for name, key in keys.items() if f"stage:{name}:{key}" in json.dumps(_as_keys(tree, by_path))}
+    return {"kind": stage.kind, "config": _as_keys(tree, by_path),
+            "files": {f: data_fingerprint([f]) for f in files if Path(f).exists()}, "parents": parents}
+
+
+def run_stage(stage: Stage, outputs: dict[str, Path], folder: Path, *, resume: bool, console: Console) -> dict[str, Any]:
+    """Run ``stage`` into ``folder``; returns its summary (scores, costs) for the pipeline report."""
+    out = output_of(stage, folder)
+    if is_training(stage.kind):
+        from tunelab.recipes import get_recipe
+
+        config = training_config(stage, outputs, out)
+        get_recipe(config.recipe.name).main(config, resume=resume and (out / "manifest.json").exists(), console=console)
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        return {**(manifest.get("eval_summary") or {}), "seconds": manifest.get("train_seconds"),
+                "artifact_mb": manifest.get("artifact_mb")}
+    options = options_of(stage, outputs)
+    return _RUNNERS[stage.kind](options, out, console)
+
+
+def _merge(options: dict, out: Path, console: Console) -> dict[str, Any]:
+    from tunelab.merging import merge_run
+
+    report = merge_run(options["from_"], out, prompts=options["prompts"])
+    console.print(f"Merged {options['from_']} into {out}.")
+    check = report.get("verification") or {}
+    return {"verified": check.get("passed"), "max_abs_logit_diff": check.get("max_abs_logit_diff")}
+
+
+def _export(options: dict, out: Path, console: Console) -> dict[str, Any]:
+    from tunelab.export import export_model
+
+    report = export_model(options["from_"], options["format"], options["quant"], out, prompts=options["prompts"],
+                          new_tokens=options.get("max_new_tokens") or 32)
+    check = report.get("verification") or {}
+    console.print(f"Exported {options['from_']} to {report['output']} ({report.get('file')}).")
+    return {"file": report.get("file"), "greedy_agreement": check.get("greedy_agreement"),
+            "perplexity_increase": check.get("perplexity_increase")}
+
+
+def _eval(options: dict, out: Path, console: Console) -> dict[str, Any]:
+    from tunelab.data import load_examples
+    from tunelab.evaluation.run import evaluate, load_for_eval, write_report
+    from tunelab.runs import open_run
+
+    run = open_run(options["model"])
+    recorded = (run.config.get("eval") or {}) if run is not None else {}
+    metric = options.get("metric") or recorded.get("metric") or "exact_match"
+    db = options.get("db") or (recorded.get("db") if metric == recorded.get("metric") else None)
+    examples = load_examples([options["data"]], **(run.data_settings() if run is not None else {}))[: options.get("limit")]
+    loaded = load_for_eval(options["model"])
+    report = evaluate(loaded, examples, metric, max_new_tokens=options.get("max_new_tokens") or recorded.get("max_new_tokens", 128),
+                      options={"db": db} if db else {})
+    write_report(report, out)
+    console.print(f"{metric} of {options['model']} on {options['data']}: {report['score']:.4f} ({report['n']} examples).")
+    return {"score": report["score"], "metric": metric, "n": report["n"]}
+
+
+def _preferences(options: dict, out: Path, console: Console) -> dict[str, Any]:
+    from tunelab.datagen.cli import preferences_command
+
+    preferences_command(model=Path(options["model"]), data=Path(options["data"]), out=out, metric=options.get("metric"),
+                        db=Path(options["db"]) if options.get("db") else None, option=None,
+                        max_new_tokens=options.get("max_new_tokens"), batch_size=None, threshold=1.0)
+    summary = json.loads(out.with_name(out.stem + ".summary.json").read_text(encoding="utf-8"))
+    return {"pairs": summary.get("n_pairs"), "score": summary.get("score")}
+
+
+def _generate(options: dict, out: Path, console: Console) -> dict[str, Any]:
+    from tunelab.datagen.cli import generate_command
+
+    generate_command(model=options["model"], prompts=Path(options["data"]), out=out,
+                     max_new_tokens=options.get("max_new_tokens") or 256, temperature=0.0, top_p=1.0, seed=0, batch_size=16,
+                     keep_truncated=False)
+    return {"records": sum(1 for _ in out.open(encoding="utf-8"))}
+
+
+_RUNNERS = {"merge": _merge, "export": _export, "eval": _eval, "preferences": _preferences, "generate": _generate}
