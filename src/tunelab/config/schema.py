@@ -70,10 +70,35 @@ class RawTemplate(_Section):
     system: str | None = None
 
 
-class DataConfig(_Section):
-    """Where the examples come from and how they become token ids and loss masks."""
+class TrainSource(_Section):
+    """One source of a training mixture: ``data.train: [{path, weight, name}, ...]``."""
 
-    train: str | list[str]
+    path: str
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="its share of each epoch, relative to the others")
+    name: str | None = Field(None, description="its name in logs (default: the file name)")
+
+    _path = field_validator("path", mode="before")(lambda v: _expand_user(v))
+
+
+class Replay(_Section):
+    """``data.replay``: general data mixed into every epoch to limit forgetting."""
+
+    path: str = Field(description="a data file (any format data.train reads)")
+    ratio: float = Field(0.1, gt=0, lt=1, description="the replayed share of each epoch's examples")
+
+    _path = field_validator("path", mode="before")(lambda v: _expand_user(v))
+
+
+class DataConfig(_Section):
+    """Where the examples come from and how they become token ids and loss masks.
+
+    ``train`` is a file, a list of files (concatenated), or a weighted mixture (a list of ``{path, weight,
+    name}``): each epoch then draws ``weight / Σ weights`` of its examples from each source, deterministically
+    from (seed, epoch); ``replay`` adds a share of general data to every epoch.
+    """
+
+    train: str | list[str | TrainSource]
+    replay: Replay | None = None
     eval: str | list[str] | None = None
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "raw"] = "auto"
     template: RawTemplate | None = None
@@ -83,10 +108,27 @@ class DataConfig(_Section):
     max_length: int = Field(1024, gt=0)
     too_long: Literal["truncate", "drop", "error"] = "truncate"
 
-    _paths = field_validator("train", "eval", "chat_template", mode="before")(lambda v: _expand_user(v))
+    _paths = field_validator("eval", "chat_template", mode="before")(lambda v: _expand_user(v))
+    _train = field_validator("train", mode="before")(
+        lambda v: [e if isinstance(e, dict) else _expand_user(e) for e in v] if isinstance(v, list) else _expand_user(v))
 
     def train_files(self) -> list[str]:
-        return [self.train] if isinstance(self.train, str) else list(self.train)
+        """Every file training reads: the sources, then the replay file."""
+        sources = [self.train] if isinstance(self.train, str) else [s.path if isinstance(s, TrainSource) else s for s in self.train]
+        return sources + ([self.replay.path] if self.replay else [])
+
+    def mixture(self) -> list[tuple[str, str, float]] | None:
+        """``(path, name, weight)`` of each source when training draws a weighted mixture (weights given, or a
+        replay); None when the files are simply concatenated."""
+        entries = [self.train] if isinstance(self.train, str) else list(self.train)
+        if self.replay is None and not any(isinstance(e, TrainSource) and e.weight != 1.0 for e in entries):
+            return None
+        sources = [(e.path, e.name or Path(e.path).stem, e.weight) if isinstance(e, TrainSource) else (e, Path(e).stem, 1.0)
+                   for e in entries]
+        if self.replay is not None:
+            total = sum(weight for _, _, weight in sources)
+            sources.append((self.replay.path, "replay", total * self.replay.ratio / (1 - self.replay.ratio)))
+        return sources
 
     def eval_files(self) -> list[str]:
         if self.eval is None:

@@ -41,13 +41,18 @@ class Optimization:
         return self.start_step >= self.plan.total or self.plan.out_of_time(self.seconds_spent)
 
 
-def step_plan(config: RunConfig, n_examples: int, on_gpu: bool) -> StepPlan:
-    """The config's training numbers as a :class:`StepPlan` over ``n_examples`` (and this process's share of it)."""
+def step_plan(config: RunConfig, n_examples: int, on_gpu: bool, mixture=None) -> StepPlan:
+    """The config's training numbers as a :class:`StepPlan` over ``n_examples`` (and this process's share of it),
+    drawn from a ``stages.setup.Mixture`` when given."""
     t = config.train
-    return StepPlan.build(n_examples, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs,
+    if mixture is None and config.data.mixture() is not None:
+        raise TunelabError(f"data.train weights and data.replay apply to recipe sft; recipe {config.recipe.name} reads its "
+                           "files concatenated: give plain paths")
+    return StepPlan.build(mixture.epoch_size if mixture else n_examples, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs,
                           max_steps=t.max_steps, seed=t.seed, lr=t.lr, schedule=t.schedule, warmup_ratio=t.warmup_ratio,
                           save_every=t.save_every, eval_every=t.eval_every, log_every=t.log_every, on_gpu=on_gpu,
-                          max_seconds=t.max_seconds, world=distributed.world())
+                          max_seconds=t.max_seconds, world=distributed.world(),
+                          mixture=mixture.sources if mixture else None)
 
 
 def prepare_optimization(config: RunConfig, tuned: TunedModel, accelerator, plan: StepPlan, checkpoints: Path | None,

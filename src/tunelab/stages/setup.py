@@ -101,3 +101,37 @@ def tokenize(config: RunConfig, tokenizer, examples: Examples, added_tokens: lis
     if examples.eval:
         evals, eval_stats, _ = cached_tokenize(examples.eval, tokenizer, **kwargs)
     return TokenizedData(train, train_stats, evals, eval_stats, added_tokens)
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A weighted training mixture over the tokenized examples: the epoch size and each source's (examples, weight)."""
+
+    epoch_size: int
+    sources: tuple[tuple[int, float], ...]
+    names: tuple[str, ...]
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {size} x {weight:g}" for name, (size, weight) in zip(self.names, self.sources)) + \
+            f" -> {self.epoch_size} examples an epoch"
+
+
+def mixture_of(config: RunConfig, examples: list) -> Mixture | None:
+    """The mixture ``data.train`` weights or ``data.replay`` ask for, over ``examples`` (tokenized, in file order);
+    None when the files are simply concatenated. The epoch has as many examples as the sources other than the
+    replay have together, plus the replay's share of the epoch."""
+    sources = config.data.mixture()
+    if sources is None:
+        return None
+    sizes = []
+    for path, name, _ in sources:
+        sizes.append(sum(1 for e in examples if getattr(e, "source", "").startswith(f"{path}:")))
+        if sizes[-1] == 0:
+            raise DataError([f"{path}: no training example of source {name!r} is left; weighted mixtures and replay "
+                             "read record files (sft; not folders of text)"], what="data.train")
+    if sum(sizes) != len(examples):
+        raise DataError(["data.train: a file appears in the mixture twice; give each source once"], what="data.train")
+    own = sum(sizes[:-1]) if config.data.replay else sum(sizes)
+    epoch = round(own / (1 - config.data.replay.ratio)) if config.data.replay else own
+    return Mixture(epoch, tuple((size, weight) for size, (_, _, weight) in zip(sizes, sources)),
+                   tuple(name for _, name, _ in sources))

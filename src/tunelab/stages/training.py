@@ -26,6 +26,7 @@ from tunelab.methods import count_parameters
 from tunelab.stages.evaluation import check_eval_settings
 from tunelab.stages.lineage import read_parent
 from tunelab.stages.model import TunedModel, apply_method, checkpointed_blocks
+from tunelab.stages.setup import Mixture, mixture_of
 from tunelab.stages.optimize import Optimization, prepare_optimization, step_plan, trained_model
 from tunelab.stages.run import RunStart, begin_run, check_start, save_artifact, train_or_fail
 from tunelab.errors import TunelabError
@@ -80,7 +81,10 @@ def prepare_training(config: RunConfig, env: Environment, base, tokenizer, added
                      console: Console) -> tuple[TunedModel, Optimization]:
     """The untuned ``base`` made trainable the method's way, and the optimisation state over ``train_examples``."""
     tuned = make_trainable(config, env, base, tokenizer, added_tokens, train_examples, console)
-    return tuned, optimize(config, env, tuned, len(train_examples), console)
+    mixture = mixture_of(config, train_examples)
+    if mixture is not None:
+        console.print(f"Training mixture: {mixture.describe()}.", soft_wrap=True)
+    return tuned, optimize(config, env, tuned, len(train_examples), console, mixture)
 
 
 def make_trainable(config: RunConfig, env: Environment, base, tokenizer, added_tokens: list[str], train_examples: list,
@@ -91,9 +95,11 @@ def make_trainable(config: RunConfig, env: Environment, base, tokenizer, added_t
     return apply_method(config, base, tokenizer, added_tokens, blocks)
 
 
-def optimize(config: RunConfig, env: Environment, tuned: TunedModel, n_examples: int, console: Console) -> Optimization:
-    """The step plan over ``n_examples``, the optimizer, and (on resume) the newest readable checkpoint restored."""
-    plan = step_plan(config, n_examples, on_gpu=env.accelerator.device.type == "cuda")
+def optimize(config: RunConfig, env: Environment, tuned: TunedModel, n_examples: int, console: Console,
+             mixture: Mixture | None = None) -> Optimization:
+    """The step plan over ``n_examples`` (or a ``mixture`` of them), the optimizer, and (on resume) the newest
+    readable checkpoint restored."""
+    plan = step_plan(config, n_examples, on_gpu=env.accelerator.device.type == "cuda", mixture=mixture)
     checkpoints = env.run_dir / "checkpoints" if env.start.resume else None
     return prepare_optimization(config, tuned, env.accelerator, plan, checkpoints, console)
 

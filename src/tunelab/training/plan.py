@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from tunelab.training.distributed import World, share
-from tunelab.training.schedule import epoch_batches, lr_at, steps_per_epoch, total_steps, warmup_steps
+from tunelab.training.schedule import epoch_batches, mixture_batches, lr_at, steps_per_epoch, total_steps, warmup_steps
 
 
 @dataclass(frozen=True)
@@ -29,22 +29,25 @@ class StepPlan:
     log_every: int
     max_seconds: float | None = None
     world: World = World()
+    mixture: tuple[tuple[int, float], ...] | None = None  # (examples, weight) of each source; n_examples is the epoch size
 
     @classmethod
     def build(cls, n_examples: int, *, batch_size: int, grad_accum: int, epochs: float, max_steps: int | None,
               seed: int, lr: float, schedule: str, warmup_ratio: float, save_every: int | None = None,
               eval_every: int | None = None, log_every: int | None = None, on_gpu: bool = False,
-              max_seconds: float | None = None, world: World = World()) -> StepPlan:
+              max_seconds: float | None = None, world: World = World(),
+              mixture: tuple[tuple[int, float], ...] | None = None) -> StepPlan:
         """Defaults: checkpoint once an epoch, evaluate at each checkpoint, log every step on CPU and every
         10 on a GPU (a logged step reads the loss, which makes the host wait for the GPU). With several
         processes (``world``) a step holds ``grad_accum`` micro-batches per process (``grad_accum`` is then the
-        global count ``grad_accum × world.size``)."""
+        global count ``grad_accum × world.size``). With a ``mixture``, ``n_examples`` is the epoch's size and
+        each epoch draws from the sources by weight (``schedule.mixture_batches``)."""
         grad_accum *= world.size
         per_epoch = steps_per_epoch(n_examples, batch_size, grad_accum)
         total = total_steps(n_examples, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps)
         save = save_every or per_epoch
         return cls(n_examples, batch_size, grad_accum, seed, total, per_epoch, warmup_steps(total, warmup_ratio), lr,
-                   schedule, save, eval_every or save, log_every or (10 if on_gpu else 1), max_seconds, world)
+                   schedule, save, eval_every or save, log_every or (10 if on_gpu else 1), max_seconds, world, mixture)
 
     def epoch_of(self, step: int) -> int:
         return step // self.per_epoch
@@ -52,7 +55,7 @@ class StepPlan:
     def global_micro_batches(self, step: int) -> list[list[int]]:
         """Example indices of each micro-batch of optimizer step ``step`` (0-based), over all processes."""
         epoch, index = divmod(step, self.per_epoch)
-        order = _epoch_order(self.n_examples, self.batch_size, self.seed, epoch)
+        order = _epoch_order(self.n_examples, self.batch_size, self.seed, epoch, self.mixture)
         return order[index * self.grad_accum : (index + 1) * self.grad_accum]
 
     def micro_batches(self, step: int) -> list[list[int]]:
@@ -89,5 +92,8 @@ class StepPlan:
 
 
 @lru_cache(maxsize=4)
-def _epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    return epoch_batches(n_examples, batch_size, seed, epoch)
+def _epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int, mixture) -> list[list[int]]:
+    if mixture is None:
+        return epoch_batches(n_examples, batch_size, seed, epoch)
+    sizes, weights = tuple(size for size, _ in mixture), tuple(weight for _, weight in mixture)
+    return mixture_batches(sizes, weights, n_examples, batch_size, seed, epoch)

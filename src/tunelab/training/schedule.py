@@ -45,3 +45,39 @@ def total_steps(n_examples: int, *, batch_size: int, grad_accum: int, epochs: fl
     if max_steps:
         return max_steps
     return max(1, math.ceil(epochs * steps_per_epoch(n_examples, batch_size, grad_accum)))
+
+
+def mixture_counts(epoch_size: int, weights: tuple[float, ...]) -> list[int]:
+    """How many of an epoch's ``epoch_size`` examples each source gives: ``weight / Σ weights`` of them, rounded
+    by largest remainder so they sum to ``epoch_size``."""
+    total = sum(weights)
+    exact = [epoch_size * w / total for w in weights]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[: epoch_size - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mixture_batches(sizes: tuple[int, ...], weights: tuple[float, ...], epoch_size: int, batch_size: int, seed: int,
+                    epoch: int) -> list[list[int]]:
+    """Micro-batches of one epoch of a weighted mixture, as indices into the sources concatenated in order.
+
+    Source ``i`` gives :func:`mixture_counts` examples, read through shuffles of itself that depend only on
+    (seed, epoch, i), repeated if it gives more than it has; the epoch's examples are then shuffled together
+    by (seed, epoch), so a resumed run draws exactly what the interrupted one would have.
+    """
+    chosen: list[int] = []
+    offset = 0
+    for i, (size, count) in enumerate(zip(sizes, mixture_counts(epoch_size, weights))):
+        picks: list[int] = []
+        rounds = 0
+        while len(picks) < count:
+            generator = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1009 + i) * 101 + rounds)
+            picks += torch.randperm(size, generator=generator).tolist()
+            rounds += 1
+        chosen += [offset + j for j in picks[:count]]
+        offset += size
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = [chosen[j] for j in torch.randperm(len(chosen), generator=generator).tolist()]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
