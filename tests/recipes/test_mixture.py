@@ -81,3 +81,18 @@ def test_recipes_that_read_files_concatenated_refuse_weights(tmp_path, tiny_llam
                                 "eval.probe=false", "eval.before=false"])
     with pytest.raises(TunelabError, match="apply to recipe sft"):
         dpo.main(config)
+
+
+def test_general_replay_is_the_shipped_set_and_shares_no_probe_question():
+    import json
+
+    from tunelab.config.schema import GENERAL_REPLAY
+    from tunelab.data import load_examples
+
+    config = load_config(None, ["data.train=a.jsonl", "data.replay={path: general, ratio: 0.2}"])
+    assert config.data.replay.path == str(GENERAL_REPLAY)
+    examples = load_examples([str(GENERAL_REPLAY)])
+    assert len(examples) >= 40
+    probe = {json.loads(line)["question"].lower() for line in
+             (REPO / "src/tunelab/evaluation/probes/general.jsonl").read_text().splitlines()}
+    assert not {e.messages[0]["content"].lower() for e in examples} & probe

@@ -80,13 +80,19 @@ class TrainSource(_Section):
     _path = field_validator("path", mode="before")(lambda v: _expand_user(v))
 
 
+# ``data.replay: {path: general}``: 58 general instructions (none of them a forgetting-probe item) answered by the
+# embedded SmolLM2-135M-Instruct itself, greedily (``tunelab data generate``; provenance in each record's meta)
+GENERAL_REPLAY = Path(__file__).resolve().parents[1] / "examples" / "general" / "replay_smollm2.jsonl"
+
+
 class Replay(_Section):
     """``data.replay``: general data mixed into every epoch to limit forgetting."""
 
-    path: str = Field(description="a data file (any format data.train reads)")
+    path: str = Field(description="a data file (any format data.train reads), or 'general': general instructions answered "
+                                  "by the embedded SmolLM2-135M-Instruct (its own behaviour, replayed)")
     ratio: float = Field(0.1, gt=0, lt=1, description="the replayed share of each epoch's examples")
 
-    _path = field_validator("path", mode="before")(lambda v: _expand_user(v))
+    _path = field_validator("path", mode="before")(lambda v: str(GENERAL_REPLAY) if v == "general" else _expand_user(v))
 
 
 class DataConfig(_Section):
