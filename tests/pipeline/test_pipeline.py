@@ -102,6 +102,13 @@ def test_a_kill_mid_stage_resumes_that_stage(ran, tiny_llama, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert actions(tmp_path)["sft"] == "resume" and "Resuming from" in resumed.stderr
     assert json.loads((tmp_path / "out" / "check" / "stage.json").read_text())["status"] == "finished"
+    # An edit, a re-run killed mid-stage, the edit undone: the finished result kept aside comes back, nothing re-runs.
+    path.write_text(path.read_text().replace("train.epochs: 2", "train.epochs: 3"))
+    assert tunelab("pipeline", str(path), env={"TUNELAB_TEST_SIGKILL_AT_STEP": "2"}).returncode == -9
+    path.write_text(path.read_text().replace("train.epochs: 3", "train.epochs: 2"))
+    restored = tunelab("pipeline", str(path))
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert actions(tmp_path) == {"sft": "restore", **dict.fromkeys(STAGES[1:], "skip")}
 
 
 def test_every_mistake_in_the_file_is_reported_with_its_line(tmp_path):

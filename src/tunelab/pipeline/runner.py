@@ -9,7 +9,8 @@ the key, the inputs and the status. Per stage:
 * key unchanged but the stage did not finish (a kill): **resume** it (a training run from its newest
   checkpoint; the other kinds write their results atomically and start again);
 * new, or key changed: **run**. The previous result is kept under ``NAME.previous`` until the new one is
-  finished, so an interrupted re-run never leaves a stage with nothing.
+  finished, so an interrupted re-run never leaves a stage with nothing; if the inputs are then changed back,
+  the previous result is **restore**d instead of re-run.
 
 ``pipeline_report.md`` and ``pipeline_report.json`` (in ``output_dir``) say, per stage, what this invocation
 did and what the stage's result scored: task score, probe retention, seconds, artifact.
@@ -68,11 +69,22 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "changed: " + (", ".join(what) or "inputs")
 
 
+def _read_record(folder: Path) -> dict[str, Any] | None:
+    path = folder / STAGE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _previous(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".previous")
+
+
 def _decide(folder: Path, key: str, inputs: dict[str, Any], stage: Stage) -> tuple[str, str]:
-    record_path = folder / STAGE_FILE
-    if not record_path.is_file():
+    kept = _read_record(_previous(folder))
+    if kept and kept.get("key") == key and kept.get("status") == "finished":  # a re-run was interrupted, then undone
+        return "restore", "unchanged (the interrupted re-run is dropped)"
+    record = _read_record(folder)
+    if record is None:
         return "run", "new"
-    record = json.loads(record_path.read_text(encoding="utf-8"))
     if record.get("key") != key:
         return "run", _changes(record.get("inputs", {}), inputs)
     if record.get("status") == "finished" and output_of(stage, folder).exists():
@@ -103,7 +115,12 @@ def _record(item: PlannedStage, status: str, **extra: Any) -> None:
 
 
 def _execute(item: PlannedStage, outputs: dict[str, Path], console: Console) -> None:
-    previous = item.folder.with_name(item.folder.name + ".previous")
+    previous = _previous(item.folder)
+    if item.action == "restore":
+        shutil.rmtree(item.folder, ignore_errors=True)
+        previous.rename(item.folder)
+        item.summary, item.seconds = (_read_record(item.folder) or {}).get("summary") or {}, 0.0
+        return
     if item.action == "run" and item.folder.exists():
         shutil.rmtree(previous, ignore_errors=True)
         item.folder.rename(previous)  # kept until the new result is finished

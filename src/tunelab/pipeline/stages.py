@@ -50,6 +50,16 @@ def _as_keys(value: Any, paths: dict[str, str]) -> Any:
     return value
 
 
+def _without_unset(tree: Any) -> Any:
+    """``tree`` without the keys whose value is None: a setting tunelab adds later (unset by default) leaves every
+    existing stage's key as it was."""
+    if isinstance(tree, dict):
+        return {k: _without_unset(v) for k, v in tree.items() if v is not None}
+    if isinstance(tree, list):
+        return [_without_unset(v) for v in tree]
+    return tree
+
+
 def training_config(stage: Stage, outputs: dict[str, Path], run_dir: Path):
     """The stage's run config: its file, its ``set`` overrides (stage names resolved in the keys that take a
     path: ``REFERENCE_KEYS``), its run directory."""
@@ -82,8 +92,9 @@ def stage_inputs(stage: Stage, outputs: dict[str, Path], keys: dict[str, str], f
     else:
         tree = options_of(stage, outputs)
         files = [tree[k] for k in ("data", "db") if isinstance(tree.get(k), str) and tree[k] not in by_path and Path(tree[k]).is_file()]
-    parents = {name: key for name, key in keys.items() if f"stage:{name}:{key}" in json.dumps(_as_keys(tree, by_path))}
-    return {"kind": stage.kind, "config": _as_keys(tree, by_path),
+    tree = _without_unset(_as_keys(tree, by_path))
+    parents = {name: key for name, key in keys.items() if f"stage:{name}:{key}" in json.dumps(tree)}
+    return {"kind": stage.kind, "config": tree,
             "files": {f: data_fingerprint([f]) for f in files if Path(f).exists()}, "parents": parents}
 
 

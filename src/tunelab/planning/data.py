@@ -48,13 +48,16 @@ def profile_examples(config: RunConfig, data: list) -> DataProfile:
 
 
 def count_examples(config: RunConfig) -> int | None:
-    """Records in data.train, read but not tokenised; None if a file cannot be read."""
+    """Examples in an epoch of data.train, read but not tokenised (a weighted mixture's epoch size with
+    ``data.replay``: the other sources over 1 − ratio); None if a file cannot be read."""
     from tunelab.data.readers import read_file
 
-    total = 0
+    counts = []
     for path in config.data.train_files():
         raw = read_file(path)
         if any(position == 0 for position, _ in raw.problems):
             return None
-        total += len(raw.records)
-    return total
+        counts.append(len(raw.records))
+    if config.data.replay is not None:
+        return round(sum(counts[:-1]) / (1 - config.data.replay.ratio))
+    return sum(counts)
