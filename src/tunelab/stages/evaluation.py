@@ -199,7 +199,7 @@ def evaluate_before(config: RunConfig, loaded: LoadedModel, examples: Examples, 
         result["zero_shot"] = evaluate_task(loaded, task_examples, config.eval, "untuned, zero-shot")
     if "few_shot" in todo:
         console.print(f"Evaluating the untuned model {config.eval.few_shot}-shot ...")
-        shots = few_shot_examples(task_examples, examples.train, config.eval.few_shot, seed=config.train.seed)
+        shots = few_shot_examples(task_examples, _task_train(config, examples), config.eval.few_shot, seed=config.train.seed)
         result["few_shot"] = evaluate_task(loaded, shots, config.eval, f"untuned, {config.eval.few_shot}-shot")
     if "rag" in todo:
         from tunelab.evaluation.rag import rag_examples
@@ -213,6 +213,12 @@ def evaluate_before(config: RunConfig, loaded: LoadedModel, examples: Examples, 
         console.print(f"Running the forgetting probe ({len(probe)} questions) on the untuned model ...")
         result["probe"] = probe_answers(loaded, probe, config.eval.batch_size)
     return result
+
+
+def _task_train(config: RunConfig, examples: Examples) -> list:
+    """The training examples of the task itself: the shots of a k-shot baseline never come from ``data.replay``."""
+    replay = config.data.replay
+    return [e for e in examples.train if not (replay and e.source.startswith(f"{replay.path}:"))]
 
 
 def save_before(run_dir: Path, before: dict[str, Any]) -> None:
