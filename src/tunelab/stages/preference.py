@@ -13,6 +13,7 @@ tokenized pairs), so a resume or a second run over the same pairs reuses them.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,7 @@ def _cached_table(identity: dict, split: str, pairs: list[TokenizedPair], env, c
     console.print(f"Computing the reference log-probabilities of the {split} pairs (cached for resumes and later runs) ...")
     table = compute(pairs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks of one job write the same table at once
     save_file({"logps": table.contiguous()}, str(tmp))
     tmp.replace(path)
     fsync_dir(path.parent)
