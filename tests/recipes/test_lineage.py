@@ -41,6 +41,19 @@ def test_child_starts_from_the_parents_result(make_config, parent, merge):
         assert all("lora_B" not in n or p.abs().max() == 0 for n, p in start.params.items())
 
 
+def test_a_child_on_its_merged_parent_loads_as_it_was_evaluated(make_config, parent, chat_data):
+    """load_for_eval (and with it merge, export, serve) puts the child's adapter on the merged parent, not on the
+    bare base: its greedy answers are eval.json's."""
+    from tunelab.data import load_examples
+    from tunelab.evaluation.run import evaluate
+
+    child = sft.main(make_config(*QUICK, f"init_from={parent}", "init_from_merge=true", "train.max_steps=3", output="merged-child"))
+    report = json.loads((child.run_dir / "eval.json").read_text())
+    examples = load_examples([str(chat_data["eval"])])
+    again = evaluate(load_for_eval(str(child.run_dir)), examples, "exact_match", max_new_tokens=4)
+    assert [e["prediction"] for e in again["examples"]] == [e["prediction"] for e in report["tuned"]["examples"]]
+
+
 def test_manifest_records_the_parent_and_a_changed_parent_refuses_resume(make_config, parent):
     child = sft.main(make_config(*QUICK, f"init_from={parent}", output="child")).run_dir
     manifest = json.loads((child / "manifest.json").read_text())

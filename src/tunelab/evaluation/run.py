@@ -46,7 +46,7 @@ def load_for_eval(model: str, adapter: str | None = None) -> LoadedModel:
             return LoadedModel(load_model(str(artifact)), load_tokenizer(str(artifact)), f"run {model}")
         method = get_method(run.method_name)
         options = method.options_class(**run.method_options())
-        return _with_artifact(run.base_model, artifact, method, options, f"run {model}")
+        return _with_artifact(run.base_model, artifact, method, options, f"run {model}", start=_merged_parent(run))
     path = resolve_model_path(model)
     if adapter is None:
         tokenizer = load_tokenizer(path)
@@ -59,10 +59,21 @@ def load_for_eval(model: str, adapter: str | None = None) -> LoadedModel:
     return _with_artifact(path, Path(adapter), method, None, f"{model} + {adapter}")
 
 
-def _with_artifact(base_path: str, artifact: Path, method, options, description: str) -> LoadedModel:
-    """The base model loaded as the method needs (QLoRA: quantized), with the artifact applied."""
+def _merged_parent(run) -> Any:
+    """The model a run with ``init_from_merge`` trained on: its parent's result (itself loaded this way, so a
+    chain of merges is followed) folded into the base; None for a run that started at the base or continued
+    its parent's artifact (that artifact is then the run's own)."""
+    parent = run.manifest.get("parent") or {}
+    if parent.get("mode") != "merge":
+        return None
+    return get_method(parent["method"]).merge(load_for_eval(parent["run_dir"]).model)
+
+
+def _with_artifact(base_path: str, artifact: Path, method, options, description: str, start: Any = None) -> LoadedModel:
+    """The base model loaded as the method needs (QLoRA: quantized), or the ``start`` a run trained on, with the
+    artifact applied."""
     extra = method.base_load_kwargs(options) if options is not None else {}
-    base = load_model(base_path, **extra)
+    base = start if start is not None else load_model(base_path, **extra)
     has_tokenizer = (artifact / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(artifact) if has_tokenizer else base_path)
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:

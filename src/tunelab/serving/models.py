@@ -190,6 +190,8 @@ class Registry:
         peft_type = str(json.loads(config_file.read_text()).get("peft_type", "LORA")).upper()
         if peft_type not in _SHAREABLE_PEFT_TYPES:
             return None
+        if run is not None and (run.manifest.get("parent") or {}).get("mode") == "merge":
+            return None  # it trained on its parent merged into the base: not this base (loaded on its own)
         if run is not None:  # QLoRA's quantized base is a different base in memory
             from tunelab.methods import get_method
 
