@@ -175,9 +175,11 @@ def write_report(root: Path, planned: list[PlannedStage]) -> None:
     rows = [{"stage": p.stage.name, "kind": p.stage.kind, "action": p.action, "why": p.why, "key": p.key,
              "seconds": p.seconds, "output": str(output_of(p.stage, p.folder)), **p.summary} for p in planned]
     write_text_atomic(root / "pipeline_report.json", json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
-    columns = ["stage", "kind", "action", "tuned_score", "probe_retention", "score", "seconds", "artifact_mb", "output"]
+    columns = ["stage", "kind", "action", "tuned_score", "probe_retention", "score", "seconds", "train_seconds", "artifact_mb",
+               "output"]
     lines = ["# Pipeline report", "", "What each stage learned (`tuned_score`: its task metric after training; `score`: an "
-             "eval stage's) and what it forgot (`probe_retention`); `action` is what this invocation did.", "",
+             "eval stage's) and what it forgot (`probe_retention`); `action` is what this invocation did; `seconds` the "
+             "stage's wall time (0 when skipped), `train_seconds` a training stage's optimizer steps.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     write_text_atomic(root / "pipeline_report.md", "\n".join(lines) + "\n")

@@ -58,6 +58,7 @@ class Stage(BaseModel):
     format: Literal["hf", "gguf", "gguf-lora"] = "gguf"
     quant: Literal["f16", "q8_0", "q4_0"] = "f16"
     prompts: int = Field(8, ge=1, description="merge/export: held prompts the result is checked on")
+    force: bool = Field(False, description="merge/export: publish even if the check fails (recorded in the report)")
     limit: int | None = Field(None, ge=1, description="eval: only the first N examples")
     max_new_tokens: int | None = Field(None, ge=1)
 
@@ -70,8 +71,8 @@ class PipelineFile(BaseModel):
 
 
 KIND_KEYS = {
-    "merge": {"from_", "prompts"},
-    "export": {"from_", "format", "quant", "prompts", "max_new_tokens"},
+    "merge": {"from_", "prompts", "force"},
+    "export": {"from_", "format", "quant", "prompts", "max_new_tokens", "force"},
     "eval": {"model", "data", "metric", "db", "limit", "max_new_tokens"},
     "preferences": {"model", "data", "metric", "db", "max_new_tokens"},
     "generate": {"model", "data", "max_new_tokens"},

@@ -107,7 +107,7 @@ def run_stage(stage: Stage, outputs: dict[str, Path], folder: Path, *, resume: b
         config = training_config(stage, outputs, out)
         get_recipe(config.recipe.name).main(config, resume=resume and (out / "manifest.json").exists(), console=console)
         manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        return {**(manifest.get("eval_summary") or {}), "seconds": manifest.get("train_seconds"),
+        return {**(manifest.get("eval_summary") or {}), "train_seconds": manifest.get("train_seconds"),
                 "artifact_mb": manifest.get("artifact_mb")}
     options = options_of(stage, outputs)
     return _RUNNERS[stage.kind](options, out, console)
@@ -116,17 +116,17 @@ def run_stage(stage: Stage, outputs: dict[str, Path], folder: Path, *, resume: b
 def _merge(options: dict, out: Path, console: Console) -> dict[str, Any]:
     from tunelab.merging import merge_run
 
-    report = merge_run(options["from_"], out, prompts=options["prompts"])
+    report = merge_run(options["from_"], out, prompts=options["prompts"], force=options["force"])
     console.print(f"Merged {options['from_']} into {out}.")
     check = report.get("verification") or {}
-    return {"verified": check.get("passed"), "max_abs_logit_diff": check.get("max_abs_logit_diff")}
+    return {"verified": check.get("passed"), "forced": report.get("forced"), "max_abs_logit_diff": check.get("max_abs_logit_diff")}
 
 
 def _export(options: dict, out: Path, console: Console) -> dict[str, Any]:
     from tunelab.export import export_model
 
     report = export_model(options["from_"], options["format"], options["quant"], out, prompts=options["prompts"],
-                          new_tokens=options.get("max_new_tokens") or 32)
+                          new_tokens=options.get("max_new_tokens") or 32, force=options["force"])
     check = report.get("verification") or {}
     console.print(f"Exported {options['from_']} to {report['output']} ({report.get('file')}).")
     return {"file": report.get("file"), "greedy_agreement": check.get("greedy_agreement"),
