@@ -66,6 +66,19 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def check_replaceable(out: Path, source: Path, report_file: str, what: str, source_name: str) -> None:
+    """Refuse an output folder that is ``source`` (or holds it), or that exists and is not an earlier ``what``
+    (no ``report_file`` in it): only a folder this command wrote is replaced."""
+    from tunelab.errors import TunelabError
+
+    out_r, src_r = out.resolve(), source.resolve()
+    if out_r == src_r or out_r in src_r.parents:
+        raise TunelabError(f"{what} output {out} would replace {source_name}; choose another folder")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / report_file).is_file())):
+        raise TunelabError(f"{what} output {out} exists and is not an earlier {what} (no {report_file}); choose a new "
+                           "folder or remove it")
+
+
 def remove_leftovers(parent: Path, prefix: str) -> None:
     """Remove entries of ``parent`` whose name starts with ``prefix`` (temporaries of a killed run)."""
     for entry in parent.iterdir():  # not glob: a name like "run[1]" must match only itself

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunelab.atomic import atomic_dir
+from tunelab.atomic import atomic_dir, check_replaceable
 from tunelab.errors import TunelabError
 from tunelab.export.checks import THRESHOLDS, compare_runtime, judge
 from tunelab.export.source import REPORT_FILE, Source, held_prompts, open_source, task_scores
@@ -28,12 +28,7 @@ def default_out(source: Source, fmt: str, quant: str) -> Path:
 
 
 def _check_out(source: Source, out: Path) -> None:
-    out_r, src_r = out.resolve(), source.path.resolve()
-    if out_r == src_r or out_r in src_r.parents:
-        raise TunelabError(f"export output {out} would replace {source.path}; choose another folder")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_FILE).is_file())):
-        raise TunelabError(f"export output {out} exists and is not an earlier export (no {REPORT_FILE}); choose a new "
-                           "folder or remove it")
+    check_replaceable(out, source.path, REPORT_FILE, "export", str(source.path))
 
 
 def _load_hf(directory: Path) -> tuple[Any, Any]:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunelab.atomic import atomic_dir
+from tunelab.atomic import atomic_dir, check_replaceable
 from tunelab.errors import TunelabError
 from tunelab.merging.card import headline, model_card
 from tunelab.merging.verify import TOLERANCE, compare, held_conversations, reference_of
@@ -84,12 +84,7 @@ def fold_in_memory(run_dir: str | Path) -> tuple[Run, Any]:
 
 
 def _check_out_dir(run: Run, out: Path) -> None:
-    out_r, run_r = out.resolve(), run.path.resolve()
-    if out_r == run_r or out_r in run_r.parents:
-        raise TunelabError(f"merge output {out} would replace the run directory {run.path}; choose another folder")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_FILE).is_file())):
-        raise TunelabError(f"merge output {out} exists and is not an earlier merge (no {REPORT_FILE}); choose a new "
-                           "folder or remove it")
+    check_replaceable(out, run.path, REPORT_FILE, "merge", f"the run directory {run.path}")
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, *, force: bool = False, prompts: int = 8, new_tokens: int = 16,

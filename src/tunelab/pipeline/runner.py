@@ -142,8 +142,7 @@ def run_pipeline(spec: PipelineFile, console: Console, *, dry_run: bool = False)
     outputs: dict[str, Path] = {}
     for item in planned:
         if item.action == "skip":
-            record = json.loads((item.folder / STAGE_FILE).read_text(encoding="utf-8"))
-            item.summary, item.seconds = record.get("summary") or {}, 0.0
+            item.summary, item.seconds = (_read_record(item.folder) or {}).get("summary") or {}, 0.0
         else:
             console.rule(f"[bold]{item.stage.name}[/] ({item.stage.kind}): {item.action}, {item.why}")
             _execute(item, outputs, console)

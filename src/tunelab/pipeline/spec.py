@@ -70,6 +70,15 @@ class PipelineFile(BaseModel):
     stages: list[Stage] = Field(min_length=1)
 
 
+class _TopLevel(BaseModel):
+    """The file's own keys, checked apart from its stages (each stage is checked on its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: str
+    stages: list[Any] = Field(min_length=1)
+
+
 KIND_KEYS = {
     "merge": {"from_", "prompts", "force"},
     "export": {"from_", "format", "quant", "prompts", "max_new_tokens", "force"},
@@ -133,7 +142,7 @@ def load_pipeline(path: str | Path) -> PipelineFile:
     tree = tree if isinstance(tree, dict) else {}
     raw_stages = tree.get("stages")
     try:
-        PipelineFile.model_validate({**tree, "stages": [{"name": "x", "kind": "merge"}] if isinstance(raw_stages, list) and raw_stages else raw_stages})
+        _TopLevel.model_validate(tree)
     except ValidationError as error:
         _pydantic(error, (), problems)
     stages: list[Stage] = []

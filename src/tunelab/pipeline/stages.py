@@ -28,36 +28,20 @@ def output_of(stage: Stage, folder: Path) -> Path:
     return folder / ("run" if is_training(stage.kind) else OUTPUT[stage.kind])
 
 
+def _map(value: Any, leaf, drop_unset: bool = False) -> Any:
+    """``value`` with ``leaf`` applied to every string in it (through lists and mappings), and with
+    ``drop_unset`` its mappings' None-valued keys left out."""
+    if isinstance(value, dict):
+        mapped = {k: _map(v, leaf, drop_unset) for k, v in value.items()}
+        return {k: v for k, v in mapped.items() if not (drop_unset and v is None)}
+    if isinstance(value, list):
+        return [_map(v, leaf, drop_unset) for v in value]
+    return leaf(value) if isinstance(value, str) else value
+
+
 def _resolve(value: Any, outputs: dict[str, Path]) -> Any:
-    """A value naming an earlier stage, as that stage's output path (recursively through lists and mappings)."""
-    if isinstance(value, str) and value in outputs:
-        return str(outputs[value])
-    if isinstance(value, list):
-        return [_resolve(v, outputs) for v in value]
-    if isinstance(value, dict):
-        return {k: _resolve(v, outputs) for k, v in value.items()}
-    return value
-
-
-def _as_keys(value: Any, paths: dict[str, str]) -> Any:
-    """A resolved value with each earlier stage's output path replaced by that stage's key."""
-    if isinstance(value, str) and value in paths:
-        return paths[value]
-    if isinstance(value, list):
-        return [_as_keys(v, paths) for v in value]
-    if isinstance(value, dict):
-        return {k: _as_keys(v, paths) for k, v in value.items()}
-    return value
-
-
-def _without_unset(tree: Any) -> Any:
-    """``tree`` without the keys whose value is None: a setting tunelab adds later (unset by default) leaves every
-    existing stage's key as it was."""
-    if isinstance(tree, dict):
-        return {k: _without_unset(v) for k, v in tree.items() if v is not None}
-    if isinstance(tree, list):
-        return [_without_unset(v) for v in tree]
-    return tree
+    """A value naming an earlier stage, as that stage's output path."""
+    return _map(value, lambda s: str(outputs[s]) if s in outputs else s)
 
 
 def training_config(stage: Stage, outputs: dict[str, Path], run_dir: Path):
@@ -92,7 +76,9 @@ def stage_inputs(stage: Stage, outputs: dict[str, Path], keys: dict[str, str], f
     else:
         tree = options_of(stage, outputs)
         files = [tree[k] for k in ("data", "db") if isinstance(tree.get(k), str) and tree[k] not in by_path and Path(tree[k]).is_file()]
-    tree = _without_unset(_as_keys(tree, by_path))
+    # earlier stages' outputs stand as their keys; unset (None) settings are left out, so a setting tunelab adds
+    # later (unset by default) leaves every existing stage's key as it was
+    tree = _map(tree, lambda s: by_path.get(s, s), drop_unset=True)
     parents = {name: key for name, key in keys.items() if f"stage:{name}:{key}" in json.dumps(tree)}
     return {"kind": stage.kind, "config": tree,
             "files": {f: data_fingerprint([f]) for f in files if Path(f).exists()}, "parents": parents}

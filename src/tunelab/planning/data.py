@@ -51,6 +51,7 @@ def count_examples(config: RunConfig) -> int | None:
     """Examples in an epoch of data.train, read but not tokenised (a weighted mixture's epoch size with
     ``data.replay``: the other sources over 1 − ratio); None if a file cannot be read."""
     from tunelab.data.readers import read_file
+    from tunelab.training.schedule import mixture_epoch_size
 
     counts = []
     for path in config.data.train_files():
@@ -58,6 +59,5 @@ def count_examples(config: RunConfig) -> int | None:
         if any(position == 0 for position, _ in raw.problems):
             return None
         counts.append(len(raw.records))
-    if config.data.replay is not None:
-        return round(sum(counts[:-1]) / (1 - config.data.replay.ratio))
-    return sum(counts)
+    replay = config.data.replay
+    return mixture_epoch_size(sum(counts[:-1]) if replay else sum(counts), replay.ratio if replay else None)

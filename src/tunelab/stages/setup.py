@@ -12,6 +12,7 @@ from tunelab.config.schema import RunConfig
 from tunelab.data import IGNORE_INDEX, Example, TokenizedExample, TokenizeStats, load_examples, prepare_tokenizer, turn_markers
 from tunelab.data.token_cache import cached_tokenize
 from tunelab.errors import DataError
+from tunelab.training.schedule import mixture_epoch_size
 from tunelab.models.load import load_model, load_tokenizer, resolve_model_path
 
 
@@ -131,7 +132,7 @@ def mixture_of(config: RunConfig, examples: list) -> Mixture | None:
                              "read record files (sft; not folders of text)"], what="data.train")
     if sum(sizes) != len(examples):
         raise DataError(["data.train: a file appears in the mixture twice; give each source once"], what="data.train")
-    own = sum(sizes[:-1]) if config.data.replay else sum(sizes)
-    epoch = round(own / (1 - config.data.replay.ratio)) if config.data.replay else own
+    replay = config.data.replay
+    epoch = mixture_epoch_size(sum(sizes[:-1]) if replay else sum(sizes), replay.ratio if replay else None)
     return Mixture(epoch, tuple((size, weight) for size, (_, _, weight) in zip(sizes, sources)),
                    tuple(name for _, name, _ in sources))

@@ -47,6 +47,11 @@ def total_steps(n_examples: int, *, batch_size: int, grad_accum: int, epochs: fl
     return max(1, math.ceil(epochs * steps_per_epoch(n_examples, batch_size, grad_accum)))
 
 
+def mixture_epoch_size(own_examples: int, replay_ratio: float | None) -> int:
+    """The examples of one epoch of a mixture: the sources' own (the replay's aside), plus the replay's share."""
+    return round(own_examples / (1 - replay_ratio)) if replay_ratio else own_examples
+
+
 def mixture_counts(epoch_size: int, weights: tuple[float, ...]) -> list[int]:
     """How many of an epoch's ``epoch_size`` examples each source gives: ``weight / Σ weights`` of them, rounded
     by largest remainder so they sum to ``epoch_size``."""
