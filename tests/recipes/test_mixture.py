@@ -96,3 +96,20 @@ def test_general_replay_is_the_shipped_set_and_shares_no_probe_question():
     probe = {json.loads(line)["question"].lower() for line in
              (REPO / "src/tunelab/evaluation/probes/general.jsonl").read_text().splitlines()}
     assert not {e.messages[0]["content"].lower() for e in examples} & probe
+
+
+def test_each_source_logs_its_own_loss(make_config, sources, tmp_path):
+    import json
+
+    done = sft.main(make_config(*_overrides(sources, tmp_path / "run"), "train.max_steps=4", "train.batch_size=4", "train.lr=1e-2"))
+    steps = [r for r in map(json.loads, (done.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r and "step" in r]
+    assert len(steps) == 4
+    names = ("a", "b", "replay")
+    for record in steps:
+        tokens = {n: record[f"tokens/{n}"] for n in names}
+        assert sum(tokens.values()) == record["trained_tokens"]
+        present = [n for n in names if tokens[n]]
+        assert all(f"loss/{n}" in record for n in present) and all(f"loss/{n}" not in record for n in names if n not in present)
+        mixed = sum(record[f"loss/{n}"] * tokens[n] for n in present) / record["trained_tokens"]
+        assert mixed == pytest.approx(record["loss"], rel=1e-5)  # the sources' losses make up the step's loss
+    assert any(len([n for n in names if r[f"tokens/{n}"]]) > 1 for r in steps)  # micro-batches that mix sources were split

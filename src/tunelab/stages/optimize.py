@@ -34,6 +34,7 @@ class Optimization:
     start_step: int
     seconds_spent: float
     whole: torch.nn.Module | None = None  # FSDP: an unsharded CPU copy the trained shards are gathered into at the end
+    sources: tuple[tuple[int, ...], tuple[str, ...]] | None = None  # a mixture: each example's source, the source names
 
     @property
     def finished(self) -> bool:

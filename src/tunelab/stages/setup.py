@@ -111,6 +111,7 @@ class Mixture:
     epoch_size: int
     sources: tuple[tuple[int, float], ...]
     names: tuple[str, ...]
+    of: tuple[int, ...] = ()  # each training example's source (an index into names), for the per-source losses
 
     def describe(self) -> str:
         return ", ".join(f"{name} {size} x {weight:g}" for name, (size, weight) in zip(self.names, self.sources)) + \
@@ -124,9 +125,12 @@ def mixture_of(config: RunConfig, examples: list) -> Mixture | None:
     sources = config.data.mixture()
     if sources is None:
         return None
-    sizes = []
-    for path, name, _ in sources:
-        sizes.append(sum(1 for e in examples if getattr(e, "source", "").startswith(f"{path}:")))
+    sizes, of = [], [-1] * len(examples)
+    for index, (path, name, _) in enumerate(sources):
+        mine = [i for i, e in enumerate(examples) if getattr(e, "source", "").startswith(f"{path}:")]
+        sizes.append(len(mine))
+        for i in mine:
+            of[i] = index
         if sizes[-1] == 0:
             raise DataError([f"{path}: no training example of source {name!r} is left; weighted mixtures and replay "
                              "read record files (sft; not folders of text)"], what="data.train")
@@ -135,4 +139,4 @@ def mixture_of(config: RunConfig, examples: list) -> Mixture | None:
     replay = config.data.replay
     epoch = mixture_epoch_size(sum(sizes[:-1]) if replay else sum(sizes), replay.ratio if replay else None)
     return Mixture(epoch, tuple((size, weight) for size, (_, _, weight) in zip(sizes, sources)),
-                   tuple(name for _, name, _ in sources))
+                   tuple(name for _, name, _ in sources), tuple(of))

@@ -101,7 +101,10 @@ def optimize(config: RunConfig, env: Environment, tuned: TunedModel, n_examples:
     readable checkpoint restored."""
     plan = step_plan(config, n_examples, on_gpu=env.accelerator.device.type == "cuda", mixture=mixture)
     checkpoints = env.run_dir / "checkpoints" if env.start.resume else None
-    return prepare_optimization(config, tuned, env.accelerator, plan, checkpoints, console)
+    opt = prepare_optimization(config, tuned, env.accelerator, plan, checkpoints, console)
+    if mixture is not None:
+        opt.sources = (mixture.of, mixture.names)
+    return opt
 
 
 def already_finished(env: Environment, opt: Optimization) -> bool:

@@ -62,7 +62,7 @@ class StepReporter:
                   "tokens_per_s": tok_s, "trained_tokens": outcome.count}
         if outcome.grad_norm is not None:
             record["grad_norm"] = float(outcome.grad_norm)
-        record.update({key: float(value) / max(outcome.count, 1) for key, value in outcome.stats.items()})
+        record.update(per_unit(outcome.stats, outcome.count))
         record.update({key: float(value) for key, value in (reduced or {}).items()})
         self.log.log(record)
         self.progress.update(self._task, completed=done, loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
@@ -92,3 +92,19 @@ class _NoLog:
 
     def close(self) -> None:
         pass
+
+
+def per_unit(stats: dict, count: int) -> dict[str, float]:
+    """A step's summed stats as means: over the step's units, or for ``loss/NAME`` over ``tokens/NAME`` (a
+    source of a mixture: its own trained tokens; logged as counts)."""
+    out = {}
+    for key, value in stats.items():
+        if key.startswith("tokens/"):
+            out[key] = float(value)
+        elif key.startswith("loss/") and f"tokens/{key[5:]}" in stats:
+            tokens = float(stats[f"tokens/{key[5:]}"])
+            if tokens:  # a source absent from the step has no loss to report
+                out[key] = float(value) / tokens
+        else:
+            out[key] = float(value) / max(count, 1)
+    return out

@@ -6,12 +6,20 @@ same components: :class:`~tunelab.training.plan.StepPlan` for steps and learning
 :class:`~tunelab.training.reporter.StepReporter` for logging, ``stages.optimize.save_state`` for checkpoints.
 ``max_seconds`` ends the loop early: time is counted over optimizer steps only (not validation or
 checkpoints), summed over resumes.
+
+Per-source losses: when the run trains on a mixture (``opt.sources``), each micro-batch is split by source
+into sub-batches that go through the step one after another (the step's gradient is the same sum), so each
+source's summed loss and trained tokens are known exactly; the log has ``loss/NAME`` (mean over that
+source's trained tokens in the step) and ``tokens/NAME``. The cost is one more, smaller forward/backward per
+source present in a micro-batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from rich.console import Console
 
@@ -32,20 +40,29 @@ def run_token_loss(opt, train: list[TokenizedExample], evals: list[TokenizedExam
     over a batch's trained tokens (default: the cross-entropy; distillation passes its divergence)."""
     plan, device, seconds = opt.plan, opt.accelerator.device, opt.seconds_spent
     summed = token_loss or summed_loss_of_batch
+    of, names = getattr(opt, "sources", None) or ((), ())
 
-    def loss_fn(model, batch):
-        return summed(model, to_device(batch, device)), 0, {}
+    def loss_fn(model, tagged):
+        source, batch = tagged
+        loss = summed(model, to_device(batch, device))
+        stats = {}
+        for index, name in enumerate(names):  # every source's keys on every pass: ranks all-reduce the same keys
+            mine = index == source
+            stats[f"loss/{name}"] = loss.detach() if mine else torch.zeros((), device=loss.device)
+            stats[f"tokens/{name}"] = torch.tensor(float(trained_token_count(batch["labels"]) if mine else 0), device=loss.device)
+        return loss, 0, stats
 
     opt.model.train()
     with StepReporter(run_dir, plan, opt.start_step, console) as reporter:
         for step in range(opt.start_step, plan.total):
             started = hooks.clock()
             micro_ids, fillers = plan.micro_batches(step), plan.fillers(step)
-            micro = [make_batch([train[i] for i in ids], pad_id) for ids in micro_ids]
-            real = len(micro) - fillers
+            real = len(micro_ids) - fillers
+            micro = [(source, make_batch([train[i] for i in ids], pad_id)) for source, ids in by_source(micro_ids[:real], of)]
+            micro += [(-1, make_batch([train[i] for i in ids], pad_id)) for ids in micro_ids[real:]]
             set_lr(opt.optimizer, lr := plan.lr(step, seconds))
             outcome = optimizer_step(opt.model, opt.optimizer, opt.params.values(), micro, loss_fn, accelerator=opt.accelerator,
-                                     count=sum(trained_token_count(b["labels"]) for b in micro[:real]),
+                                     count=sum(trained_token_count(b["labels"]) for _, b in micro[:len(micro) - fillers]),
                                      max_grad_norm=max_grad_norm, fillers=fillers)
             seconds += hooks.clock() - started
             done = step + 1
@@ -59,3 +76,17 @@ def run_token_loss(opt, train: list[TokenizedExample], evals: list[TokenizedExam
                 break
     return reporter
 
+
+
+def by_source(micro_ids: list[list[int]], of: tuple[int, ...]) -> list[tuple[int, list[int]]]:
+    """Each micro-batch as (source, example ids) parts, one per source present in it (in order of first
+    appearance); without sources (``of`` empty), each micro-batch whole, as source -1."""
+    if not of:
+        return [(-1, list(ids)) for ids in micro_ids]
+    parts = []
+    for ids in micro_ids:
+        groups: dict[int, list[int]] = {}
+        for i in ids:
+            groups.setdefault(of[i], []).append(i)
+        parts += list(groups.items())
+    return parts
