@@ -95,6 +95,13 @@ class Replay(_Section):
     _path = field_validator("path", mode="before")(lambda v: str(GENERAL_REPLAY) if v == "general" else _expand_user(v))
 
 
+class FimConfig(_Section):
+    """Fill-in-the-middle over code (``data.format: fim``, recipe pretrain): ``tunelab.data.fim``."""
+
+    rate: float = Field(0.5, ge=0, le=1, description="share of documents rearranged prefix/suffix/middle (the rest stay plain)")
+    spm_rate: float = Field(0.5, ge=0, le=1, description="share of the FIM documents in SPM order (the others PSM)")
+
+
 class DataConfig(_Section):
     """Where the examples come from and how they become token ids and loss masks.
 
@@ -106,7 +113,8 @@ class DataConfig(_Section):
     train: str | list[str | TrainSource]
     replay: Replay | None = None
     eval: str | list[str] | None = None
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "raw"] = "auto"
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "raw", "fim"] = "auto"
+    fim: FimConfig | None = None
     template: RawTemplate | None = None
     system_prompt: str | None = None
     chat_template: str = "auto"
@@ -145,6 +153,8 @@ class DataConfig(_Section):
     def _raw_needs_template(self) -> "DataConfig":
         if self.format == "raw" and self.template is None:
             raise ValueError("data.format is 'raw' but data.template is missing: add data.template.prompt and data.template.response")
+        if self.fim is not None and self.format != "fim":
+            raise ValueError(f"data.fim applies to data.format fim (this is {self.format})")
         return self
 
 
@@ -252,6 +262,12 @@ class RunConfig(_Section):
     init_from_merge: bool = Field(False, description="merge init_from's result into the base and train a fresh method on top")
 
     _output = field_validator("output_dir", "init_from", mode="before")(lambda v: _expand_user(v))
+
+    @model_validator(mode="after")
+    def _fim_is_pretraining(self) -> "RunConfig":
+        if self.data.format == "fim" and self.recipe.name != "pretrain":
+            raise ValueError(f"data.format fim trains on code files with recipe pretrain (this is recipe {self.recipe.name})")
+        return self
 
     @field_validator("recipe", mode="before")
     @classmethod

@@ -21,6 +21,10 @@ from tunelab.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")
 TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet")
+# data.format fim: folders also give their source files (one document each)
+CODE_SUFFIXES = TEXT_SUFFIXES + (".py", ".js", ".jsx", ".ts", ".tsx", ".java", ".kt", ".scala", ".c", ".h", ".cc", ".cpp", ".hpp",
+                                 ".cs", ".go", ".rs", ".rb", ".php", ".swift", ".lua", ".r", ".jl", ".sh", ".sql", ".html", ".css",
+                                 ".json", ".yaml", ".yml", ".toml")
 
 
 @dataclass(frozen=True)
@@ -29,34 +33,38 @@ class TextDocument:
     source: str  # "path" or "path:line"
 
 
-def text_files(paths: list[str]) -> list[Path]:
-    """The files behind ``paths``: files as given, folders expanded to their .txt/.md files (sorted)."""
+def text_files(paths: list[str], code: bool = False) -> list[Path]:
+    """The files behind ``paths``: files as given, folders expanded to their .txt/.md files (with ``code``, also
+    their source files: ``CODE_SUFFIXES``), sorted."""
+    suffixes = CODE_SUFFIXES if code else TEXT_SUFFIXES
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
         else:
             files.append(path)
     return files
 
 
-def read_texts(paths: list[str], *, text_field: str = "text") -> list[TextDocument]:
-    """Every document under ``paths``; raises DataError listing every problem (missing files, bad records)."""
+def read_texts(paths: list[str], *, text_field: str = "text", code: bool = False) -> list[TextDocument]:
+    """Every document under ``paths`` (with ``code``, source files too); raises DataError listing every problem
+    (missing files, bad records)."""
     documents: list[TextDocument] = []
     problems: list[str] = []
-    files = text_files(paths)
+    files = text_files(paths, code)
+    plain = CODE_SUFFIXES if code else TEXT_SUFFIXES
     for path in files:
         suffix = path.suffix.lower()
         if not path.is_file():
             problems.append(f"{path}: no such file or folder")
-        elif suffix in TEXT_SUFFIXES:
+        elif suffix in plain:
             _read_plain(path, documents, problems)
         elif suffix in TABLE_SUFFIXES:
             _read_table(path, text_field, documents, problems)
         else:
-            problems.append(f"{path}: unsupported file type {suffix or '(none)'}; use {', '.join(TEXT_SUFFIXES + TABLE_SUFFIXES)}")
+            problems.append(f"{path}: unsupported file type {suffix or '(none)'}; use {', '.join(plain + TABLE_SUFFIXES)}")
     if not files:
-        problems.append(f"{', '.join(paths)}: no .txt or .md files found")
+        problems.append(f"{', '.join(paths)}: no {'source' if code else '.txt or .md'} files found")
     elif not documents and not problems:
         problems.append(f"{', '.join(paths)}: every document is empty")
     if problems:

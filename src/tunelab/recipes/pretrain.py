@@ -1,7 +1,8 @@
 """Continued pre-training recipe: adapt a model to a domain's raw text before instruction tuning.
 
 ``data.train`` (and optionally ``data.eval``) are ``.txt``/``.md`` files, folders of them, or JSONL/CSV/Parquet
-files with a text column (``recipe.text_field``). Documents are cut into ``data.max_length``-token blocks
+files with a text column (``recipe.text_field``); with ``data.format: fim``, code files too, each document
+rearranged for fill-in-the-middle at ``data.fim.rate`` (``tunelab.data.fim``). Documents are cut into ``data.max_length``-token blocks
 with every token trained (``tunelab.data.text``) and packed into rows without padding. Without
 ``data.eval``, every k-th block is held out (``recipe.holdout``). Reported before and after training:
 perplexity on the held-out text, and the forgetting probe, as for SFT. Run directory, resume and
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from tunelab.config.load import recipe_options
-from tunelab.config.schema import RunConfig
+from tunelab.config.schema import FimConfig, RunConfig
 from tunelab.errors import TunelabError
 from tunelab.data.packing import collator
 from tunelab.data.text import read_texts, split_holdout, text_blocks, text_files
@@ -45,11 +46,13 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     console = console or Console(stderr=True)
     options: PretrainOptions = recipe_options(config)
     # 1. Validate: every text file and record, the run directory, the settings, the method.
-    train_docs = read_texts(config.data.train_files(), text_field=options.text_field)
-    eval_docs = read_texts(config.data.eval_files(), text_field=options.text_field) if config.data.eval_files() else []
-    files = [str(p) for p in text_files(config.data.train_files() + config.data.eval_files())]
+    code = config.data.format == "fim"
+    train_docs = read_texts(config.data.train_files(), text_field=options.text_field, code=code)
+    eval_docs = read_texts(config.data.eval_files(), text_field=options.text_field, code=code) if config.data.eval_files() else []
+    files = [str(p) for p in text_files(config.data.train_files() + config.data.eval_files(), code)]
     env = check_environment(config, resume=resume, force=force, data_files=files, task=Examples([]))
     model_path, tokenizer, added = load_prepared_tokenizer(config)
+    train_docs, eval_docs = _fim(config, tokenizer, added, train_docs, eval_docs, console)
     check_method_fits(config, added)
 
     # 2. Token blocks; the untuned model's perplexity and probe; the method, optimizer and checkpoint.
@@ -88,6 +91,26 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     return result_of(env, trained)
 
 
+def _fim(config: RunConfig, tokenizer, added: list[str], train_docs: list, eval_docs: list, console: Console | None):
+    """With ``data.format: fim``: the documents rearranged for fill-in-the-middle (FIM tokens added to
+    ``added`` when the tokenizer lacks them); else as they are."""
+    if config.data.format != "fim":
+        return train_docs, eval_docs
+    from tunelab.data.fim import fim_documents, fim_tokens, pieces
+
+    fim = config.data.fim or FimConfig()
+    tokens, new = fim_tokens(tokenizer)
+    added += new
+    seed, size = config.train.seed, config.data.max_length
+    train_pieces, eval_pieces = pieces(train_docs, tokenizer, size), pieces(eval_docs, tokenizer, size)
+    if console is not None:
+        console.print(f"Fill-in-the-middle: {len(train_docs)} files in {len(train_pieces)} pieces of <= {size} tokens, {fim.rate:.0%} "
+                      f"rearranged, {fim.spm_rate:.0%} of those in SPM order; tokens {tokens.prefix} {tokens.suffix} {tokens.middle}"
+                      + (" (added, their embeddings trained)" if new else ""), soft_wrap=True)
+    return (fim_documents(train_pieces, tokens, rate=fim.rate, spm_rate=fim.spm_rate, seed=seed),
+            fim_documents(eval_pieces, tokens, rate=fim.rate, spm_rate=fim.spm_rate, seed=seed + 1))
+
+
 def _perplexity(model, blocks, config: RunConfig, tokenizer, env) -> dict | None:
     """Loss per token and perplexity on ``blocks`` (None when nothing is held out)."""
     if not blocks:
@@ -101,8 +124,9 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
     from tunelab.data import TokenizeStats, inspect_report
 
     options: PretrainOptions = recipe_options(config)
-    docs = read_texts(config.data.train_files(), text_field=options.text_field)
-    _, tokenizer, _ = load_prepared_tokenizer(config)
+    docs = read_texts(config.data.train_files(), text_field=options.text_field, code=config.data.format == "fim")
+    _, tokenizer, added = load_prepared_tokenizer(config)
+    docs, _ = _fim(config, tokenizer, added, docs, [], console)
     blocks = text_blocks(docs, tokenizer, config.data.max_length)
     if not 0 <= example < len(blocks):
         raise TunelabError(f"--example {example}: {len(docs)} documents give {len(blocks)} blocks")
