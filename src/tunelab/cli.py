@@ -265,12 +265,14 @@ def _register_commands() -> None:
     from tunelab.merging.cli import register as merging
     from tunelab.pipeline.cli import register as pipeline
     from tunelab.serving.cli import register as serving
+    from tunelab.synth.cli import register as synth
 
     merging(app)
     pipeline(app)
     export(app)
     serving(app)
     datagen(data_app)
+    synth(data_app)
 
 
 _register_commands()

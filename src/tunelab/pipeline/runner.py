@@ -7,7 +7,8 @@ the key, the inputs and the status. Per stage:
 
 * key unchanged and finished: **skip**;
 * key unchanged but the stage did not finish (a kill): **resume** it (a training run from its newest
-  checkpoint; the other kinds write their results atomically and start again);
+  checkpoint, a synth stage from its cache of generator replies; the other kinds write their results
+  atomically and start again);
 * new, or key changed: **run**. The previous result is kept under ``NAME.previous`` until the new one is
   finished, so an interrupted re-run never leaves a stage with nothing; if the inputs are then changed back,
   the previous result is **restore**d instead of re-run.
@@ -31,7 +32,7 @@ from rich.console import Console
 
 from tunelab.atomic import write_text_atomic
 from tunelab.pipeline.spec import PipelineFile, Stage, is_training
-from tunelab.pipeline.stages import output_of, run_stage, stage_inputs
+from tunelab.pipeline.stages import RESUMABLE, output_of, outputs_of, run_stage, stage_inputs
 
 STAGE_FILE = "stage.json"
 
@@ -89,7 +90,7 @@ def _decide(folder: Path, key: str, inputs: dict[str, Any], stage: Stage) -> tup
         return "run", _changes(record.get("inputs", {}), inputs)
     if record.get("status") == "finished" and output_of(stage, folder).exists():
         return "skip", "unchanged"
-    return ("resume", "interrupted") if is_training(stage.kind) else ("run", "interrupted")
+    return ("resume", "interrupted") if is_training(stage.kind) or stage.kind in RESUMABLE else ("run", "interrupted")
 
 
 def plan_pipeline(spec: PipelineFile) -> list[PlannedStage]:
@@ -104,7 +105,8 @@ def plan_pipeline(spec: PipelineFile) -> list[PlannedStage]:
         key = _key(inputs)
         action, why = _decide(folder, key, inputs, stage)
         planned.append(PlannedStage(stage, folder, key, inputs, action, why))
-        outputs[stage.name], keys[stage.name] = output_of(stage, folder), key
+        for name, path in outputs_of(stage, folder).items():
+            outputs[name], keys[name] = path, key
     return planned
 
 
@@ -146,7 +148,7 @@ def run_pipeline(spec: PipelineFile, console: Console, *, dry_run: bool = False)
         else:
             console.rule(f"[bold]{item.stage.name}[/] ({item.stage.kind}): {item.action}, {item.why}")
             _execute(item, outputs, console)
-        outputs[item.stage.name] = output_of(item.stage, item.folder)
+        outputs.update(outputs_of(item.stage, item.folder))
     write_report(Path(spec.output_dir), planned)
     console.print(f"Pipeline report: [bold]{Path(spec.output_dir) / 'pipeline_report.md'}[/]")
     return planned

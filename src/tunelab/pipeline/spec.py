@@ -20,8 +20,12 @@ stages:
   - {name: gguf, kind: export, from: merged, format: gguf, quant: q8_0}
 ```
 
+A ``synth`` stage (``data:`` a documents folder, ``model:`` the generator, ``synth:`` the settings of ``tunelab data
+synth``) makes ``train.jsonl`` (named by the stage's name) and, with ``synth.eval_fraction``, ``eval.jsonl`` (named
+``NAME.eval``): ``set: {data.train: docs, data.eval: docs.eval}``.
+
 A value that is exactly the name of an earlier stage (in ``from``, ``model``, ``data``, and in the ``set``
-keys that take a path: ``init_from``, ``data.train``, ``data.eval``, ``recipe.teacher``, ``model``) stands for
+keys that take a path: ``init_from``, ``data.train``, ``data.eval``, ``recipe.teacher``, ``recipe.task_eval``, ``model``) stands for
 that stage's output: a training stage's run directory, a merge's model folder, an export's folder, the pairs
 or answers file of a data stage.
 """
@@ -37,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tunelab.config.load import Problems, key_lines
 from tunelab.errors import ConfigError
 
-DATA_KINDS = ("preferences", "generate")
+DATA_KINDS = ("preferences", "generate", "synth")
 OTHER_KINDS = ("merge", "export", "eval") + DATA_KINDS
 
 
@@ -51,8 +55,11 @@ class Stage(BaseModel):
     config: str | None = Field(None, description="training stages: the run config file")
     set: dict[str, Any] = Field(default_factory=dict, description="training stages: dotted overrides of the config")
     from_: str | None = Field(None, alias="from", description="merge/export: the stage (or folder) whose result it takes")
-    model: str | None = Field(None, description="eval/preferences/generate: the model (a stage, run directory or model spec)")
-    data: str | None = Field(None, description="eval/preferences: examples; generate: prompts")
+    model: str | None = Field(None, description="eval/preferences/generate: the model (a stage, run directory or model spec); "
+                                                "synth: the generator (also an http://.../v1 endpoint; default the embedded model)")
+    data: str | None = Field(None, description="eval/preferences: examples; generate: prompts; synth: the documents folder")
+    synth: dict[str, Any] = Field(default_factory=dict, description="synth: settings of tunelab data synth (chunk_tokens, "
+                                                                     "eval_fraction, ...)")
     metric: str | None = Field(None, description="eval/preferences: the metric (default: the run's eval.metric)")
     db: str | None = Field(None, description="eval/preferences: SQLite database for sql_exec")
     format: Literal["hf", "gguf", "gguf-lora"] = "gguf"
@@ -85,9 +92,10 @@ KIND_KEYS = {
     "eval": {"model", "data", "metric", "db", "limit", "max_new_tokens"},
     "preferences": {"model", "data", "metric", "db", "max_new_tokens"},
     "generate": {"model", "data", "max_new_tokens"},
+    "synth": {"model", "data", "synth"},
 }
 _REQUIRED = {"merge": ("from_",), "export": ("from_",), "eval": ("model", "data"), "preferences": ("model", "data"),
-             "generate": ("model", "data")}
+             "generate": ("model", "data"), "synth": ("data",)}
 
 
 def is_training(kind: str) -> bool:
@@ -116,6 +124,15 @@ def _stage_problems(index: int, stage: Stage, earlier: list[str], problems: Prob
     for key in _REQUIRED[stage.kind]:
         if getattr(stage, key) is None:
             problems.add(where, f"a {stage.kind} stage needs {key.rstrip('_')}:")
+    if stage.kind == "synth":
+        from pydantic import ValidationError
+
+        from tunelab.synth.settings import SynthSettings
+
+        try:
+            SynthSettings(**stage.synth)
+        except ValidationError as error:
+            _pydantic(error, where + ("synth",), problems)
 
 
 def _pydantic(error: ValidationError, prefix: tuple, problems: Problems) -> None:

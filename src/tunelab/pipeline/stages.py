@@ -10,6 +10,7 @@ made. The pipeline's content address of a stage is the hash of these (``pipeline
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,24 @@ from tunelab.data import data_fingerprint
 from tunelab.pipeline.spec import KIND_KEYS, Stage, is_training
 
 # ``set`` keys whose value may name an earlier stage (elsewhere a value equal to a stage's name stays as it is)
-REFERENCE_KEYS = ("init_from", "data.train", "data.eval", "recipe.teacher", "model", "model.path", "eval.before_from")
-OUTPUT = {"merge": "model", "export": "export", "eval": "report.json", "preferences": "pairs.jsonl", "generate": "data.jsonl"}
+REFERENCE_KEYS = ("init_from", "data.train", "data.eval", "recipe.teacher", "recipe.task_eval", "model", "model.path",
+                  "eval.before_from")
+OUTPUT = {"merge": "model", "export": "export", "eval": "report.json", "preferences": "pairs.jsonl", "generate": "data.jsonl",
+          "synth": "train.jsonl"}
+RESUMABLE = ("synth",)  # besides training: kinds that carry on from what an interrupted attempt left in their folder
 
 
 def output_of(stage: Stage, folder: Path) -> Path:
     """Where ``stage`` (run in ``folder``) leaves what later stages use."""
     return folder / ("run" if is_training(stage.kind) else OUTPUT[stage.kind])
+
+
+def outputs_of(stage: Stage, folder: Path) -> dict[str, Path]:
+    """Every name later stages can use for ``stage``'s results: its own name, and ``NAME.eval`` for a synth's held-out split."""
+    named = {stage.name: output_of(stage, folder)}
+    if stage.kind == "synth":
+        named[f"{stage.name}.eval"] = folder / "eval.jsonl"
+    return named
 
 
 def _map(value: Any, leaf, drop_unset: bool = False) -> Any:
@@ -76,6 +88,8 @@ def stage_inputs(stage: Stage, outputs: dict[str, Path], keys: dict[str, str], f
     else:
         tree = options_of(stage, outputs)
         files = [tree[k] for k in ("data", "db") if isinstance(tree.get(k), str) and tree[k] not in by_path and Path(tree[k]).is_file()]
+        if stage.kind == "synth":  # the documents folder and the user's prompt files
+            files += [p for p in (tree.get("data"), (tree.get("synth") or {}).get("prompts")) if p and Path(p).is_dir()]
     # earlier stages' outputs stand as their keys; unset (None) settings are left out, so a setting tunelab adds
     # later (unset by default) leaves every existing stage's key as it was
     tree = _map(tree, lambda s: by_path.get(s, s), drop_unset=True)
@@ -156,4 +170,23 @@ def _generate(options: dict, out: Path, console: Console) -> dict[str, Any]:
     return {"records": sum(1 for _ in out.open(encoding="utf-8"))}
 
 
-_RUNNERS = {"merge": _merge, "export": _export, "eval": _eval, "preferences": _preferences, "generate": _generate}
+def _synth(options: dict, out: Path, console: Console) -> dict[str, Any]:
+    from tunelab.models.embedded import DEFAULT_MODEL
+    from tunelab.synth.cli import progress_bars, open_tokenizer, settings_from
+    from tunelab.synth.generators import open_generator
+    from tunelab.synth.run import Outputs, synthesize
+
+    settings = settings_from(**options["synth"])
+    cache = out.with_name("train.cache.jsonl")
+    earlier = out.parent.with_name(out.parent.name + ".previous") / cache.name  # the runner's copy of the last result
+    if earlier.is_file() and not cache.exists():
+        shutil.copyfile(earlier, cache)  # replies are keyed by what produced them: a changed filter reuses them all
+    generator = open_generator(options.get("model") or DEFAULT_MODEL, batch_size=settings.batch_size)
+    with progress_bars() as update:
+        summary = synthesize(options["data"], generator, open_tokenizer(generator, None), settings,
+                             Outputs(out, out.with_name("eval.jsonl")), cache=cache, on_progress=update)
+    console.print(f"Synthesised {summary['train']} training and {summary['eval']} held-out pairs from {summary['documents']} documents.")
+    return {"pairs": summary["train"], "heldout_pairs": summary["eval"], "replies_from_cache": summary["replies_from_cache"]}
+
+
+_RUNNERS = {"merge": _merge, "export": _export, "eval": _eval, "preferences": _preferences, "generate": _generate, "synth": _synth}
