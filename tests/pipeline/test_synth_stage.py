@@ -62,6 +62,8 @@ def test_synth_feeds_training_and_resumes_from_its_cache(tmp_path, tiny_llama, g
     resolved = (out / "sft" / "run" / "config.yaml").read_text()
     assert str(out / "docs" / "train.jsonl") in resolved and str(out / "docs" / "eval.jsonl") in resolved
     assert (out / "docs" / "train.provenance.jsonl").is_file()
+    page = (out / "pipeline_report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<td>docs</td><td>synth</td><td>run</td>" in page
     assert _actions(run_pipeline(spec, console)) == ["skip", "skip"]
 
     record = json.loads((out / "docs" / "stage.json").read_text())

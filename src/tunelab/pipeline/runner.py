@@ -13,7 +13,7 @@ the key, the inputs and the status. Per stage:
   finished, so an interrupted re-run never leaves a stage with nothing; if the inputs are then changed back,
   the previous result is **restore**d instead of re-run.
 
-``pipeline_report.md`` and ``pipeline_report.json`` (in ``output_dir``) say, per stage, what this invocation
+``pipeline_report.md``, ``.html`` and ``.json`` (in ``output_dir``) say, per stage, what this invocation
 did and what the stage's result scored: task score, probe retention, seconds, artifact.
 """
 
@@ -172,7 +172,7 @@ def _cell(value: Any) -> str:
 
 
 def write_report(root: Path, planned: list[PlannedStage]) -> None:
-    """``pipeline_report.md`` and ``.json``: per stage, what happened now and what its result scored."""
+    """``pipeline_report.md``, ``.html`` and ``.json``: per stage, what happened now and what its result scored."""
     rows = [{"stage": p.stage.name, "kind": p.stage.kind, "action": p.action, "why": p.why, "key": p.key,
              "seconds": p.seconds, "output": str(output_of(p.stage, p.folder)), **p.summary} for p in planned]
     write_text_atomic(root / "pipeline_report.json", json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
@@ -184,3 +184,15 @@ def write_report(root: Path, planned: list[PlannedStage]) -> None:
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     write_text_atomic(root / "pipeline_report.md", "\n".join(lines) + "\n")
+    write_text_atomic(root / "pipeline_report.html", _html(lines[2], columns, rows))
+
+
+def _html(intro: str, columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """The report as one self-contained HTML page (no script, no external resource)."""
+    from html import escape
+
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{escape(_cell(row.get(c)))}</td>" for c in columns) + "</tr>" for row in rows)
+    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Pipeline report</title><style>{style}</style></head>"
+            f"<body><h1>Pipeline report</h1><p>{escape(intro)}</p><table><tr>{head}</tr>{body}</table></body></html>\n")

@@ -327,13 +327,19 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def write_splits(directory: str | Path = HERE, n_train: int = 240, n_test: int = 40, seed: int = 0) -> tuple[Path, Path]:
-    """Write ``train.jsonl`` and ``test.jsonl`` into ``directory``; return their paths."""
+def about_orders(record: dict) -> bool:
+    """The orders sub-domain: questions whose gold SQL reads the ``orders`` table (counts by day, joins)."""
+    return re.search(r"\b(FROM|JOIN) orders\b", record["messages"][-1]["content"]) is not None
+
+
+def write_splits(directory: str | Path = HERE, n_train: int = 240, n_test: int = 40, seed: int = 0) -> tuple[Path, ...]:
+    """Write ``train.jsonl`` and ``test.jsonl`` into ``directory``, and their orders sub-domain (``orders_train.jsonl``,
+    ``orders_test.jsonl``: the sequential pipeline's last stage); return their paths."""
     directory = Path(directory)
     train, test = make_splits(n_train, n_test, seed)
-    paths = directory / "train.jsonl", directory / "test.jsonl"
-    write_text_atomic(paths[0], _jsonl(train))
-    write_text_atomic(paths[1], _jsonl(test))
+    paths = (directory / "train.jsonl", directory / "test.jsonl", directory / "orders_train.jsonl", directory / "orders_test.jsonl")
+    for path, records in zip(paths, (train, test, [r for r in train if about_orders(r)], [r for r in test if about_orders(r)])):
+        write_text_atomic(path, _jsonl(records))
     return paths
 
 
