@@ -102,6 +102,7 @@ def test_nothing_kept_is_an_error_that_keeps_the_old_output(docs, tmp_path, toke
         synthesize(docs, Scripted(), tokenizer, SynthSettings(chunk_tokens=200, overlap=0, min_grounding=1.0, min_support=1.0,
                                                               near_duplicate=0.01), out)
     assert out.train.read_text() == "old\n"
+    assert out.sidecar(".rejected.jsonl").read_text().count("\n") == 14  # why each of the 14 candidates went
 
 
 def test_prompt_files_can_be_overridden_and_are_checked(tmp_path):

@@ -55,7 +55,7 @@ class EndpointGenerator:
         try:
             import openai
         except ImportError:
-            raise TunelabError("an endpoint generator needs the openai client; install it with: pip install openai") from None
+            raise TunelabError("an endpoint generator needs the openai client; install it with: pip install 'tunelab[synth]'") from None
         self.openai = openai
         self.client = openai.OpenAI(base_url=url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "unused", max_retries=2)
         self.url, self.parallel = url, parallel

@@ -189,8 +189,10 @@ def synthesize(docs: str | Path, generator: Generator, tokenizer, settings: Synt
                "rejected": dict(sorted(reasons.items())), "replies_from_cache": replies.reused,
                "generator": generator.provenance, "settings": settings.model_dump(), "seconds": round(time.time() - started, 1)}
     if not kept:
+        write_text_atomic(outputs.sidecar(".rejected.jsonl"), _jsonl(rejected))
         raise TunelabError(f"{docs}: every one of the {len(rejected)} generated pairs was filtered out ({dict(reasons)}); see "
-                           "the reasons above, loosen min_grounding/min_support, or use a stronger --generator")
+                           f"why in {outputs.sidecar('.rejected.jsonl')}, loosen min_grounding/min_support, or use a stronger "
+                           "--generator")
     _write(outputs, kept, rejected, summary, generator, prompts, settings)
     from tunelab.data import load_examples
 
