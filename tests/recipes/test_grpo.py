@@ -58,6 +58,7 @@ def test_mean_reward_rises_and_samples_are_written(grpo_setup, tiny_llama):
     assert len(logged) == 8 and {"reward", "reward_std", "zero_variance_groups", "completion_length"} <= logged[0].keys()
     first, last = sum(m["reward"] for m in logged[:3]) / 3, sum(m["reward"] for m in logged[-3:]) / 3
     assert last > first
+    assert all(0 < m["entropy"] < 5.8 for m in logged) and "entropy@n" not in logged[0]  # nats, below log(320 tokens)
     samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
     assert samples and {"step", "prompt", "completion", "reward"} <= samples[0].keys()
 

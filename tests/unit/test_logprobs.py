@@ -7,7 +7,7 @@ import torch
 
 from tunelab.methods import get_method
 from tunelab.models.load import load_model
-from tunelab.training.logprobs import sequence_logprobs, token_logprobs
+from tunelab.training.logprobs import sequence_logprobs, token_logprobs, token_logprobs_and_entropy
 
 
 def _batch(vocab: int):
@@ -91,3 +91,17 @@ def test_sequence_logprobs_sum_and_count(tiny_llama):
         per_token = token_logprobs(model, ids, mask, labels)
     assert counts.tolist() == [7, 4, 2]
     torch.testing.assert_close(sums, per_token.sum(1))
+
+
+@pytest.mark.parametrize("name", ["lora", "prompt"])  # the chunked path and the full-logits path
+def test_entropy_is_that_of_the_full_next_token_distribution(name, tiny_llama):
+    model = _tuned(name, tiny_llama)
+    ids, mask, labels = _batch(model.get_base_model().config.vocab_size)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -labels.shape[1]:-1].float()
+    probs = torch.softmax(logits, dim=-1)
+    expected = -(probs * torch.log(probs)).sum(-1).masked_fill(labels[:, 1:] == -100, 0.0)
+    logps, entropy = token_logprobs_and_entropy(model, ids, mask, labels, chunk_rows=5)
+    torch.testing.assert_close(entropy, expected, atol=1e-5, rtol=1e-5)
+    assert not entropy.requires_grad and logps.requires_grad
+    torch.testing.assert_close(logps, token_logprobs(model, ids, mask, labels), atol=1e-6, rtol=1e-6)

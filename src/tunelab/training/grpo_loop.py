@@ -27,7 +27,7 @@ from rich.console import Console
 from tunelab.generation import SamplingSettings
 from tunelab.training import distributed, hooks
 from tunelab.training.grpo import group_advantages, grpo_loss_sum, grpo_normaliser
-from tunelab.training.logprobs import token_logprobs
+from tunelab.training.logprobs import token_logprobs, token_logprobs_and_entropy
 from tunelab.training.loss import to_device
 from tunelab.training.optim import optimizer_step, set_lr
 from tunelab.training.reporter import StepReporter
@@ -83,11 +83,14 @@ def _fixed_logps(model, micro: list[dict], settings: GrpoSettings, disabled: Cal
 
 def _objective(settings: GrpoSettings):
     def loss_fn(model, mb):
-        logps = _logps(model, mb)
+        b = mb["batch"]
+        logps, entropy = token_logprobs_and_entropy(model, b["input_ids"], b["attention_mask"], b["labels"])
         loss, stats = grpo_loss_sum(logps, mb.get("old", logps.detach()), mb["advantages"], mb["mask"], epsilon=settings.epsilon,
                                     epsilon_high=settings.epsilon_high, aggregation=settings.aggregation,
                                     max_completion_length=settings.max_completion_length, ref_logps=mb.get("ref"),
                                     beta=settings.beta)
+        # the policy's entropy over the completion tokens (a collapse towards 0 means it stopped exploring)
+        stats = {**stats, "entropy": (entropy * mb["mask"]).sum(), "entropy@n": mb["mask"].sum().float()}
         return loss, 0, stats
     return loss_fn
 

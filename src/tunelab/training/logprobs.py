@@ -19,13 +19,20 @@ from tunelab.training.loss import plain_causal_lm
 from tunelab.training.loss import IGNORE_INDEX, trained_positions
 
 
-def _gathered_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) for each row of ``hidden`` (C, H) under ``head``; (C,) float32."""
-    logits = head(hidden).float()  # (C, V)
-    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+def entropy_of(logp: torch.Tensor) -> torch.Tensor:
+    """The entropy (nats) of each row's distribution from its log-probabilities (..., V); no gradient."""
+    with torch.no_grad():
+        return -(logp.exp() * logp).sum(dim=-1)
 
 
-def _chunked(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+def _gathered_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), the entropy of the whole distribution) for each row of ``hidden`` (C, H) under ``head``;
+    each (C,) float32."""
+    logp = torch.log_softmax(head(hidden).float(), dim=-1)  # (C, V)
+    return logp.gather(1, targets[:, None]).squeeze(1), entropy_of(logp)
+
+
+def _chunked(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_gathered_logprobs` over ``rows`` positions at a time, recomputed per chunk in backward."""
     pieces = []
     for start in range(0, hidden.shape[0], rows):
@@ -34,7 +41,10 @@ def _chunked(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
             pieces.append(checkpoint(_gathered_logprobs, head, h, t, use_reentrant=False))
         else:
             pieces.append(_gathered_logprobs(head, h, t))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    if not pieces:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
 
 
 def _scatter(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -61,6 +71,14 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     Returns:
         (B, T-1) float32 log-probabilities, 0 where ``labels[:, 1:]`` is ``IGNORE_INDEX``.
     """
+    return token_logprobs_and_entropy(model, input_ids, attention_mask, labels, chunk_rows=chunk_rows)[0]
+
+
+def token_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor, *,
+                               chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logprobs`, and the entropy of the model's next-token distribution at the same positions
+    ((B, T-1) float32 nats, 0 elsewhere, without gradient): computed from the logits already formed, so it costs
+    one more reduction over the vocabulary per chunk."""
     inputs = {"input_ids": input_ids, "use_cache": False}
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask
@@ -69,15 +87,17 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     shifted = labels[:, 1:]  # (B, T-1)
     if base is None:
         logits = model(**inputs).logits[:, -labels.shape[1]:-1]  # (B, T-1, V); prompt tuning puts P virtual tokens first
-        picked = torch.log_softmax(logits.float(), dim=-1).gather(2, shifted.clamp(min=0)[..., None]).squeeze(2)
-        return picked.masked_fill(shifted == IGNORE_INDEX, 0.0)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        picked = logp.gather(2, shifted.clamp(min=0)[..., None]).squeeze(2)
+        ignored = shifted == IGNORE_INDEX
+        return picked.masked_fill(ignored, 0.0), entropy_of(logp).masked_fill(ignored, 0.0)
     hidden = base.model(**inputs).last_hidden_state  # (B, T, H)
     index = trained_positions(labels).to(hidden.device)
     trained_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H)
     targets = labels.reshape(-1).index_select(0, index + 1)  # (N,) the next token of each
     head = base.get_output_embeddings()
-    values = _chunked(head, trained_hidden, targets, chunk_rows or default_chunk_rows(head.weight.shape[0]))
-    return _scatter(values, labels)
+    values, entropy = _chunked(head, trained_hidden, targets, chunk_rows or default_chunk_rows(head.weight.shape[0]))
+    return _scatter(values, labels), _scatter(entropy, labels)
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor, *,

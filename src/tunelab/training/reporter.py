@@ -95,11 +95,16 @@ class _NoLog:
 
 
 def per_unit(stats: dict, count: int) -> dict[str, float]:
-    """A step's summed stats as means: over the step's units, or for ``loss/NAME`` over ``tokens/NAME`` (a
-    source of a mixture: its own trained tokens; logged as counts)."""
+    """A step's summed stats as means: over the step's units; for a stat ``KEY`` with a companion ``KEY@n``, over
+    that count (the companion itself is not logged); for ``loss/NAME`` over ``tokens/NAME`` (a source of a
+    mixture: its own trained tokens; logged as counts)."""
     out = {}
     for key, value in stats.items():
-        if key.startswith("tokens/"):
+        if key.endswith("@n"):
+            continue
+        if f"{key}@n" in stats:
+            out[key] = float(value) / max(float(stats[f"{key}@n"]), 1.0)
+        elif key.startswith("tokens/"):
             out[key] = float(value)
         elif key.startswith("loss/") and f"tokens/{key[5:]}" in stats:
             tokens = float(stats[f"tokens/{key[5:]}"])
