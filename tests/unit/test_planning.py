@@ -349,3 +349,27 @@ def test_the_planner_holds_no_method_names():
         named = [n for n in method_names() if f'"{n}"' in text or f"'{n}'" in text]
         assert not named, f"{source.name} decides by method name {named}: ask the method (its footprint) instead"
         assert not re.search(r"^\s*(from|import) tunelab\.recipes", text, re.M), f"{source.name} imports recipes"
+
+
+def test_grpo_defaults_the_planner_assumes_are_the_recipes():
+    from tunelab.planning.recipes import GRPO_DEFAULTS
+    from tunelab.recipes.grpo import GrpoOptions
+
+    assert {k: GrpoOptions.model_fields[k].default for k in GRPO_DEFAULTS} == GRPO_DEFAULTS
+
+
+def test_grpo_plans_its_groups_and_the_generation_phase(anchor_dirs, tiny_llama):
+    common = ["recipe=grpo", "train.batch_size=4", "data.max_length=128", "method.name=lora"]
+    sft = plan(_config(tiny_llama, *common[1:]), "h100-80gb")
+    grpo = plan(_config(tiny_llama, *common, "recipe.num_generations=8"), "h100-80gb")
+    assert grpo.batch == (8 * sft.batch[0], 128 + 64)  # each prompt trains its group of prompt + completion rows
+    assert "generation" in grpo.memory.phases and "KV cache" in grpo.recipe_note
+    assert grpo.memory.total == grpo.memory.phases[grpo.memory.peak_phase] + grpo.memory.overhead
+    model = anchor_dirs["llama-3.1-8b"]  # a real KV cache: 32 layers x 8 kv heads x 128 dims, bf16
+    wide = ["recipe=grpo", "method.name=lora", "train.batch_size=1", "data.max_length=256", "recipe.num_generations=16",
+            "train.gradient_checkpointing=true", "recipe.max_completion_length=3840", "recipe.generation_batch_size=16"]
+    big = plan(_config(model, *wide), "h100-80gb")
+    kv = 2 * 32 * 8 * 128 * 16 * (256 + 3840) * 2
+    assert big.memory.phases["generation"] >= kv + big.memory.weights
+    small = plan(_config(model, *wide[:-1], "recipe.generation_batch_size=4"), "h100-80gb")
+    assert small.memory.phases["generation"] < big.memory.phases["generation"] - 0.7 * kv

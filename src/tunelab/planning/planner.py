@@ -12,7 +12,7 @@ from tunelab.planning.data import DataProfile, count_examples
 from tunelab.planning.devices import CPU_MFU, GPU_MFU, GPUS, Device, GiB, resolve_device
 from tunelab.planning.memory import MemoryEstimate, PlannedBatch, MemoryEnv, estimate_memory
 from tunelab.planning.method import PlannedMethod, planned_method
-from tunelab.planning.recipes import rows_per_example, teacher_bytes
+from tunelab.planning.recipes import completion_positions, generation_phase, rows_per_example, teacher_bytes
 from tunelab.planning.shape import ModelShape, load_shape
 from tunelab.planning.timing import TimeEstimate, flops_per_token
 from tunelab.training.schedule import total_steps
@@ -111,7 +111,7 @@ def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Kno
     precision, w, m = _precision(config, device), torch_dtype(config.model.dtype).itemsize, planned_method(config, shape)
     if m.extra_in_weight_dtype:
         m.extra_bytes = w
-    t, d, train = config.data.max_length, knobs.data, config.train
+    t, d, train = config.data.max_length + completion_positions(config), knobs.data, config.train
     if d is not None:
         rows, seq = d.peak_rows, d.peak_seq
         logit_rows = rows * (seq - 1) if m.full_logits else d.peak_trained
@@ -133,7 +133,20 @@ def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Kno
     teacher, _ = teacher_bytes(config, w, batch.logit_rows)
     if teacher:  # resident through every phase of the step
         memory = replace(memory, weights=memory.weights + teacher, phases={k: v + teacher for k, v in memory.phases.items()})
-    return memory, m, batch
+    return _with_generation(config, shape, memory, env.c), m, batch
+
+
+def _with_generation(config: RunConfig, shape: ModelShape, memory: MemoryEstimate, kv_bytes: int) -> MemoryEstimate:
+    """GRPO's sampling phase added to the phases, and made the peak when it is larger than training's."""
+    resident = memory.weights + memory.trainable_weights + memory.optimizer_states
+    generation, kv, logits, _ = generation_phase(config, shape, resident, kv_bytes)
+    if not generation:
+        return memory
+    phases = {**memory.phases, "generation": generation}
+    if generation <= memory.tensors:
+        return replace(memory, phases=phases)
+    return replace(memory, gradients=0, activations=0, weight_copies=0, attention_mask=0, logits=logits, workspace=kv,
+                   peak_phase="generation", phases=phases)
 
 
 def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | None = None, data: DataProfile | None = None,
@@ -181,7 +194,7 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
     )
     if not fits or result.tight:
         result.suggestions = _suggest(config, shape, device, knobs)
-    result.recipe_note = _recipe_note(config, w=torch_dtype(config.model.dtype).itemsize, logit_rows=batch.logit_rows)
+    result.recipe_note = _recipe_note(config, w=torch_dtype(config.model.dtype).itemsize, logit_rows=batch.logit_rows, shape=shape)
     result.assumptions = _assumptions(result, knobs, m)
     return result
 
@@ -276,10 +289,12 @@ def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs
     return out
 
 
-def _recipe_note(config: RunConfig, *, w: int, logit_rows: float) -> str | None:
+def _recipe_note(config: RunConfig, *, w: int, logit_rows: float, shape: ModelShape | None = None) -> str | None:
     teacher_note = teacher_bytes(config, w, logit_rows)[1]
     if teacher_note:
         return teacher_note
+    if config.recipe.name == "grpo" and shape is not None:
+        return generation_phase(config, shape, 0, w)[3]
     if rows_per_example(config) > 1:
         return (f"recipe {config.recipe.name}: both sides of each pair in one forward ({rows_per_example(config)} rows per "
                 "example); the reference model costs no weights (method switched off, or precomputed log-probabilities)")
