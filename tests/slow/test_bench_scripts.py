@@ -48,3 +48,12 @@ def test_anchor_sql_trains_and_scores_through_tunelab_train(tmp_path):
     assert 0.0 <= summary["execution_accuracy"] <= 1.0
     test = [json.loads(line) for line in (tmp_path / "anchor-data" / "test.jsonl").read_text().splitlines()]
     assert len(test) == 16 and all("CREATE TABLE" in r["messages"][0]["content"] for r in test)
+
+
+def test_grpo_sampling_bench_counts_every_completion_of_each_way(tmp_path):
+    out = tmp_path / "grpo.json"
+    _run(str(REPO / "bench/bench_grpo_sampling.py"), "--model", "tiny", "--prompts", "2", "--group", "3",
+         "--max-new-tokens", "4", "--out", str(out), cwd=tmp_path)
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"one_at_a_time", "hf_grouped", "tunelab"}
+    assert all(r["completions"] == 6 and 0 < r["tokens"] <= 24 and r["completions_per_s"] > 0 for r in results.values())
