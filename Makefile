@@ -19,9 +19,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[serve]'
 	touch $@
 
-# the test extras: ruff, TRL (loss oracle), the openai client, llama-cpp-python (minutes to build the first time)
+# the test extras: ruff, TRL (loss oracle), the openai client, llama-cpp-python (minutes to build the first time),
+# Playwright; and Debian's chromium for the dashboard's browser tests (apt, when it is missing and apt can install it)
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(LLAMA_BUILD) $(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	@[ -x /usr/lib/chromium/chromium ] || command -v chromium >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	  echo "note: could not install Debian's chromium; the browser tests will be skipped"
 	touch $@
 
 demo: setup

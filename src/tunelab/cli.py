@@ -266,11 +266,13 @@ def _register_commands() -> None:
     from tunelab.pipeline.cli import register as pipeline
     from tunelab.serving.cli import register as serving
     from tunelab.synth.cli import register as synth
+    from tunelab.ui.cli import register as ui
 
     merging(app)
     pipeline(app)
     export(app)
     serving(app)
+    ui(app)
     datagen(data_app)
     synth(data_app)
 

@@ -1,0 +1,137 @@
+"""What the dashboard shows, read from run directories under the roots it was given (nothing here writes).
+
+A run is any folder under a root holding ``manifest.json`` (searched ``MAX_DEPTH`` levels deep, so pipeline
+and compare folders are found). Its id is its path relative to its root, prefixed by the root's index
+(``0/pipeline-sql/sft/run``); :func:`resolve` maps an id back and refuses anything outside the roots.
+
+Status: the manifest's (``running``, ``finished``, ``failed``), except that a ``running`` run whose files
+have not changed for ``STALE_SECONDS`` is shown as ``interrupted`` (killed: nothing marks it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.runs import Run, open_run
+
+MAX_DEPTH = 4
+STALE_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class Roots:
+    paths: tuple[Path, ...]
+
+    @classmethod
+    def of(cls, folders: list[str | Path]) -> "Roots":
+        return cls(tuple(Path(f).resolve() for f in folders))
+
+    def resolve(self, run_id: str) -> Path | None:
+        """The run folder ``run_id`` names, or None when it is not a run inside one of the roots."""
+        index, _, rel = run_id.partition("/")
+        if not index.isdigit() or int(index) >= len(self.paths):
+            return None
+        root = self.paths[int(index)]
+        path = (root / rel).resolve()
+        if path != root and root not in path.parents:
+            return None
+        return path if (path / "manifest.json").is_file() else None
+
+    def run_id(self, path: Path) -> str:
+        for index, root in enumerate(self.paths):
+            if path == root or root in path.parents:
+                return f"{index}/{path.relative_to(root).as_posix()}".rstrip("/.") or f"{index}"
+        raise ValueError(f"{path} is outside the roots")
+
+
+def find_runs(roots: Roots) -> list[Path]:
+    """Every run folder under the roots (sorted by path), at most ``MAX_DEPTH`` levels down."""
+    found: list[Path] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        if (folder / "manifest.json").is_file():
+            found.append(folder)
+            return
+        if depth >= MAX_DEPTH:
+            return
+        for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            walk(child, depth + 1)
+
+    for root in roots.paths:
+        if root.is_dir():
+            walk(root, 0)
+    return found
+
+
+def status_of(run: Run, now: float | None = None) -> str:
+    status = run.status
+    if status == "running":
+        files = [run.path / n for n in ("manifest.json", "metrics.jsonl")]
+        latest = max((f.stat().st_mtime for f in files if f.exists()), default=0.0)
+        if (now or time.time()) - latest > STALE_SECONDS:
+            return "interrupted"
+    return status
+
+
+def summary(run: Run, run_id: str) -> dict[str, Any]:
+    """One row of the runs table."""
+    m, s = run.manifest, run.manifest.get("eval_summary") or {}
+    parent = (m.get("parent") or {}).get("run_dir")
+    return {"id": run_id, "name": run.path.name if run.path.name != "run" else f"{run.path.parent.name}/run",
+            "status": status_of(run), "recipe": m.get("recipe", "sft"), "method": m.get("method"),
+            "model": (m.get("model") or {}).get("spec"), "untuned": s.get("zero_shot_score"), "tuned": s.get("tuned_score"),
+            "retention": s.get("probe_retention"), "seconds": m.get("train_seconds"), "steps": m.get("steps_done"),
+            "peak_mb": m.get("peak_memory_mb"), "artifact_mb": m.get("artifact_mb"), "created": m.get("created"),
+            "parent": parent}
+
+
+def read_metrics(run_dir: Path, after: int = 0) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` past its first ``after`` lines (a torn last line is left for the next poll)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines()[after:]:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def predictions(run: Run) -> list[dict[str, Any]]:
+    """Each eval example: prompt, reference, the untuned answer and the tuned one, each right or not."""
+    results = run.eval_results() or {}
+    tuned = (results.get("tuned") or {}).get("examples") or []
+    before = ((results.get("baselines") or {}).get("zero_shot") or {}).get("examples") or []
+    by_source = {e.get("source"): e for e in before}
+    rows = []
+    for example in tuned:
+        untuned = by_source.get(example.get("source")) or {}
+        rows.append({"source": example.get("source"), "prompt": example.get("prompt"), "reference": example.get("reference"),
+                     "tuned": example.get("prediction"), "tuned_right": (example.get("score") or 0) >= 1,
+                     "untuned": untuned.get("prediction"), "untuned_right": (untuned.get("score") or 0) >= 1 if untuned else None})
+    return rows
+
+
+def probe_changes(run: Run) -> dict[str, list[dict[str, Any]]]:
+    forgetting = (run.eval_results() or {}).get("forgetting") or {}
+    return {"lost": forgetting.get("lost") or [], "gained": forgetting.get("gained") or []}
+
+
+def artifacts(run: Run) -> list[tuple[str, float]]:
+    """(name, MB) of the run folder's entries, folders summed."""
+    out = []
+    for entry in sorted(run.path.iterdir()):
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) if entry.is_dir() else entry.stat().st_size
+        out.append((entry.name + ("/" if entry.is_dir() else ""), size / 2**20))
+    return out
+
+
+def load(roots: Roots, run_id: str) -> Run | None:
+    path = roots.resolve(run_id)
+    return open_run(path) if path is not None else None

@@ -1,0 +1,81 @@
+// tunelab dashboard: sortable, filterable runs table; a run's curves (polled while it trains); the predictions filter.
+(function () {
+  "use strict";
+
+  function runsTable() {
+    const table = document.getElementById("runs");
+    if (!table) return;
+    const rows = () => Array.from(table.tBodies[0].rows);
+    const filter = document.getElementById("filter");
+    filter.addEventListener("input", () => {
+      const text = filter.value.toLowerCase();
+      let shown = 0;
+      rows().forEach((row) => { const hit = row.textContent.toLowerCase().includes(text); row.hidden = !hit; shown += hit; });
+      document.getElementById("count").textContent = shown + " runs";
+    });
+    table.tHead.querySelectorAll("th[data-sort]").forEach((th, column) => {
+      th.addEventListener("click", () => {
+        const down = th.dataset.dir !== "down";
+        th.dataset.dir = down ? "down" : "up";
+        const key = (row) => { const v = row.cells[column].dataset.value; const n = parseFloat(v); return isNaN(n) ? v : n; };
+        const sorted = rows().sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (down ? -1 : 1));
+        sorted.forEach((row) => table.tBodies[0].appendChild(row));
+      });
+    });
+  }
+
+  function draw(svg, points, name) {
+    const w = 640, h = 240, pad = 36;
+    svg.innerHTML = "";
+    if (points.length === 0) return;
+    const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+    const x0 = Math.min(...xs), x1 = Math.max(...xs) || 1, y0 = Math.min(...ys), y1 = Math.max(...ys);
+    const sx = (x) => pad + ((x - x0) / (x1 - x0 || 1)) * (w - 2 * pad);
+    const sy = (y) => h - pad - ((y - y0) / (y1 - y0 || 1)) * (h - 2 * pad);
+    const ns = "http://www.w3.org/2000/svg";
+    const line = document.createElementNS(ns, "polyline");
+    line.setAttribute("points", points.map((p) => sx(p[0]).toFixed(1) + "," + sy(p[1]).toFixed(1)).join(" "));
+    line.dataset.points = String(points.length);
+    svg.appendChild(line);
+    const label = (x, y, text) => { const t = document.createElementNS(ns, "text"); t.setAttribute("x", x); t.setAttribute("y", y); t.textContent = text; svg.appendChild(t); };
+    label(4, pad - 8, name + "  max " + y1.toPrecision(4));
+    label(4, h - 8, "min " + y0.toPrecision(4) + "   step " + x0 + " → " + x1);
+  }
+
+  function curves() {
+    const box = document.getElementById("curves");
+    if (!box) return;
+    const svg = document.getElementById("chart"), select = document.getElementById("series");
+    const records = [];
+    const every = parseFloat(new URLSearchParams(location.search).get("poll") || "3") * 1000;
+    function series() {
+      const names = new Set();
+      records.forEach((r) => Object.keys(r).forEach((k) => { if (k !== "step" && typeof r[k] === "number") names.add(k); }));
+      return Array.from(names).sort();
+    }
+    function render() {
+      const names = series(), chosen = select.value || (names.includes("loss") ? "loss" : names[0]);
+      if (select.options.length !== names.length) {
+        select.innerHTML = names.map((n) => "<option" + (n === chosen ? " selected" : "") + ">" + n + "</option>").join("");
+      }
+      draw(svg, records.filter((r) => typeof r[chosen] === "number" && typeof r.step === "number").map((r) => [r.step, r[chosen]]), chosen || "");
+    }
+    function poll() {
+      fetch("/api/metrics/" + box.dataset.run + "?after=" + records.length)
+        .then((r) => r.json())
+        .then((body) => { records.push(...body.records); render(); if (box.dataset.live === "true" || body.status === "running") setTimeout(poll, every); });
+    }
+    select.addEventListener("change", render);
+    poll();
+  }
+
+  function predictions() {
+    const box = document.getElementById("changed-only");
+    if (!box) return;
+    box.addEventListener("change", () => {
+      document.querySelectorAll("#predictions tr.prediction").forEach((row) => { row.hidden = box.checked && !row.classList.contains("changed"); });
+    });
+  }
+
+  runsTable(); curves(); predictions();
+})();

@@ -1,0 +1,89 @@
+"""The dashboard's data and pages without a browser: runs found under the roots with their status, the ids
+mapped back safely, predictions paired untuned/tuned, the JSON API, and no torch import on the way."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunelab.ui import runs as R
+
+from .fake_runs import make_runs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def roots(tmp_path):
+    made = make_runs(tmp_path / "runs")
+    return R.Roots.of([tmp_path / "runs"]), made
+
+
+def test_runs_are_found_with_their_status(roots):
+    roots, made = roots
+    found = R.find_runs(roots)
+    assert sorted(found) == sorted(made.values())
+    statuses = {p.name if p.name != "run" else "running": R.status_of(R.open_run(p)) for p in found}
+    assert statuses == {"sql-lora": "finished", "running": "running", "old-run": "interrupted", "diverged": "failed"}
+
+
+def test_ids_map_back_and_nothing_outside_the_roots(roots, tmp_path):
+    roots, made = roots
+    run_id = roots.run_id(made["running"])
+    assert run_id == "0/pipeline/dpo/run" and roots.resolve(run_id) == made["running"]
+    outside = tmp_path / "elsewhere"
+    (outside / "x").mkdir(parents=True)
+    (outside / "x" / "manifest.json").write_text("{}")
+    for bad in ("0/../elsewhere/x", "1/sql-lora", "x/sql-lora", "0/pipeline", "0//etc/passwd", "0/" + str(outside / "x")):
+        assert roots.resolve(bad) is None, bad
+
+
+def test_predictions_pair_untuned_and_tuned_answers(roots):
+    roots, made = roots
+    rows = R.predictions(R.open_run(made["finished"]))
+    assert [(r["untuned_right"], r["tuned_right"]) for r in rows] == [(False, True), (True, True), (False, True), (False, False)]
+    assert rows[0]["untuned"] == "wrong" and rows[0]["tuned"] == "answer 1" and rows[0]["reference"] == "answer 1"
+    assert R.probe_changes(R.open_run(made["finished"]))["lost"][0]["id"] == "snow"
+
+
+def test_pages_and_api(roots):
+    from fastapi.testclient import TestClient
+
+    from tunelab.ui.app import create_app
+
+    roots, made = roots
+    client = TestClient(create_app(list(roots.paths)))
+    index = client.get("/")
+    assert index.status_code == 200 and index.text.count('class="run"') == 4
+    listed = {r["id"]: r for r in client.get("/api/runs").json()}
+    assert listed["0/sql-lora"]["tuned"] == 0.75 and listed["0/old-run"]["status"] == "interrupted"
+    page = client.get("/run/0/sql-lora")
+    assert page.status_code == 200 and page.text.count('class="prediction changed"') == 2 and "What colour is snow?" in page.text
+    metrics = client.get("/api/metrics/0/pipeline/dpo/run", params={"after": 1}).json()
+    assert metrics == {"status": "running", "records": [{"step": 2, "loss": 0.6, "lr": 1e-4}]}
+    assert client.get("/run/0/../../etc/passwd").status_code == 404
+    assert client.get("/api/metrics/0/nope").status_code == 404
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_the_pages_never_import_torch(roots):
+    roots, _ = roots
+    code = ("import sys; from fastapi.testclient import TestClient; from tunelab.ui.app import create_app; "
+            f"c = TestClient(create_app([{str(roots.paths[0])!r}])); "
+            "assert c.get('/').status_code == 200 and c.get('/run/0/sql-lora').status_code == 200; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_ui_command_refuses_a_missing_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    done = CliRunner().invoke(app, ["ui", "--runs", str(tmp_path / "nope")])
+    assert done.exit_code != 0 and "not a folder" in done.output
