@@ -24,15 +24,27 @@ def chromium() -> str | None:
 pytestmark = pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (make setup-test installs it)")
 
 
+SHOTS = Path(os.environ.get("TUNELAB_SCREENSHOTS", "")) if os.environ.get("TUNELAB_SCREENSHOTS") else None
+
+
+def shot(page, name: str, tmp: Path) -> None:
+    """Save what the page looks like (to $TUNELAB_SCREENSHOTS when set, else beside the test's files)."""
+    folder = SHOTS or tmp
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site(tmp_path_factory, tiny_llama):
     from playwright.sync_api import sync_playwright
 
+    from serving.conftest import train_tiny_run
     from tunelab.serving.server import BackgroundServer
     from tunelab.ui.app import create_app
 
     root = tmp_path_factory.mktemp("ui") / "runs"
     made = make_runs(root)
+    made["tiny"] = train_tiny_run(root, tiny_llama, "tiny-red", ["red", "pink"])
     with BackgroundServer(create_app([root])) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
         yield url, browser, made
@@ -40,10 +52,11 @@ def site(tmp_path_factory):
 
 
 def test_runs_table_sorts_filters_and_links_to_a_run(site):
-    url, browser, _ = site
+    url, browser, made = site
     page = browser.new_page()
     page.goto(url + "/")
-    assert page.locator("tr.run").count() == 4
+    assert page.locator("tr.run").count() == 5
+    shot(page, "runs", made["finished"].parent)
     assert page.locator("tr.run[data-status=interrupted]").count() == 1
     page.fill("#filter", "diverged")
     assert page.locator("tr.run:visible").count() == 1 and page.text_content("#count") == "1 runs"
@@ -65,6 +78,7 @@ def test_the_predictions_filter_shows_what_changed(site):
     page.check("#changed-only")
     assert page.locator("#predictions tr.prediction:visible").count() == 2
     assert "What colour is snow?" in page.text_content(".probe-lost")
+    shot(page, "run", site[2]["finished"].parent)
     page.close()
 
 
@@ -76,4 +90,52 @@ def test_a_running_run_updates_its_curve_without_a_reload(site):
     with (made["running"] / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 3, "loss": 0.5, "lr": 1e-4}) + "\n")
     page.wait_for_selector("#chart polyline[data-points='3']", timeout=10_000)
+    page.close()
+
+
+def test_chat_answers_as_tunelab_eval_and_side_by_side(site):
+    from tunelab.evaluation.generate import generate_answers
+    from tunelab.evaluation.run import load_for_eval
+
+    url, browser, made = site
+    loaded = load_for_eval(str(made["tiny"]))
+    expected = generate_answers(loaded.model, loaded.tokenizer, [[{"role": "user", "content": "Colour 3?"}]], max_new_tokens=128)[0]
+    page = browser.new_page()
+    page.goto(url + "/chat")
+    page.select_option("#model-a", "run:0/tiny-red")
+    page.select_option("#model-b", index=len(page.locator("#model-b option").all()) - 1)  # the base model
+    page.fill("#prompt", "Colour 3?")
+    page.click("#send")
+    page.wait_for_selector("#chat-status[data-done=yes]", state="attached", timeout=60_000)
+    assert page.text_content("#answer-a") == expected
+    assert page.text_content("#label-b").startswith("base ")
+    shot(page, "chat", made["finished"].parent)
+    page.close()
+
+
+def test_a_run_launched_from_the_page_trains_and_shows_up(site, tiny_llama, tmp_path):
+    url, browser, made = site
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Colour {i}?"},
+                                                      {"role": "assistant", "content": "It is red."}]}) + "\n" for i in range(8)))
+    config = (f"model: {tiny_llama}\ndata: {{train: {data}}}\nmethod: {{name: lora, r: 4}}\n"
+              "train: {batch_size: 4, max_steps: 3, lr: 1.0e-2, warmup_ratio: 0}\neval: {probe: false, before: false}\n")
+    page = browser.new_page()
+    page.goto(url + "/launch")
+    page.fill("#config-text", "model: [unclosed")
+    page.click("#check")
+    page.wait_for_selector("#plan[data-verdict=refused]", timeout=120_000)
+    assert page.is_disabled("#start")  # a config that does not validate never reaches the queue
+    page.fill("#config-text", config)
+    page.click("#check")
+    page.wait_for_selector("#plan[data-verdict=ok]", timeout=120_000)
+    assert "fits" in page.text_content("#plan")
+    page.click("#start")
+    page.wait_for_selector("tr.job[data-status=finished]", timeout=300_000)
+    run = page.locator("tr.job a").first.get_attribute("href")
+    shot(page, "launch", made["finished"].parent)
+    page.goto(url + run)
+    assert page.locator("#chart polyline").count() == 1 or page.wait_for_selector("#chart polyline")
+    page.goto(url + "/")
+    assert page.locator("tr.run[data-status=finished]").count() == 3  # sql-lora, tiny-red and the launched run
     page.close()

@@ -39,6 +39,8 @@ def test_ids_map_back_and_nothing_outside_the_roots(roots, tmp_path):
     (outside / "x" / "manifest.json").write_text("{}")
     for bad in ("0/../elsewhere/x", "1/sql-lora", "x/sql-lora", "0/pipeline", "0//etc/passwd", "0/" + str(outside / "x")):
         assert roots.resolve(bad) is None, bad
+    (roots.paths[0] / "linked").symlink_to(outside / "x")  # a link inside the folder to a run outside it
+    assert roots.resolve("0/linked") is None and roots.paths[0] / "linked" not in R.find_runs(roots)
 
 
 def test_predictions_pair_untuned_and_tuned_answers(roots):

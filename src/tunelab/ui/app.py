@@ -2,16 +2,33 @@
 
 Routes: ``/`` (runs), ``/run/{id}`` (one run), ``/api/runs`` (the runs table as JSON), ``/api/metrics/{id}?after=N``
 (the metrics records past the first N, and the run's status, which the run page polls while it trains),
-``/static/*``. An id that does not name a run inside the roots is a 404, whatever it holds (``..`` included).
+``/launch`` with ``POST /api/plan``, ``POST /api/jobs``, ``GET /api/jobs``, ``POST /api/jobs/{n}/cancel`` (the
+queue of ``ui.jobs``), ``/chat`` with ``POST /api/chat`` (``ui.chat``), ``/static/*``. An id that does not name a run inside the roots is a 404, whatever it holds (``..`` included).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import shlex
+
+from pydantic import BaseModel
+
 from tunelab.errors import TunelabError
-from tunelab.ui import pages
+from tunelab.ui import actions, pages
 from tunelab.ui import runs as R
+
+
+class LaunchRequest(BaseModel):
+    preset: str | None = None
+    config_text: str | None = None
+    overrides: str = ""
+
+
+class ChatRequest(BaseModel):
+    models: list[str]
+    prompt: str
+    max_new_tokens: int = 128
 
 
 def _fastapi():
@@ -59,4 +76,71 @@ def create_app(folders: list[str | Path]):
         run = one(run_id)
         return {"status": R.status_of(run), "records": R.read_metrics(run.path, max(after, 0))}
 
+    _actions(app, fastapi, roots)
     return app
+
+
+def _actions(app, fastapi, roots: R.Roots) -> None:
+    """The launch queue and the chat."""
+    from fastapi.responses import HTMLResponse
+
+    from tunelab.ui.chat import Chat
+    from tunelab.ui.jobs import JobQueue
+
+    queue, chat = JobQueue(roots.paths[0]), Chat(roots)
+
+    def refused(error: Exception):
+        return fastapi.HTTPException(400, str(error))
+
+    def launched(request: LaunchRequest) -> tuple[str, list[str]]:
+        try:
+            return queue.config_file(request.preset, request.config_text), shlex.split(request.overrides)
+        except (TunelabError, ValueError) as error:
+            raise refused(error) from None
+
+    @app.get("/launch", response_class=HTMLResponse)
+    def launch_page() -> str:
+        return actions.launch_page(actions.presets())
+
+    @app.post("/api/plan")
+    def api_plan(request: LaunchRequest) -> dict:
+        config, overrides = launched(request)
+        ok, text = queue.plan(config, queue.with_output(overrides))
+        return {"ok": ok, "text": text}
+
+    @app.post("/api/jobs")
+    def api_submit(request: LaunchRequest) -> dict:
+        config, overrides = launched(request)
+        try:
+            return queue.submit(config, overrides).view()
+        except TunelabError as error:
+            raise refused(error) from None
+
+    def run_of(output_dir: str) -> str | None:
+        path = Path(output_dir).resolve()
+        try:
+            return roots.run_id(path) if (path / "manifest.json").is_file() else None
+        except ValueError:  # an output_dir override outside the folders: not shown
+            return None
+
+    @app.get("/api/jobs")
+    def api_jobs() -> list[dict]:
+        return [{**job.view(), "run": run_of(job.output_dir)} for job in queue.jobs]
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    def api_cancel(job_id: int) -> dict:
+        try:
+            return queue.cancel(job_id).view()
+        except KeyError:
+            raise fastapi.HTTPException(404, f"no job {job_id}") from None
+
+    @app.get("/chat", response_class=HTMLResponse)
+    def chat_page() -> str:
+        return actions.chat_page(chat.choices())
+
+    @app.post("/api/chat")
+    def api_chat(request: ChatRequest) -> dict:
+        try:
+            return {"answers": [chat.answer(m, request.prompt, request.max_new_tokens) for m in request.models if m]}
+        except TunelabError as error:
+            raise refused(error) from None

@@ -1,7 +1,7 @@
 """What the dashboard shows, read from run directories under the roots it was given (nothing here writes).
 
 A run is any folder under a root holding ``manifest.json`` (searched ``MAX_DEPTH`` levels deep, so pipeline
-and compare folders are found). Its id is its path relative to its root, prefixed by the root's index
+and compare folders are found; symbolic links are not followed). Its id is its path relative to its root, prefixed by the root's index
 (``0/pipeline-sql/sft/run``); :func:`resolve` maps an id back and refuses anything outside the roots.
 
 Status: the manifest's (``running``, ``finished``, ``failed``), except that a ``running`` run whose files
@@ -58,7 +58,7 @@ def find_runs(roots: Roots) -> list[Path]:
             return
         if depth >= MAX_DEPTH:
             return
-        for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
             walk(child, depth + 1)
 
     for root in roots.paths:

@@ -77,5 +77,75 @@
     });
   }
 
-  runsTable(); curves(); predictions();
+  function post(url, body) {
+    return fetch(url, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) })
+      .then((r) => r.json().then((data) => ({ ok: r.ok, data })));
+  }
+
+  function launch() {
+    const form = document.getElementById("launch");
+    if (!form) return;
+    const request = () => ({ preset: document.getElementById("preset").value || null,
+      config_text: document.getElementById("config-text").value || null, overrides: document.getElementById("overrides").value });
+    const plan = document.getElementById("plan"), start = document.getElementById("start");
+    document.getElementById("check").addEventListener("click", () => {
+      plan.textContent = "checking ...";
+      start.disabled = true;
+      post("/api/plan", request()).then(({ ok, data }) => {
+        plan.textContent = ok ? data.text : data.detail;
+        start.disabled = !(ok && data.ok);
+        plan.dataset.verdict = ok && data.ok ? "ok" : "refused";
+      });
+    });
+    start.addEventListener("click", () => {
+      start.disabled = true;
+      post("/api/jobs", request()).then(({ ok, data }) => { if (!ok) plan.textContent = data.detail; jobs(); });
+    });
+    function jobs() {
+      fetch("/api/jobs").then((r) => r.json()).then((list) => {
+        const body = document.querySelector("#jobs tbody");
+        body.innerHTML = "";
+        list.forEach((job) => {
+          const row = body.insertRow();
+          row.className = "job " + job.status;
+          row.dataset.status = job.status;
+          [String(job.id), job.config, job.status].forEach((text) => { row.insertCell().textContent = text; });
+          const link = row.insertCell();
+          if (job.run) { const a = document.createElement("a"); a.href = "/run/" + job.run; a.textContent = job.run; link.appendChild(a); }
+          const action = row.insertCell();
+          if (job.status === "queued" || job.status === "running") {
+            const b = document.createElement("button"); b.textContent = "cancel"; b.className = "cancel";
+            b.addEventListener("click", () => post("/api/jobs/" + job.id + "/cancel", {}).then(jobs)); action.appendChild(b);
+          }
+        });
+        if (list.length) document.getElementById("job-log").textContent = list[list.length - 1].log;
+        if (list.some((j) => j.status === "queued" || j.status === "running")) setTimeout(jobs, 1500);
+      });
+    }
+    jobs();
+  }
+
+  function chat() {
+    const form = document.getElementById("chat");
+    if (!form) return;
+    const status = document.getElementById("chat-status");
+    document.getElementById("send").addEventListener("click", () => {
+      const a = document.getElementById("model-a"), b = document.getElementById("model-b");
+      const models = [a.value, b.value].filter((m) => m);
+      status.textContent = "thinking ...";
+      ["a", "b"].forEach((k) => { document.getElementById("answer-" + k).textContent = ""; document.getElementById("label-" + k).textContent = ""; });
+      post("/api/chat", { models, prompt: document.getElementById("prompt").value }).then(({ ok, data }) => {
+        status.textContent = ok ? "" : data.detail;
+        if (!ok) return;
+        data.answers.forEach((text, i) => {
+          const k = i === 0 ? "a" : "b", select = i === 0 ? a : b;
+          document.getElementById("label-" + k).textContent = select.options[select.selectedIndex].text;
+          document.getElementById("answer-" + k).textContent = text;
+        });
+        status.dataset.done = "yes";
+      });
+    });
+  }
+
+  runsTable(); curves(); predictions(); launch(); chat();
 })();

@@ -1,0 +1,132 @@
+"""The launch queue of ``tunelab ui``: training runs started from the page, one at a time, as subprocesses.
+
+A job is ``python -m tunelab train CONFIG OVERRIDES... output_dir=ROOT/ui-STAMP`` (unless the overrides set
+``output_dir``), so the run lands under the dashboard's first folder and shows on its runs page. Before a job
+can start, ``python -m tunelab plan`` checks the same config and overrides (the config is validated there, and
+the memory verdict shown): a config that does not validate never reaches the queue. Running them as
+subprocesses keeps torch out of the dashboard's process and lets a job be cancelled (SIGINT, as Ctrl-C: the
+run stops at a step boundary; then SIGTERM after ``GRACE_SECONDS``). A pasted config is written to
+``ROOT/.ui-configs/`` (hidden: never listed as a run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+GRACE_SECONDS = 20
+
+
+@dataclass
+class Job:
+    id: int
+    config: str
+    overrides: list[str]
+    output_dir: str
+    log: Path
+    status: str = "queued"  # queued | running | finished | failed | cancelled
+    returncode: int | None = None
+    started: float | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def view(self) -> dict:
+        tail = self.log.read_text(encoding="utf-8", errors="replace")[-3000:] if self.log.is_file() else ""
+        return {"id": self.id, "config": self.config, "overrides": self.overrides, "output_dir": self.output_dir,
+                "status": self.status, "returncode": self.returncode, "log": tail}
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tunelab", *args]
+
+
+class JobQueue:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.jobs: list[Job] = []
+        self.ids = itertools.count(1)
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        threading.Thread(target=self._work, daemon=True, name="tunelab-ui-jobs").start()
+
+    def config_file(self, preset: str | None, text: str | None) -> str:
+        """The config to run: a preset path as given, or pasted YAML written to ``.ui-configs``."""
+        if text and text.strip():
+            folder = self.root / ".ui-configs"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"config-{time.strftime('%Y%m%d-%H%M%S')}-{next(self.ids)}.yaml"
+            path.write_text(text, encoding="utf-8")
+            return str(path)
+        if not preset:
+            raise TunelabError("choose a preset or paste a config")
+        if not Path(preset).is_file():
+            raise TunelabError(f"{preset}: no such config file")
+        return preset
+
+    def with_output(self, overrides: list[str]) -> list[str]:
+        if any(o.startswith("output_dir=") for o in overrides):
+            return overrides
+        return [*overrides, f"output_dir={self.root / ('ui-' + time.strftime('%Y%m%d-%H%M%S'))}"]
+
+    def plan(self, config: str, overrides: list[str]) -> tuple[bool, str]:
+        """(whether the config validates and plans, what ``tunelab plan`` printed)."""
+        done = subprocess.run(command("plan", config, *overrides), capture_output=True, text=True, timeout=300)
+        return done.returncode == 0, (done.stdout + done.stderr).strip()
+
+    def submit(self, config: str, overrides: list[str]) -> Job:
+        overrides = self.with_output(overrides)
+        ok, text = self.plan(config, overrides)
+        if not ok:
+            raise TunelabError(text or "tunelab plan refused the config")
+        with self.lock:
+            number = len(self.jobs) + 1
+            logs = self.root / ".ui-configs"
+            logs.mkdir(parents=True, exist_ok=True)
+            output = next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
+            job = Job(number, config, overrides, output, logs / f"job-{number}.log")
+            self.jobs.append(job)
+        self.wake.set()
+        return job
+
+    def cancel(self, job_id: int) -> Job:
+        job = self.get(job_id)
+        with self.lock:
+            if job.status == "queued":
+                job.status = "cancelled"
+            elif job.status == "running" and job.process is not None:
+                job.status = "cancelled"
+                job.process.send_signal(signal.SIGINT)
+                threading.Timer(GRACE_SECONDS, lambda: job.process.poll() is None and job.process.terminate()).start()
+        return job
+
+    def get(self, job_id: int) -> Job:
+        for job in self.jobs:
+            if job.id == job_id:
+                return job
+        raise KeyError(job_id)
+
+    def _next(self) -> Job | None:
+        with self.lock:
+            return next((j for j in self.jobs if j.status == "queued"), None)
+
+    def _work(self) -> None:
+        while True:
+            job = self._next()
+            if job is None:
+                self.wake.wait(timeout=1.0)
+                self.wake.clear()
+                continue
+            with job.log.open("w", encoding="utf-8") as log, self.lock:
+                job.status, job.started = "running", time.time()
+                job.process = subprocess.Popen(command("train", job.config, *job.overrides), stdout=log, stderr=subprocess.STDOUT)
+            job.returncode = job.process.wait()
+            with self.lock:
+                if job.status != "cancelled":
+                    job.status = "finished" if job.returncode == 0 else "failed"
