@@ -260,6 +260,9 @@ class RunConfig(_Section):
     init_from: str | None = Field(None, description="a finished run directory to start from: its adapter is trained on "
                                   "(same method and options), or with init_from_merge its result is merged into the base first")
     init_from_merge: bool = Field(False, description="merge init_from's result into the base and train a fresh method on top")
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(["tensorboard"], description="experiment trackers beside "
+                                                               "metrics.jsonl: tensorboard (live), mlflow (the tracking extra)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite mlflow.db beside output_dir)")
 
     _output = field_validator("output_dir", "init_from", mode="before")(lambda v: _expand_user(v))
 
@@ -287,7 +290,7 @@ class RunConfig(_Section):
 
 # Keys whose change does not alter the trained weights; resuming with a different value is allowed.
 RESUME_SAFE_KEYS = frozenset(
-    {"train.save_every", "train.keep_last", "train.log_every", "train.eval_every", "output_dir"}
+    {"train.save_every", "train.keep_last", "train.log_every", "train.eval_every", "output_dir", "tracking", "tracking_uri"}
 )
 # distributed.*: the manifest records the strategy and process count a run started with, and a resume is checked
 # against those (stages.run), so a single-process run (which ignores the section) never counts it as a change.

@@ -107,8 +107,23 @@ def begin_run(start: RunStart, config: RunConfig, **fields: Any) -> dict[str, An
     if is_main():
         start.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(start.run_dir / "config.yaml", yaml.safe_dump(start.resolved, sort_keys=False))
+        if "mlflow" in config.tracking:
+            from tunelab.training.tracking import start_mlflow
+
+            tags = {k: manifest.get(k) for k in ("config_hash", "data_hash", "code_hash", "git_commit", "recipe", "method")}
+            manifest["mlflow_run_id"] = start_mlflow(start.run_dir, start.resolved, tags, config.tracking_uri,
+                                                     (start.previous or {}).get("mlflow_run_id") if start.resume else None)
         write_manifest(start.run_dir, manifest)
     return manifest
+
+
+def _mirror(run_dir: Path, manifest: dict[str, Any], status: str) -> None:
+    """End the run's MLflow mirror (``tracking: [mlflow]``), if it has one."""
+    if manifest.get("mlflow_run_id"):
+        from tunelab.training.tracking import finish_mlflow
+
+        uri = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("tracking_uri")
+        finish_mlflow(run_dir, manifest["mlflow_run_id"], uri, status)
 
 
 def train_or_fail(run_dir: Path, manifest: dict[str, Any], train: Callable[[], Any]) -> Any:
@@ -118,6 +133,7 @@ def train_or_fail(run_dir: Path, manifest: dict[str, Any], train: Callable[[], A
     except TunelabError:
         if is_main():
             write_manifest(run_dir, {**manifest, "status": "failed"})
+            _mirror(run_dir, manifest, "FAILED")
         raise
 
 
@@ -139,3 +155,4 @@ def save_artifact(run_dir: Path, name: str, save: Callable[[Path], None], tokeni
 def finish_run(run_dir: Path, manifest: dict[str, Any], **fields: Any) -> None:
     if is_main():
         write_manifest(run_dir, finish_manifest(manifest, **fields))
+        _mirror(run_dir, manifest, "FINISHED")

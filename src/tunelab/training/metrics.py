@@ -1,4 +1,5 @@
-"""Metrics to ``metrics.jsonl`` (one JSON object a line) and, when installed, TensorBoard."""
+"""Metrics to ``metrics.jsonl`` (one JSON object a line) and, when installed and in ``tracking``, TensorBoard
+(MLflow mirrors the file when the run ends: ``training.tracking``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class MetricsLog:
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
+        if "tensorboard" not in _trackers(run_dir):
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -42,6 +45,13 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _trackers(run_dir: Path) -> list[str]:
+    """The run's ``tracking`` setting, read from its config.yaml (tensorboard when there is none)."""
+    from tunelab.runs import read_run_config
+
+    return list(read_run_config(run_dir).get("tracking") or ["tensorboard"])
 
 
 def _step_of(line: str) -> int | None:
