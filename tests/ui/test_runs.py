@@ -89,3 +89,41 @@ def test_the_ui_command_refuses_a_missing_folder(tmp_path):
 
     done = CliRunner().invoke(app, ["ui", "--runs", str(tmp_path / "nope")])
     assert done.exit_code != 0 and "not a folder" in done.output
+
+
+def _reports(root: Path) -> None:
+    import json
+
+    (root / "pipe").mkdir(parents=True)
+    (root / "pipe" / "pipeline_report.json").write_text(json.dumps([
+        {"stage": "sft", "kind": "sft", "action": "run", "why": "new", "tuned_score": 0.8, "probe_retention": 0.9},
+        {"stage": "gguf", "kind": "export", "action": "skip", "why": "unchanged"}]))
+    sweep = root / "compare-sql"
+    (sweep / "report-plots").mkdir(parents=True)
+    (sweep / "sweep.yaml").write_text("candidates: [zero_shot, lora]\n")
+    (sweep / "report-plots" / "learned_vs_forgot.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'></svg>")
+    (sweep / "report.json").write_text(json.dumps({"recommendation": {"text": "Fine-tune with lora."}, "candidates": [
+        {"display": {"name": "zero_shot", "kind": "baseline", "score": "10 %"}},
+        {"display": {"name": "lora", "kind": "method", "score": "80 %"}}]}))
+
+
+def test_pipeline_and_compare_reports(roots):
+    from fastapi.testclient import TestClient
+
+    from tunelab.ui import reports
+    from tunelab.ui.app import create_app
+
+    roots, _ = roots
+    _reports(roots.paths[0])
+    assert [(k, p.name) for k, p in reports.find_reports(roots)] == [("compare", "compare-sql"), ("pipeline", "pipe")]
+    client = TestClient(create_app(list(roots.paths)))
+    assert client.get("/reports").text.count('class="report"') == 2
+    pipeline = client.get("/report/0/pipe")
+    assert pipeline.status_code == 200 and pipeline.text.count('class="stage"') == 2 and "0.800" in pipeline.text
+    sweep = client.get("/report/0/compare-sql")
+    assert sweep.text.count('class="candidate"') == 2 and "Fine-tune with lora." in sweep.text
+    plot = client.get("/file/0/compare-sql/report-plots/learned_vs_forgot.svg")
+    assert plot.status_code == 200 and plot.headers["content-type"].startswith("image/svg+xml")
+    assert reports.resolve(roots, "0/../..") is None and reports.resolve(roots, "0/sql-lora") is None
+    assert reports.plot_file(roots, "0/compare-sql", "../report.json") is None
+    assert client.get("/report/0/nope").status_code == 404

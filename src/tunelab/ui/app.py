@@ -76,8 +76,34 @@ def create_app(folders: list[str | Path]):
         run = one(run_id)
         return {"status": R.status_of(run), "records": R.read_metrics(run.path, max(after, 0))}
 
+    _reports(app, fastapi, roots)
     _actions(app, fastapi, roots)
     return app
+
+
+def _reports(app, fastapi, roots: R.Roots) -> None:
+    """Pipelines and compare sweeps (``ui.reports``)."""
+    from fastapi.responses import FileResponse, HTMLResponse
+
+    from tunelab.ui import reports
+
+    @app.get("/reports", response_class=HTMLResponse)
+    def reports_page() -> str:
+        return reports.list_page(roots)
+
+    @app.get("/report/{report_id:path}", response_class=HTMLResponse)
+    def report_page(report_id: str) -> str:
+        folder = reports.resolve(roots, report_id)
+        if folder is None:
+            raise fastapi.HTTPException(404, f"no pipeline or compare report {report_id!r} under the dashboard's folders")
+        return reports.report_page(roots, report_id, folder)
+
+    @app.get("/file/{report_id:path}/report-plots/{name}")
+    def plot(report_id: str, name: str):
+        path = reports.plot_file(roots, report_id, name)
+        if path is None:
+            raise fastapi.HTTPException(404, "no such plot")
+        return FileResponse(path, media_type="image/svg+xml")
 
 
 def _actions(app, fastapi, roots: R.Roots) -> None:

@@ -1,0 +1,101 @@
+"""Pipeline and compare reports under the dashboard's folders: found, listed, shown (read-only, no torch).
+
+A pipeline folder holds ``pipeline_report.json`` (one row per stage); a compare sweep holds ``report.json``
+with ``candidates`` and a ``report-plots/`` folder of SVGs, shown as images (an SVG in ``<img>`` runs no script).
+Ids are paths relative to a root, as for runs (``ui.runs.Roots``).
+"""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from tunelab.ui import runs as R
+from tunelab.ui.pages import page
+
+PIPELINE, COMPARE = "pipeline_report.json", "report.json"
+STAGE_COLUMNS = ("stage", "kind", "action", "why", "tuned_score", "probe_retention", "score", "seconds", "output")
+CANDIDATE_COLUMNS = ("name", "kind", "status", "score", "retention", "probe", "probe_lost", "trainable", "artifact_mb",
+                     "train_seconds")
+
+
+def _kind(folder: Path) -> str | None:
+    if (folder / PIPELINE).is_file():
+        return "pipeline"
+    if (folder / COMPARE).is_file() and (folder / "sweep.yaml").is_file():
+        return "compare"
+    return None
+
+
+def find_reports(roots: R.Roots) -> list[tuple[str, Path]]:
+    """(kind, folder) of every pipeline and compare sweep under the roots (links not followed)."""
+    found = []
+
+    def walk(folder: Path, depth: int) -> None:
+        kind = _kind(folder)
+        if kind:
+            found.append((kind, folder))
+        if depth < R.MAX_DEPTH and not (folder / "manifest.json").is_file():
+            for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
+                walk(child, depth + 1)
+
+    for root in roots.paths:
+        if root.is_dir():
+            walk(root, 0)
+    return found
+
+
+def resolve(roots: R.Roots, report_id: str) -> Path | None:
+    """The report folder ``report_id`` names inside the roots, or None."""
+    index, _, rel = report_id.partition("/")
+    if not index.isdigit() or int(index) >= len(roots.paths):
+        return None
+    root = roots.paths[int(index)]
+    path = (root / rel).resolve()
+    inside = path == root or root in path.parents
+    return path if inside and _kind(path) else None
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "–" if value is None else escape(str(value))
+
+
+def list_page(roots: R.Roots) -> str:
+    rows = "".join(f"<tr class=\"report\"><td>{kind}</td><td><a href=\"/report/{quote(roots.run_id(folder))}\">"
+                   f"{escape(roots.run_id(folder)[2:] or folder.name)}</a></td></tr>" for kind, folder in find_reports(roots))
+    empty = "" if rows else "<p>No pipeline (pipeline_report.json) or compare sweep (report.json) under the folders.</p>"
+    return page("Reports", f"<h1>Pipelines and comparisons</h1><table id=\"reports\"><tr><th>kind</th><th>folder</th></tr>"
+                           f"{rows}</table>{empty}")
+
+
+def report_page(roots: R.Roots, report_id: str, folder: Path) -> str:
+    if _kind(folder) == "pipeline":
+        stages = json.loads((folder / PIPELINE).read_text(encoding="utf-8"))
+        head = "".join(f"<th>{c}</th>" for c in STAGE_COLUMNS)
+        body = "".join("<tr class=\"stage\">" + "".join(f"<td>{_cell(s.get(c))}</td>" for c in STAGE_COLUMNS) + "</tr>" for s in stages)
+        return page(folder.name, f"<h1>Pipeline {escape(folder.name)}</h1><p>What each stage learned and what it forgot; "
+                                 f"<code>action</code> is what its last invocation did.</p><table id=\"stages\"><tr>{head}</tr>{body}</table>")
+    report = json.loads((folder / COMPARE).read_text(encoding="utf-8"))
+    head = "".join(f"<th>{c}</th>" for c in CANDIDATE_COLUMNS)
+    body = "".join("<tr class=\"candidate\">" + "".join(f"<td>{_cell((c.get('display') or {}).get(k))}</td>" for k in CANDIDATE_COLUMNS)
+                   + "</tr>" for c in report.get("candidates", []))
+    plots = "".join(f"<figure><img src=\"/file/{quote(report_id)}/report-plots/{quote(p.name)}\" alt=\"{escape(p.stem)}\">"
+                    f"<figcaption>{escape(p.stem.replace('_', ' '))}</figcaption></figure>"
+                    for p in sorted((folder / "report-plots").glob("*.svg")))
+    verdict = escape((report.get("recommendation") or {}).get("text") or "")
+    return page(folder.name, f"<h1>Compare {escape(folder.name)}</h1><p class=\"verdict\">{verdict}</p>"
+                             f"<table id=\"candidates\"><tr>{head}</tr>{body}</table>{plots}")
+
+
+def plot_file(roots: R.Roots, report_id: str, name: str) -> Path | None:
+    """A compare sweep's plot (``report-plots/*.svg``), or None."""
+    folder = resolve(roots, report_id)
+    if folder is None or "/" in name or not name.endswith(".svg"):
+        return None
+    path = folder / "report-plots" / name
+    return path if path.is_file() and path.resolve().parent == (folder / "report-plots").resolve() else None
