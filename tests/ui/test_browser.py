@@ -139,3 +139,31 @@ def test_a_run_launched_from_the_page_trains_and_shows_up(site, tiny_llama, tmp_
     page.goto(url + "/")
     assert page.locator("tr.run[data-status=finished]").count() == 3  # sql-lora, tiny-red and the launched run
     page.close()
+
+
+def test_the_data_page_lists_bad_records_and_shows_the_loss_mask(site):
+    url, browser, made = site
+    root = made["finished"].parent
+    bad = root / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "Hi?"}]}\nnot json\n')
+    good = root / "good.jsonl"
+    good.write_text(json.dumps({"messages": [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Red."}]}) + "\n")
+    page = browser.new_page()
+    page.goto(url + "/data")
+    tiny = next(o for o in page.locator("#data-model option").all_text_contents() if o.startswith("/"))
+    page.select_option("#data-model", tiny)
+    page.fill("#data-path", str(bad))
+    page.click("#inspect")
+    page.wait_for_selector("#problems li")
+    problems = page.locator("#problems li").all_text_contents()
+    assert any("bad.jsonl:1" in p for p in problems) and any("bad.jsonl:2" in p for p in problems)
+    page.fill("#data-path", str(good))
+    page.click("#inspect")
+    page.wait_for_selector("#loss-mask mark")
+    assert "Red" in "".join(page.locator("#loss-mask mark").all_text_contents())  # the answer is trained
+    assert "Colour" not in "".join(page.locator("#loss-mask mark").all_text_contents())  # the prompt is not
+    shot(page, "data", root)
+    page.fill("#data-path", "/etc/passwd")
+    page.click("#inspect")
+    page.wait_for_function("document.getElementById('data-result').textContent.includes('outside')")
+    page.close()

@@ -25,6 +25,12 @@ class LaunchRequest(BaseModel):
     overrides: str = ""
 
 
+class DataRequest(BaseModel):
+    path: str
+    model: str
+    example: int = 0
+
+
 class ChatRequest(BaseModel):
     models: list[str]
     prompt: str
@@ -159,6 +165,28 @@ def _actions(app, fastapi, roots: R.Roots) -> None:
             return queue.cancel(job_id).view()
         except KeyError:
             raise fastapi.HTTPException(404, f"no job {job_id}") from None
+
+    @app.get("/data", response_class=HTMLResponse)
+    def data_page() -> str:
+        from tunelab.models.embedded import DEFAULT_MODEL
+        from tunelab.ui.datapage import data_page
+
+        bases = [c["id"][6:] for c in chat.choices() if c["id"].startswith("model:")]
+        return data_page([DEFAULT_MODEL, *[b for b in bases if b != DEFAULT_MODEL]])
+
+    @app.post("/api/data")
+    def api_data(request: DataRequest) -> dict:
+        from tunelab.ui.datapage import inspect_file
+
+        allowed_models = {c["id"][6:] for c in chat.choices() if c["id"].startswith("model:")}
+        from tunelab.models.embedded import DEFAULT_MODEL
+
+        if request.model not in allowed_models | {DEFAULT_MODEL}:
+            raise fastapi.HTTPException(400, f"{request.model!r}: not the embedded model or a base of a run here")
+        try:
+            return inspect_file(request.path, roots.paths, request.model, request.example)
+        except TunelabError as error:
+            raise refused(error) from None
 
     @app.get("/chat", response_class=HTMLResponse)
     def chat_page() -> str:

@@ -30,7 +30,7 @@ def _fmt(value: Any, kind: str = "") -> str:
 def page(title: str, body: str) -> str:
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{escape(title)} · tunelab</title>"
             "<link rel=\"stylesheet\" href=\"/static/style.css\"></head><body><header><a href=\"/\">tunelab</a> "
-            "<a href=\"/reports\">reports</a> <a href=\"/launch\">launch</a> <a href=\"/chat\">chat</a> "
+            "<a href=\"/reports\">reports</a> <a href=\"/data\">data</a> <a href=\"/launch\">launch</a> <a href=\"/chat\">chat</a> "
             f"<span>{escape(title)}</span></header><main>{body}</main><script src=\"/static/app.js\"></script></body></html>")
 
 

@@ -147,5 +147,31 @@
     });
   }
 
-  runsTable(); curves(); predictions(); launch(); chat();
+  function data() {
+    const form = document.getElementById("data");
+    if (!form) return;
+    const out = document.getElementById("data-result");
+    document.getElementById("inspect").addEventListener("click", () => {
+      out.textContent = "reading ...";
+      post("/api/data", { path: document.getElementById("data-path").value, model: document.getElementById("data-model").value,
+        example: parseInt(document.getElementById("data-example").value || "0", 10) }).then(({ ok, data }) => {
+        out.innerHTML = "";
+        if (!ok) { out.textContent = data.detail; return; }
+        if (data.problems) {
+          const list = document.createElement("ul"); list.id = "problems";
+          data.problems.forEach((p) => { const li = document.createElement("li"); li.textContent = p; list.appendChild(li); });
+          out.appendChild(list); return;
+        }
+        const table = document.createElement("table"); table.id = "data-stats";
+        Object.entries(data.stats).forEach(([k, v]) => { const row = table.insertRow(); row.insertCell().textContent = k; row.insertCell().textContent = v; });
+        out.appendChild(table);
+        const caption = document.createElement("p"); caption.textContent = data.source; out.appendChild(caption);
+        const pre = document.createElement("pre"); pre.id = "loss-mask";
+        data.tokens.forEach((t) => { const span = document.createElement(t.trained ? "mark" : "span"); span.textContent = t.text; pre.appendChild(span); });
+        out.appendChild(pre);
+      });
+    });
+  }
+
+  runsTable(); curves(); predictions(); launch(); chat(); data();
 })();
