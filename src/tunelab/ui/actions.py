@@ -16,7 +16,8 @@ def presets(folder: Path = Path("configs")) -> list[str]:
 
 
 def launch_page(preset_paths: list[str]) -> str:
-    options = "".join(f"<option>{escape(p)}</option>" for p in preset_paths)
+    options = "<option value=\"demo\">the demo (tunelab demo: text-to-SQL, LoRA, minutes on a CPU)</option>"
+    options += "".join(f"<option>{escape(p)}</option>" for p in preset_paths)
     body = ("<h1>Launch a training run</h1><form id=\"launch\" onsubmit=\"return false\">"
             f"<p><label>preset <select id=\"preset\"><option value=\"\">(paste a config below)</option>{options}</select></label></p>"
             "<p><textarea id=\"config-text\" rows=\"8\" cols=\"90\" placeholder=\"or paste a config (YAML)\"></textarea></p>"

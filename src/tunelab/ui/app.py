@@ -148,16 +148,16 @@ def _actions(app, fastapi, roots: R.Roots) -> None:
         except TunelabError as error:
             raise refused(error) from None
 
-    def run_of(output_dir: str) -> str | None:
-        path = Path(output_dir).resolve()
+    def run_of(job) -> str | None:
+        path = job.run_dir()
         try:
-            return roots.run_id(path) if (path / "manifest.json").is_file() else None
+            return roots.run_id(path.resolve()) if path is not None else None
         except ValueError:  # an output_dir override outside the folders: not shown
             return None
 
     @app.get("/api/jobs")
     def api_jobs() -> list[dict]:
-        return [{**job.view(), "run": run_of(job.output_dir)} for job in queue.jobs]
+        return [{**job.view(), "run": run_of(job)} for job in queue.jobs]
 
     @app.post("/api/jobs/{job_id}/cancel")
     def api_cancel(job_id: int) -> dict:

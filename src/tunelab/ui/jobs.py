@@ -6,7 +6,8 @@ can start, ``python -m tunelab plan`` checks the same config and overrides (the 
 the memory verdict shown): a config that does not validate never reaches the queue. Running them as
 subprocesses keeps torch out of the dashboard's process and lets a job be cancelled (SIGINT, as Ctrl-C: the
 run stops at a step boundary; then SIGTERM after ``GRACE_SECONDS``). A pasted config is written to
-``ROOT/.ui-configs/`` (hidden: never listed as a run).
+``ROOT/.ui-configs/`` (hidden: never listed as a run). The preset ``demo`` runs ``tunelab demo --output-root ROOT``
+(the README's first command), checked with ``tunelab plan`` on the demo's job as a config.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 
 GRACE_SECONDS = 20
+DEMO = "demo"  # the preset that runs `tunelab demo` (it builds its database itself); checked with its job as a config
+DEMO_CONFIG = "configs/smollm2-135m-instruct/sft_lora_sql.yaml"
 
 
 @dataclass
@@ -36,6 +39,14 @@ class Job:
     returncode: int | None = None
     started: float | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def run_dir(self) -> Path | None:
+        """The run this job writes: its output_dir, or for the demo the newest demo-* run it created."""
+        if self.config != DEMO:
+            return Path(self.output_dir) if (Path(self.output_dir) / "manifest.json").is_file() else None
+        made = [p for p in Path(self.output_dir).glob("demo-*") if (p / "manifest.json").is_file()
+                and p.stat().st_mtime >= (self.started or 0) - 1]
+        return max(made, key=lambda p: p.stat().st_mtime) if made else None
 
     def view(self) -> dict:
         tail = self.log.read_text(encoding="utf-8", errors="replace")[-3000:] if self.log.is_file() else ""
@@ -66,6 +77,8 @@ class JobQueue:
             return str(path)
         if not preset:
             raise TunelabError("choose a preset or paste a config")
+        if preset == DEMO:
+            return DEMO
         if not Path(preset).is_file():
             raise TunelabError(f"{preset}: no such config file")
         return preset
@@ -77,6 +90,8 @@ class JobQueue:
 
     def plan(self, config: str, overrides: list[str]) -> tuple[bool, str]:
         """(whether the config validates and plans, what ``tunelab plan`` printed)."""
+        if config == DEMO:
+            config, overrides = DEMO_CONFIG, []
         done = subprocess.run(command("plan", config, *overrides), capture_output=True, text=True, timeout=300)
         return done.returncode == 0, (done.stdout + done.stderr).strip()
 
@@ -89,8 +104,8 @@ class JobQueue:
             number = len(self.jobs) + 1
             logs = self.root / ".ui-configs"
             logs.mkdir(parents=True, exist_ok=True)
-            output = next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
-            job = Job(number, config, overrides, output, logs / f"job-{number}.log")
+            output = str(self.root) if config == DEMO else next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
+            job = Job(number, config, [] if config == DEMO else overrides, output, logs / f"job-{number}.log")
             self.jobs.append(job)
         self.wake.set()
         return job
@@ -125,7 +140,8 @@ class JobQueue:
                 continue
             with job.log.open("w", encoding="utf-8") as log, self.lock:
                 job.status, job.started = "running", time.time()
-                job.process = subprocess.Popen(command("train", job.config, *job.overrides), stdout=log, stderr=subprocess.STDOUT)
+                args = ("demo", "--output-root", job.output_dir) if job.config == DEMO else ("train", job.config, *job.overrides)
+                job.process = subprocess.Popen(command(*args), stdout=log, stderr=subprocess.STDOUT)
             job.returncode = job.process.wait()
             with self.lock:
                 if job.status != "cancelled":
