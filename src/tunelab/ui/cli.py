@@ -21,12 +21,14 @@ def ui_command(
 ) -> None:
     """A web dashboard of your runs: status, scores untuned -> tuned, probe retention, live curves, every prediction.
 
-    It reads run directories (any folder holding manifest.json, a few levels down) under --runs (default: runs/) and never writes to them.
+    It reads run directories (any folder holding manifest.json, a few levels down) under --runs (default: runs/, created if missing) and never writes to them; runs started from its launch page are written there.
     """
     from tunelab.errors import TunelabError
     from tunelab.ui.app import create_app
 
     folders = runs or [Path("runs")]
+    if not runs:
+        folders[0].mkdir(exist_ok=True)  # a first look before any run: the demo launched from the page goes here
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing:
         raise TunelabError(f"--runs {', '.join(missing)}: not a folder; point it at where your runs are (output_dir's parent)")
