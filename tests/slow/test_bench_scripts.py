@@ -57,3 +57,12 @@ def test_grpo_sampling_bench_counts_every_completion_of_each_way(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"one_at_a_time", "hf_grouped", "tunelab"}
     assert all(r["completions"] == 6 and 0 < r["tokens"] <= 24 and r["completions_per_s"] > 0 for r in results.values())
+
+
+def test_grpo_step_bench_times_both_trainers_on_the_same_job(tmp_path):
+    out = tmp_path / "step.json"
+    _run(str(REPO / "bench/bench_grpo_step.py"), "--model", "tiny", "--steps", "2", "--prompts", "2", "--group", "2",
+         "--max-new-tokens", "4", "--out", str(out), cwd=tmp_path)
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"tunelab", "trl"}  # TRL is a test dependency
+    assert all(len(r["step_seconds"]) == 2 and r["mean_step_after_first"] > 0 for r in results.values())
