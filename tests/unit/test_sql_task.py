@@ -123,10 +123,22 @@ def test_committed_jsonl_equals_fresh_splits(splits):
 
 
 def test_write_splits(tmp_path):
-    train_path, test_path = task.write_splits(tmp_path, n_train=20, n_test=16, seed=5)
+    train_path, test_path, orders_train, orders_test = task.write_splits(tmp_path, n_train=20, n_test=16, seed=5)
     train, test = task.make_splits(20, 16, 5)
     assert [json.loads(x) for x in train_path.read_text(encoding="utf-8").splitlines()] == train
     assert [json.loads(x) for x in test_path.read_text(encoding="utf-8").splitlines()] == test
+    subset = [json.loads(x) for x in orders_train.read_text(encoding="utf-8").splitlines()]
+    assert subset == [r for r in train if task.about_orders(r)] and subset
+    assert all("orders" in r["messages"][-1]["content"] for r in subset)
+    assert [json.loads(x) for x in orders_test.read_text(encoding="utf-8").splitlines()] == [r for r in test if task.about_orders(r)]
+
+
+def test_the_shipped_orders_split_is_the_shipped_splits_subset():
+    here = Path(task.__file__).parent
+    for split in ("train", "test"):
+        whole = [json.loads(x) for x in (here / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+        orders = [json.loads(x) for x in (here / f"orders_{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert orders == [r for r in whole if task.about_orders(r)]
 
 
 def test_too_few_examples_is_an_error():
