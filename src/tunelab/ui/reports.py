@@ -32,20 +32,7 @@ def _kind(folder: Path) -> str | None:
 
 def find_reports(roots: R.Roots) -> list[tuple[str, Path]]:
     """(kind, folder) of every pipeline and compare sweep under the roots (links not followed)."""
-    found = []
-
-    def walk(folder: Path, depth: int) -> None:
-        kind = _kind(folder)
-        if kind:
-            found.append((kind, folder))
-        if depth < R.MAX_DEPTH and not (folder / "manifest.json").is_file():
-            for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
-                walk(child, depth + 1)
-
-    for root in roots.paths:
-        if root.is_dir():
-            walk(root, 0)
-    return found
+    return [(kind, folder) for folder in R.folders(roots) if (kind := _kind(folder))]
 
 
 def resolve(roots: R.Roots, report_id: str) -> Path | None:

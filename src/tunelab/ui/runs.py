@@ -48,23 +48,26 @@ class Roots:
         raise ValueError(f"{path} is outside the roots")
 
 
-def find_runs(roots: Roots) -> list[Path]:
-    """Every run folder under the roots (sorted by path), at most ``MAX_DEPTH`` levels down."""
+def folders(roots: Roots) -> list[Path]:
+    """Every folder under the roots, ``MAX_DEPTH`` levels down at most, in sorted order; links and hidden folders are
+    not entered, nor the inside of a run directory."""
     found: list[Path] = []
 
     def walk(folder: Path, depth: int) -> None:
-        if (folder / "manifest.json").is_file():
-            found.append(folder)
-            return
-        if depth >= MAX_DEPTH:
-            return
-        for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
-            walk(child, depth + 1)
+        found.append(folder)
+        if depth < MAX_DEPTH and not (folder / "manifest.json").is_file():
+            for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
+                walk(child, depth + 1)
 
     for root in roots.paths:
         if root.is_dir():
             walk(root, 0)
     return found
+
+
+def find_runs(roots: Roots) -> list[Path]:
+    """Every run folder under the roots (sorted by path), at most ``MAX_DEPTH`` levels down."""
+    return [folder for folder in folders(roots) if (folder / "manifest.json").is_file()]
 
 
 def status_of(run: Run, now: float | None = None) -> str:
