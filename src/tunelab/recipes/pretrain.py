@@ -67,7 +67,8 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     tuned, opt = prepare_training(config, env, base, tokenizer, added, train, console)
     if already_finished(env, opt):
         return nothing_to_do(env, tuned.method.artifact, opt.start_step, console)
-    what = f"{len(train_docs)} documents, {len(train)} blocks of <= {config.data.max_length} tokens, {len(held)} held out"
+    unit = "FIM pieces" if config.data.format == "fim" else "documents"
+    what = f"{len(train_docs)} {unit}, {len(train)} blocks of <= {config.data.max_length} tokens, {len(held)} held out"
     manifest = begin_training_run(config, env, tuned, opt, model_path, console, what)
     save_before(env.run_dir, before)
 
