@@ -119,7 +119,8 @@ def test_a_run_launched_from_the_page_trains_and_shows_up(site, tiny_llama, tmp_
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Colour {i}?"},
                                                       {"role": "assistant", "content": "It is red."}]}) + "\n" for i in range(8)))
     config = (f"model: {tiny_llama}\ndata: {{train: {data}}}\nmethod: {{name: lora, r: 4}}\n"
-              "train: {batch_size: 4, max_steps: 3, lr: 1.0e-2, warmup_ratio: 0}\neval: {probe: false, before: false}\n")
+              "train: {batch_size: 4, max_steps: 300, lr: 1.0e-3, warmup_ratio: 0, log_every: 1, save_every: 1000}\n"
+              "eval: {probe: false, before: false}\n")
     page = browser.new_page()
     page.goto(url + "/launch")
     page.fill("#config-text", "model: [unclosed")
@@ -131,11 +132,17 @@ def test_a_run_launched_from_the_page_trains_and_shows_up(site, tiny_llama, tmp_
     page.wait_for_selector("#plan[data-verdict=ok]", timeout=120_000)
     assert "fits" in page.text_content("#plan")
     page.click("#start")
-    page.wait_for_selector("tr.job[data-status=finished]", timeout=300_000)
+    page.wait_for_selector("tr.job[data-status=running] a", timeout=120_000)  # the run directory exists: training
     run = page.locator("tr.job a").first.get_attribute("href")
+    live = browser.new_page()  # its page while it trains: the loss curve grows without a reload
+    live.goto(url + run + "?poll=0.3")
+    live.wait_for_selector("#chart polyline", timeout=120_000)
+    seen = int(live.locator("#chart polyline").get_attribute("data-points"))
+    live.wait_for_function(f"Number(document.querySelector('#chart polyline').dataset.points) > {seen}", timeout=120_000)
+    shot(live, "live", made["finished"].parent)
+    live.close()
+    page.wait_for_selector("tr.job[data-status=finished]", timeout=300_000)
     shot(page, "launch", made["finished"].parent)
-    page.goto(url + run)
-    assert page.locator("#chart polyline").count() == 1 or page.wait_for_selector("#chart polyline")
     page.goto(url + "/")
     assert page.locator("tr.run[data-status=finished]").count() == 3  # sql-lora, tiny-red and the launched run
     page.close()
