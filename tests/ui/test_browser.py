@@ -174,3 +174,31 @@ def test_the_data_page_lists_bad_records_and_shows_the_loss_mask(site):
     page.click("#inspect")
     page.wait_for_function("document.getElementById('data-result').textContent.includes('outside')")
     page.close()
+
+
+def test_a_launched_run_can_be_cancelled(site, tiny_llama, tmp_path):
+    url, browser, _ = site
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Colour {i}?"},
+                                                      {"role": "assistant", "content": "It is red."}]}) + "\n" for i in range(8)))
+    page = browser.new_page()
+    page.goto(url + "/launch")
+    page.fill("#config-text", f"model: {tiny_llama}\ndata: {{train: {data}}}\nmethod: {{name: lora, r: 4}}\n"
+                              "train: {batch_size: 4, max_steps: 100000, warmup_ratio: 0, save_every: 1000000}\neval: {probe: false}\n")
+    page.click("#check")
+    page.wait_for_selector("#plan[data-verdict=ok]", timeout=120_000)
+    page.click("#start")
+    page.wait_for_selector("tr.job[data-status=running] a", timeout=120_000)
+    page.locator("tr.job[data-status=running] button.cancel").click()
+    page.wait_for_selector("tr.job[data-status=cancelled]", timeout=60_000)
+    page.close()
+    import time
+    import urllib.request
+
+    deadline = time.time() + 60
+    while time.time() < deadline:  # the training process itself has ended (SIGINT, as Ctrl-C)
+        jobs = json.loads(urllib.request.urlopen(url + "/api/jobs", timeout=10).read())
+        if jobs[-1]["returncode"] is not None:
+            break
+        time.sleep(0.5)
+    assert jobs[-1]["status"] == "cancelled" and jobs[-1]["returncode"] is not None
