@@ -112,23 +112,34 @@ def _reports(app, fastapi, roots: R.Roots) -> None:
         return FileResponse(path, media_type="image/svg+xml")
 
 
-def _actions(app, fastapi, roots: R.Roots) -> None:
-    """The launch queue and the chat."""
-    from fastapi.responses import HTMLResponse
+def _refused(fastapi, error: Exception):
+    return fastapi.HTTPException(400, str(error))
 
+
+def _actions(app, fastapi, roots: R.Roots) -> None:
+    """The pages that act: launch (``ui.jobs``), and the chat and data pages, which load models (``ui.chat``)."""
     from tunelab.ui.chat import Chat
     from tunelab.ui.jobs import JobQueue
 
-    queue, chat = JobQueue(roots.paths[0]), Chat(roots)
+    _launch(app, fastapi, roots, JobQueue(roots.paths[0]))
+    _models(app, fastapi, roots, Chat(roots))
 
-    def refused(error: Exception):
-        return fastapi.HTTPException(400, str(error))
+
+def _launch(app, fastapi, roots: R.Roots, queue) -> None:
+    from fastapi.responses import HTMLResponse
 
     def launched(request: LaunchRequest) -> tuple[str, list[str]]:
         try:
             return queue.config_file(request.preset, request.config_text), shlex.split(request.overrides)
         except (TunelabError, ValueError) as error:
-            raise refused(error) from None
+            raise _refused(fastapi, error) from None
+
+    def run_of(job) -> str | None:
+        path = job.run_dir()
+        try:
+            return roots.run_id(path.resolve()) if path is not None else None
+        except ValueError:  # an output_dir override outside the folders: not shown
+            return None
 
     @app.get("/launch", response_class=HTMLResponse)
     def launch_page() -> str:
@@ -146,14 +157,7 @@ def _actions(app, fastapi, roots: R.Roots) -> None:
         try:
             return queue.submit(config, overrides).view()
         except TunelabError as error:
-            raise refused(error) from None
-
-    def run_of(job) -> str | None:
-        path = job.run_dir()
-        try:
-            return roots.run_id(path.resolve()) if path is not None else None
-        except ValueError:  # an output_dir override outside the folders: not shown
-            return None
+            raise _refused(fastapi, error) from None
 
     @app.get("/api/jobs")
     def api_jobs() -> list[dict]:
@@ -166,27 +170,26 @@ def _actions(app, fastapi, roots: R.Roots) -> None:
         except KeyError:
             raise fastapi.HTTPException(404, f"no job {job_id}") from None
 
+
+def _models(app, fastapi, roots: R.Roots, chat) -> None:
+    from fastapi.responses import HTMLResponse
+
     @app.get("/data", response_class=HTMLResponse)
     def data_page() -> str:
-        from tunelab.models.embedded import DEFAULT_MODEL
         from tunelab.ui.datapage import data_page
 
-        bases = [c["id"][6:] for c in chat.choices() if c["id"].startswith("model:")]
-        return data_page([DEFAULT_MODEL, *[b for b in bases if b != DEFAULT_MODEL]])
+        return data_page(chat.tokenizer_models())
 
     @app.post("/api/data")
     def api_data(request: DataRequest) -> dict:
         from tunelab.ui.datapage import inspect_file
 
-        allowed_models = {c["id"][6:] for c in chat.choices() if c["id"].startswith("model:")}
-        from tunelab.models.embedded import DEFAULT_MODEL
-
-        if request.model not in allowed_models | {DEFAULT_MODEL}:
+        if request.model not in chat.tokenizer_models():
             raise fastapi.HTTPException(400, f"{request.model!r}: not the embedded model or a base of a run here")
         try:
             return inspect_file(request.path, roots.paths, request.model, request.example)
         except TunelabError as error:
-            raise refused(error) from None
+            raise _refused(fastapi, error) from None
 
     @app.get("/chat", response_class=HTMLResponse)
     def chat_page() -> str:
@@ -197,4 +200,4 @@ def _actions(app, fastapi, roots: R.Roots) -> None:
         try:
             return {"answers": [chat.answer(m, request.prompt, request.max_new_tokens) for m in request.models if m]}
         except TunelabError as error:
-            raise refused(error) from None
+            raise _refused(fastapi, error) from None

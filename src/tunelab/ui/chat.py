@@ -36,6 +36,13 @@ class Chat:
                 bases.setdefault(spec, {"id": f"model:{spec}", "label": f"base {spec}"})
         return runs + list(bases.values())
 
+    def tokenizer_models(self) -> list[str]:
+        """The models whose tokenizer the data page may load: the embedded default, then the bases of the runs."""
+        from tunelab.models.embedded import DEFAULT_MODEL
+
+        bases = [c["id"].partition(":")[2] for c in self.choices() if c["id"].startswith("model:")]
+        return [DEFAULT_MODEL, *[b for b in bases if b != DEFAULT_MODEL]]
+
     def _target(self, choice: str) -> str:
         if choice not in {c["id"] for c in self.choices()}:
             raise TunelabError(f"{choice!r} is not a finished run or a base model of one under the dashboard's folders")

@@ -37,13 +37,8 @@ def find_reports(roots: R.Roots) -> list[tuple[str, Path]]:
 
 def resolve(roots: R.Roots, report_id: str) -> Path | None:
     """The report folder ``report_id`` names inside the roots, or None."""
-    index, _, rel = report_id.partition("/")
-    if not index.isdigit() or int(index) >= len(roots.paths):
-        return None
-    root = roots.paths[int(index)]
-    path = (root / rel).resolve()
-    inside = path == root or root in path.parents
-    return path if inside and _kind(path) else None
+    path = roots.folder(report_id)
+    return path if path is not None and _kind(path) else None
 
 
 def _cell(value: Any) -> str:

@@ -30,16 +30,20 @@ class Roots:
     def of(cls, folders: list[str | Path]) -> "Roots":
         return cls(tuple(Path(f).resolve() for f in folders))
 
-    def resolve(self, run_id: str) -> Path | None:
-        """The run folder ``run_id`` names, or None when it is not a run inside one of the roots."""
-        index, _, rel = run_id.partition("/")
+    def folder(self, folder_id: str) -> Path | None:
+        """The folder ``folder_id`` (``INDEX/relative/path``) names, resolved (links followed), or None when that is
+        not inside the root it names."""
+        index, _, rel = folder_id.partition("/")
         if not index.isdigit() or int(index) >= len(self.paths):
             return None
         root = self.paths[int(index)]
         path = (root / rel).resolve()
-        if path != root and root not in path.parents:
-            return None
-        return path if (path / "manifest.json").is_file() else None
+        return path if path == root or root in path.parents else None
+
+    def resolve(self, run_id: str) -> Path | None:
+        """The run folder ``run_id`` names, or None when it is not a run inside one of the roots."""
+        path = self.folder(run_id)
+        return path if path is not None and (path / "manifest.json").is_file() else None
 
     def run_id(self, path: Path) -> str:
         for index, root in enumerate(self.paths):
