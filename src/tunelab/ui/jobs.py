@@ -49,7 +49,11 @@ class Job:
         return max(made, key=lambda p: p.stat().st_mtime) if made else None
 
     def view(self) -> dict:
-        tail = self.log.read_text(encoding="utf-8", errors="replace")[-3000:] if self.log.is_file() else ""
+        tail = ""
+        if self.log.is_file():  # the page polls this: read the last few KB only, however long the log grows
+            with self.log.open("rb") as f:
+                f.seek(max(f.seek(0, 2) - 3000, 0))
+                tail = f.read().decode("utf-8", errors="replace")
         return {"id": self.id, "config": self.config, "overrides": self.overrides, "output_dir": self.output_dir,
                 "status": self.status, "returncode": self.returncode, "log": tail}
 
