@@ -135,7 +135,8 @@ def test_ties_merge_of_two_runs_end_to_end(make_config, tmp_path, tiny_llama):
         assert row["tasks"][run.name]["score"] == own
     base_zero_shot = json.loads((sql / "eval_before.json").read_text())["zero_shot"]["score"]
     assert report["scores"][0]["tasks"]["sql"]["score"] == base_zero_shot
-    assert report["scores"][0]["probe"]["retention"] == 1.0 and report["scores"][-1]["probe"] is not None
+    base_probe = report["scores"][0]["probe"]  # the base against itself: all it knew kept; undefined if it knew nothing
+    assert base_probe["retention"] == (1.0 if base_probe["right_before"] else None) and report["scores"][-1]["probe"] is not None
     assert report["verification"]["passed"] and report["verification"]["prompts"].startswith("data.eval")
     assert json.loads((tmp_path / "merged" / "merge_report.json").read_text()) == report
     card = (tmp_path / "merged" / "README.md").read_text()
@@ -166,7 +167,7 @@ def test_interpolation_table_runs_from_the_base_to_the_tuned_run(make_config, tm
 
     t0, half, t1 = report["table"]
     assert [r["t"] for r in report["table"]] == [0.0, 0.5, 1.0] and t0["reference"]
-    assert t0["task_score"] == before["zero_shot"]["score"] and t0["retention"] == 1.0
+    assert t0["task_score"] == before["zero_shot"]["score"] and t0["retention"] == (1.0 if t0["probe_right_before"] else None)
     assert t1["task_score"] == recorded["tuned"]["score"]
     assert t1["retention"] == recorded["forgetting"]["retention"] and t1["lost"] == [i["id"] for i in recorded["forgetting"]["lost"]]
     assert report["picked_t"] == 0.5 and report["verification"]["passed"]

@@ -4,7 +4,7 @@ import pytest
 
 from tunelab.data import Example
 from tunelab.errors import TunelabError
-from tunelab.evaluation.report import _accepted, few_shot_examples, load_probe, retention
+from tunelab.evaluation.report import _accepted, describe_retention, few_shot_examples, load_probe, retention
 
 
 def test_builtin_probe_loads_and_user_probe_errors_name_the_line(tmp_path):
@@ -64,7 +64,18 @@ def test_retention_does_not_pair_an_id_whose_question_changed():
     before = [{"id": "a", "question": "old?", "answer": "", "right": True}]
     after = [{"id": "a", "question": "new?", "answer": "", "right": False}]
     result = retention(items, before, after)
-    assert result["items"] == 0 and result["lost"] == [] and result["unpaired"] == ["a"] and result["retention"] == 1.0
+    assert result["items"] == 0 and result["lost"] == [] and result["unpaired"] == ["a"] and result["retention"] is None
+
+
+def test_a_probe_the_untuned_model_fails_has_no_retention_not_100_percent():
+    items = [{"id": i, "question": f"q{i}", "answers": ["x"]} for i in "ab"]
+    before = [{"id": i, "answer": "", "right": False} for i in "ab"]
+    after = [{"id": "a", "answer": "x", "right": True}, {"id": "b", "answer": "", "right": False}]
+    result = retention(items, before, after)
+    assert result["retention"] is None and result["gained"] == ["a"]
+    assert describe_retention(result) == "n/a (the untuned model answered none of the 2 probe items)"
+    kept = retention(items, [{"id": "a", "answer": "x", "right": True}, before[1]], [before[0], before[1]])
+    assert describe_retention(kept) == "0% (0 of the 1 probe items the untuned model answered)"
 
 
 def test_probe_ids_must_be_unique(tmp_path):

@@ -73,6 +73,9 @@ def _accepted(answer: str, accepted: list[str]) -> bool:
 def retention(items: list[dict], before: list[dict], after: list[dict]) -> dict[str, Any]:
     """Compare probe results: right before/after, retention, and the items lost and gained.
 
+    Retention is the share of the items the untuned model answered that the tuned one still answers; it is None
+    (undefined, not 100 %) when the untuned model answered none: a probe the base fails measures no forgetting.
+
     Results are paired by item id; an id answered on one side only, or asked as a different question
     on the two sides (results that record their question), is not counted and is listed in ``unpaired``.
     """
@@ -85,12 +88,20 @@ def retention(items: list[dict], before: list[dict], after: list[dict]) -> dict[
     kept = sum(b["right"] and a["right"] for b, a in pairs)
     return {
         "items": len(pairs), "right_before": right_before, "right_after": sum(a["right"] for _, a in pairs),
-        "retention": kept / right_before if right_before else 1.0,
+        "retention": kept / right_before if right_before else None,
         "lost": [{"id": a["id"], "question": a.get("question", questions.get(a["id"], "")), "after": a["answer"]}
                  for b, a in pairs if b["right"] and not a["right"]],
         "gained": [a["id"] for b, a in pairs if a["right"] and not b["right"]],
         "unpaired": unpaired,
     }
+
+
+def describe_retention(forgetting: dict[str, Any]) -> str:
+    """``"83% (5 of the 6 probe items the untuned model answered)"``, or why there is no retention."""
+    if forgetting.get("retention") is None:
+        return f"n/a (the untuned model answered none of the {forgetting.get('items', 0)} probe items)"
+    return (f"{forgetting['retention']:.0%} ({forgetting['right_before'] - len(forgetting.get('lost') or [])} of the "
+            f"{forgetting['right_before']} probe items the untuned model answered)")
 
 
 def _same_question(before: dict, after: dict) -> bool:

@@ -94,7 +94,7 @@ def _merge_many(path: Path, out: Path, force: bool, prompts: int, limit: int | N
     for row in report["scores"]:
         probe = row["probe"]
         table.add_row(row["model"], *(f"{row['tasks'][t['name']]['score']:.3f}" for t in report["tasks"]),
-                      f"{probe['retention']:.0%}" if probe else "–", style="bold" if row["role"] == "merge" else None)
+                      _pct(probe["retention"]) if probe else "–", style="bold" if row["role"] == "merge" else None)
     console.print(table)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
@@ -119,3 +119,7 @@ def _interpolate(run: Path, out: Path, blends: str, pick: str | None, min_retent
         table.add_row(*cells, style="bold" if "picked" in cells[0] else None)
     console.print(table)
     console.print(f"Blend t={report['picked_t']:g} ({report['pick']}) " + _checked(report, out), soft_wrap=True)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a (base answered none)" if value is None else f"{value:.0%}"

@@ -54,7 +54,8 @@ def _base_of(run: Run, tokenizer: Any) -> LoadedModel:
 def _row(t: float, loaded: LoadedModel, task: Task | None, probe: Probe | None) -> dict[str, Any]:
     row: dict[str, Any] = {"t": t, "task_score": score(loaded, task, f"t={t:g}")["score"] if task else None}
     measured = probe.measure(loaded) if probe is not None else None
-    row.update(probe_right=measured["right"] if measured else None, probe_items=measured["items"] if measured else None,
+    row.update(probe_right=measured["right"] if measured else None, probe_right_before=measured["right_before"] if measured else None,
+               probe_items=measured["items"] if measured else None,
                retention=measured["retention"] if measured else None, lost=measured["lost"] if measured else [])
     return row
 
@@ -76,7 +77,8 @@ def pick_blend(rows: list[dict[str, Any]], ts: list[float], pick: str | None, mi
             raise TunelabError("--min-retention picks the best task score among the blends that keep that much; "
                                f"leave out --pick {pick} (or use --pick without --min-retention)")
         if all(r["retention"] is None for r in candidates):
-            raise TunelabError("--min-retention: the run has no forgetting probe (eval.probe was false); use --pick T")
+            raise TunelabError("--min-retention: no retention to rank by (the run has no forgetting probe, eval.probe was "
+                               "false, or the base answered none of it); use --pick T")
         candidates = [r for r in candidates if r["retention"] is not None and r["retention"] >= min_retention]
         if not candidates:
             raise TunelabError(f"no blend keeps probe retention >= {min_retention:g} ({table}); lower --min-retention or "
@@ -87,7 +89,8 @@ def pick_blend(rows: list[dict[str, Any]], ts: list[float], pick: str | None, mi
         return max(candidates, key=lambda r: (r["task_score"], r["retention"] or 0.0, -r["t"]))
     if pick == "best-retention":
         if candidates[0]["retention"] is None:
-            raise TunelabError("--pick best-retention: the run has no forgetting probe (eval.probe was false); use --pick best-task or a t")
+            raise TunelabError("--pick best-retention: no retention to rank by (the run has no forgetting probe, or the base "
+                               "answered none of it); use --pick best-task or a t")
         return max(candidates, key=lambda r: (r["retention"], r["task_score"] or 0.0, r["t"]))
     try:
         wanted = float(pick)

@@ -107,7 +107,9 @@ def _score_inputs(base: Source | None, sources: list[Source], runs: list[Run], l
 
 def _summary(row: dict[str, Any]) -> str:
     scores = [f"{name} {s['score']:.3f}" for name, s in row["tasks"].items()]
-    return ", ".join(scores + ([f"probe retention {row['probe']['retention']:.0%}"] if row["probe"] else []))
+    retention = row["probe"]["retention"] if row["probe"] else None
+    kept = [f"probe retention {retention:.0%}" if retention is not None else "probe retention n/a (the base answered none)"]
+    return ", ".join(scores + (kept if row["probe"] else []))
 
 
 def merge_models(spec: MergeSection, out_dir: str | Path, *, force: bool = False, prompts: int = 8, new_tokens: int = 16,

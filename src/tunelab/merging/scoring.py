@@ -84,7 +84,7 @@ class Probe:
         """Right answers, retention against the base and the ids of the items lost and gained."""
         after = probe_answers(loaded, self.items, self.batch_size)
         kept = retention(self.items, self.before, after)
-        return {"right": kept["right_after"], "items": kept["items"], "retention": kept["retention"],
+        return {"right": kept["right_after"], "right_before": kept["right_before"], "items": kept["items"], "retention": kept["retention"],
                 "lost": [item["id"] for item in kept["lost"]], "gained": kept["gained"]}
 
 

@@ -27,7 +27,7 @@ from tunelab.training.distributed import is_main
 from tunelab.config.schema import RunConfig
 from tunelab.data import data_fingerprint
 from tunelab.evaluation.report import (PROBE_MAX_NEW_TOKENS, draw_shots, evaluate_task, few_shot_examples, load_probe,
-                                       probe_answers, retention)
+                                       probe_answers, retention, describe_retention)
 from tunelab.evaluation.run import LoadedModel
 from tunelab.errors import TunelabError
 from tunelab.stages.setup import Examples
@@ -268,7 +268,7 @@ def print_comparison(report: dict[str, Any], console: Console) -> None:
     forgetting = report.get("forgetting")
     if forgetting:
         table.add_row("probe right, untuned → tuned", f"{forgetting['right_before']} → {forgetting['right_after']} of {forgetting['items']}")
-        table.add_row("probe retention", f"{forgetting['retention']:.0%}")
+        table.add_row("probe retention", describe_retention(forgetting))
     console.print(table)
     if forgetting and forgetting["lost"]:
         console.print("Lost probe items: " + ", ".join(f"{item['id']} ({item['after'][:30]!r})" for item in forgetting["lost"]))
