@@ -113,6 +113,9 @@ class DataConfig(_Section):
     train: str | list[str | TrainSource]
     replay: Replay | None = None
     eval: str | list[str] | None = None
+    validation: float | int | None = Field(None, gt=0, description="without data.eval: hold out this many train "
+                                           "examples (an integer) or this share of them (a number below 1) as the eval "
+                                           "data, drawn by train.seed; they are then not trained on")
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "raw", "fim"] = "auto"
     fim: FimConfig | None = None
     template: RawTemplate | None = None
@@ -185,6 +188,10 @@ class TrainConfig(_Section):
         "only as many blocks as the memory plan (tunelab plan) needs to fit this device, usually none")
     kernels: Literal["none", "liger"] = Field("none", description="liger: liger-kernel's Triton RMSNorm, RoPE and SwiGLU "
                                               "(CUDA only; pip install liger-kernel)")
+    early_stopping: int | None = Field(None, gt=0, description="end training after this many validations in a row "
+                                       "without a lower eval_loss (validations: train.eval_every; needs eval data)")
+    keep_best: bool = Field(False, description="make the artifact from the validated step with the lowest eval_loss, "
+                            "not the last step (needs eval data)")
     packing: bool = Field(False, description="concatenate each micro-batch's examples into rows without padding "
                           "(one row with flash-attention, rows no longer than the longest example otherwise; attention "
                           "never crosses examples; same loss, less wasted compute when lengths vary)")
@@ -265,6 +272,20 @@ class RunConfig(_Section):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite mlflow.db beside output_dir)")
 
     _output = field_validator("output_dir", "init_from", mode="before")(lambda v: _expand_user(v))
+
+    @model_validator(mode="after")
+    def _validation_data(self) -> "RunConfig":
+        data, train = self.data, self.train
+        wants = [k for k, on in (("train.early_stopping", train.early_stopping), ("train.keep_best", train.keep_best)) if on]
+        if wants and not (data.eval_files() or data.validation):
+            raise ValueError(f"{' and '.join(wants)} need validation data: set data.eval, or data.validation "
+                             "(e.g. 0.1) to hold out a share of the train examples")
+        if data.validation and data.mixture() is not None:
+            raise ValueError("data.validation holds out examples of one train set; with a weighted mixture or a replay, "
+                             "give data.eval instead")
+        if isinstance(data.validation, float) and data.validation >= 1:
+            raise ValueError(f"data.validation: {data.validation} is a share (below 1) or a count (an integer)")
+        return self
 
     @model_validator(mode="after")
     def _fim_is_pretraining(self) -> "RunConfig":

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from tunelab.training.best import BestKeeper
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.stages.model import TunedModel
@@ -35,11 +36,13 @@ class Optimization:
     seconds_spent: float
     whole: torch.nn.Module | None = None  # FSDP: an unsharded CPU copy the trained shards are gathered into at the end
     sources: tuple[tuple[int, ...], tuple[str, ...]] | None = None  # a mixture: each example's source, the source names
+    best: BestKeeper | None = None  # train.keep_best / train.early_stopping
 
     @property
     def finished(self) -> bool:
-        """Nothing left to do: every step done, or the time budget spent."""
-        return self.start_step >= self.plan.total or self.plan.out_of_time(self.seconds_spent)
+        """Nothing left to do: every step done, the time budget spent, or early stopping ended it."""
+        stopped = self.best is not None and self.best.stopped
+        return self.start_step >= self.plan.total or self.plan.out_of_time(self.seconds_spent) or stopped
 
 
 def step_plan(config: RunConfig, n_examples: int, on_gpu: bool, mixture=None) -> StepPlan:
@@ -91,7 +94,14 @@ def prepare_optimization(config: RunConfig, tuned: TunedModel, accelerator, plan
         model, optimizer = accelerator.prepare(tuned.model, optimizer)
     if scaler_state and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(scaler_state)
-    return Optimization(model, optimizer, tuned.params, accelerator, plan, start_step, seconds, whole)
+    best = None
+    if config.train.keep_best or config.train.early_stopping:
+        if fsdp:
+            raise TunelabError("train.keep_best and train.early_stopping are not supported with distributed.strategy fsdp yet; "
+                               "use ddp, or leave them out")
+        best = BestKeeper.open(config.output_dir, patience=config.train.early_stopping, keep=config.train.keep_best,
+                               start_step=start_step)
+    return Optimization(model, optimizer, tuned.params, accelerator, plan, start_step, seconds, whole, best=best)
 
 
 def trained_model(opt: Optimization) -> torch.nn.Module:

@@ -6,12 +6,13 @@ components never see a config object.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 from tunelab.config.schema import RunConfig
 from tunelab.data import IGNORE_INDEX, Example, TokenizedExample, TokenizeStats, load_examples, prepare_tokenizer, turn_markers
 from tunelab.data.token_cache import cached_tokenize
-from tunelab.errors import DataError
+from tunelab.errors import DataError, TunelabError
 from tunelab.training.schedule import mixture_epoch_size
 from tunelab.models.load import load_model, load_tokenizer, resolve_model_path
 
@@ -50,7 +51,24 @@ def read_examples(config: RunConfig) -> Examples:
             problems += err.problems
     if problems:
         raise DataError(problems, what=", ".join(data.train_files() + data.eval_files()))
+    if data.validation and not evals:
+        train, evals = hold_out(train, data.validation, config.train.seed)
     return Examples(train=train, eval=evals)
+
+
+def hold_out(examples: list[Example], validation: float | int, seed: int) -> tuple[list[Example], list[Example]]:
+    """``(train, held)``: ``validation`` examples (a count, or a share below 1) drawn by ``seed``, each side in file
+    order; at least one example stays on each side.
+
+    Raises:
+        TunelabError: Too few examples to hold any out.
+    """
+    if len(examples) < 2:
+        raise TunelabError(f"data.validation: {len(examples)} train example(s) is too few to hold any out; give data.eval")
+    n = validation if isinstance(validation, int) else round(validation * len(examples))
+    n = min(max(n, 1), len(examples) - 1)
+    held = set(random.Random(seed).sample(range(len(examples)), n))
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
 def load_prepared_tokenizer(config: RunConfig):

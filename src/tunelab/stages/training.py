@@ -122,7 +122,7 @@ def begin_training_run(config: RunConfig, env: Environment, tuned: TunedModel, o
                   soft_wrap=True)
     return begin_run(env.start, config, start_step=opt.start_step, model={"spec": config.model.path, "resolved": model_path},
                      method=config.method.name, precision=precision_name(env.accelerator), device=str(env.accelerator.device),
-                     device_kind=env.accelerator.device.type, trainable_parameters=n_trainable, total_parameters=n_total,
+                     device_kind=env.accelerator.device.type, trainable_parameters=n_trainable, total_parameters=n_total, total_steps=opt.plan.total,
                      artifact=tuned.method.artifact, checkpointed_blocks=tuned.checkpointed_blocks,
                      **({"parent": parent.record()} if (parent := read_parent(config)) else {}))
 
@@ -177,7 +177,12 @@ def train_and_save(config: RunConfig, env: Environment, opt: Optimization, tuned
     tokens = float(all_sum([reporter.tokens_total])[0])  # every rank's share
     costs = {"train_seconds": round(seconds, 2), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
              "steps_done": reporter.done, **peak_memory()}
-    if reporter.done < opt.plan.total:
+    if opt.best is not None:
+        costs.update(opt.best.record())
+        if (step := opt.best.restore(opt.params)) is not None:
+            console.print(f"train.keep_best: the artifact holds step {step}'s weights (eval_loss {costs['best_eval_loss']:.4f}, "
+                          f"the lowest of {costs['validations']} validations), not step {reporter.done}'s.")
+    if reporter.done < opt.plan.total and "stopped_by" not in costs:
         costs["stopped_by"] = "max_seconds"
         console.print(f"train.max_seconds={config.train.max_seconds:g} reached after {reporter.done} of {opt.plan.total} steps.")
     model = trained_model(opt)

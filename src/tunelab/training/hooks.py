@@ -1,6 +1,7 @@
 """What every training loop shares: the clock that times optimizer steps, the end of a step, a deliberate crash.
 
 ``clock`` times optimizer steps for ``train.max_seconds`` (a test replaces ``hooks.clock``);
+:func:`validated` records a validation and asks ``train.early_stopping`` whether to end (``training.best``);
 :func:`finish_step` checkpoints when the plan says so (never a diverged model);
 ``TUNELAB_TEST_SIGKILL_AT_STEP=N`` kills the process with SIGKILL after step N (the resume tests);
 ``TUNELAB_TEST_FAIL_AT_STEP=R:N`` makes rank R fail with an error after step N (the distributed tests).
@@ -22,6 +23,20 @@ def crash_for_tests(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("TUNELAB_TEST_FAIL_AT_STEP") == f"{os.environ.get('RANK', 0)}:{step}":
         raise TunelabError(f"failing on purpose after step {step} (TUNELAB_TEST_FAIL_AT_STEP)")
+
+
+def validated(opt, reporter, done: int, metrics: dict[str, float]) -> bool:
+    """Record step ``done``'s validation; True when early stopping (``opt.best``) ends the loop at this step."""
+    from tunelab.training.distributed import is_main
+
+    reporter.evaluation(done, metrics)
+    keeper = getattr(opt, "best", None)
+    if keeper is None or not keeper.update(done, metrics, opt.params, main=is_main()):
+        return False
+    step, loss = keeper.best
+    reporter.progress.console.print(f"early stopping: {keeper.patience} validation(s) without a lower eval_loss than "
+                                    f"{loss:.4f} (step {step})")
+    return True
 
 
 def finish_step(opt, reporter, outcome, done: int, last: bool, seconds: float, *, run_dir, keep_last: int, save_state) -> bool:

@@ -160,7 +160,7 @@ def run_pair_loss(opt, train: list[TokenizedPair], *, loss_fn: Callable, held_ou
             tokens = sum(len(train[i].chosen.input_ids) + len(train[i].rejected.input_ids) for ids in micro_ids[:real] for i in ids)
             reporter.step(done, outcome, lr=lr, last=last, input_tokens=tokens)
             if plan.eval_due(done, last) and (metrics := held_out(opt.accelerator.unwrap_model(opt.model))) is not None:
-                reporter.evaluation(done, metrics)
+                last = hooks.validated(opt, reporter, done, metrics) or last
             if hooks.finish_step(opt, reporter, outcome, done, last, seconds, run_dir=run_dir, keep_last=keep_last,
                                  save_state=save_state):
                 break

@@ -69,8 +69,9 @@ def run_token_loss(opt, train: list[TokenizedExample], evals: list[TokenizedExam
             last = plan.is_last(done, seconds)
             reporter.step(done, outcome, lr=lr, last=last, input_tokens=sum(len(train[i].input_ids) for ids in micro_ids[:real] for i in ids))
             if evals and plan.eval_due(done, last):
-                reporter.evaluation(done, validation_loss(opt.accelerator.unwrap_model(opt.model), evals, batch_size=eval_batch_size, pad_id=pad_id,
-                                                          device=device, autocast=opt.accelerator.autocast))
+                last = hooks.validated(opt, reporter, done, validation_loss(
+                    opt.accelerator.unwrap_model(opt.model), evals, batch_size=eval_batch_size, pad_id=pad_id, device=device,
+                    autocast=opt.accelerator.autocast)) or last
             if hooks.finish_step(opt, reporter, outcome, done, last, seconds, run_dir=run_dir, keep_last=keep_last,
                                  save_state=save_state):
                 break
