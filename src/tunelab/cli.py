@@ -251,11 +251,13 @@ def _run_data_format(model: Path) -> dict:
 
 @app.command()
 @_friendly
-def demo(output_root: str = typer.Option("runs", help="where the demo's run directory is created")) -> None:
+def demo(output_root: str = typer.Option("runs", help="where the demo's run directory is created"),
+         overrides: list[str] = typer.Argument(None, help="KEY=VALUE settings on top of the demo's "
+                                                "(e.g. train.max_steps=8 eval.limit=8 for a quick look)")) -> None:
     """Evaluate, fine-tune (LoRA) and re-evaluate the embedded model on a small task, in minutes on a CPU."""
     from tunelab.demo import run_demo
 
-    run_demo(output_root, console=console)
+    run_demo(output_root, console=console, overrides=overrides or [])
 
 
 def _register_commands() -> None:

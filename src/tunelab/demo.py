@@ -21,8 +21,9 @@ from tunelab.models.embedded import cache_root
 from tunelab.recipes import sft
 
 
-def run_demo(output_root: str = "runs", console: Console | None = None) -> Path:
-    """Run the demo; returns the run directory (its eval.json holds every prediction)."""
+def run_demo(output_root: str = "runs", console: Console | None = None, overrides: list[str] = ()) -> Path:
+    """Run the demo; returns the run directory (its eval.json holds every prediction). ``overrides`` (``KEY=VALUE``)
+    apply on top of the demo's settings, as ``tunelab train``'s do."""
     from tunelab.examples.sql.task import build_database
 
     console = console or Console(stderr=True)
@@ -35,6 +36,7 @@ def run_demo(output_root: str = "runs", console: Console | None = None) -> Path:
         f"data.train={data_dir / 'train.jsonl'}", f"data.eval={data_dir / 'test.jsonl'}", "data.max_length=256",
         "eval.metric=sql_exec", f"eval.db={database}", "eval.max_new_tokens=40", "eval.few_shot=2", "eval.batch_size=64",
         "train.epochs=1", "train.batch_size=8", "train.lr=1e-3", "train.warmup_ratio=0.1", f"output_dir={run_dir}",
+        *overrides,
     ])
     result = sft.main(config, console=console)
     report = json.loads((result.run_dir / "eval.json").read_text())

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs/smollm2-135m-instruct"
 SHORT = ["train.max_steps=8", "train.lr=1e-3", "train.warmup_ratio=0", "train.save_every=null", "train.eval_every=null",
          "eval.limit=6", "eval.few_shot=0", "eval.batch_size=16"]
+PROBE = 12
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,10 @@ def runs(tmp_path_factory):
     from tunelab.examples.sql.task import build_database
 
     db = build_database(str(folder / "shop.sqlite"))  # a fresh clone has no runs/shop.sqlite
+    probe = folder / "probe.jsonl"  # the built-in probe's first PROBE items: each scored model asks them
+    probe.write_text("\n".join((REPO / "src/tunelab/evaluation/probes/general.jsonl").read_text().splitlines()[:PROBE]) + "\n")
     try:
-        sql = sft.main(load_config(CONFIGS / "sft_lora_sql.yaml", [f"output_dir={folder / 'sql'}", "eval.probe=true",
+        sql = sft.main(load_config(CONFIGS / "sft_lora_sql.yaml", [f"output_dir={folder / 'sql'}", f"eval.probe={probe}",
                                                                    f"eval.db={db}", *SHORT])).run_dir
         reviews = sft.main(load_config(CONFIGS / "sft_lora.yaml", [f"output_dir={folder / 'reviews'}", "eval.probe=false", *SHORT])).run_dir
     finally:
@@ -49,7 +52,7 @@ def test_ties_merge_of_two_real_fine_tunes_scores_both_tasks(runs):
     assert set(rows) == {"base", "sql", "reviews", "merged"} and report["verification"]["passed"]
     for run in (sql, reviews):
         assert rows[run.name]["tasks"][run.name]["score"] == json.loads((run / "eval.json").read_text())["tuned"]["score"]
-    assert rows["merged"]["probe"]["items"] == 40 and not report["warnings"]
+    assert rows["merged"]["probe"]["items"] == PROBE and not report["warnings"]
 
 
 def test_interpolation_of_a_real_run_runs_from_the_base_to_the_run(runs):

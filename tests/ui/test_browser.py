@@ -12,6 +12,8 @@ import pytest
 
 from .fake_runs import make_runs
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def chromium() -> str | None:
     """Debian's chromium binary (the package's launcher script wraps it), or $TUNELAB_CHROMIUM."""
@@ -202,3 +204,56 @@ def test_a_launched_run_can_be_cancelled(site, tiny_llama, tmp_path):
             break
         time.sleep(0.5)
     assert jobs[-1]["status"] == "cancelled" and jobs[-1]["returncode"] is not None
+
+
+@pytest.mark.slow
+def test_the_demo_started_from_the_page(site, tmp_path):
+    """The newcomer's path on the real model: start the demo from the launch page (shortened by overrides), watch
+    its progress and its loss curve grow, read untuned versus tuned answers and the probe, chat with the result
+    (the answer its evaluation recorded); the run's figures are then re-checked independently (``sql_checks``)."""
+    from sql_checks import check_sql_run
+
+    url, browser, made = site
+    root = made["finished"].parent
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("\n".join((REPO / "src/tunelab/evaluation/probes/general.jsonl").read_text().splitlines()[:6]) + "\n")
+    page = browser.new_page()
+    page.goto(url + "/launch")
+    page.select_option("#preset", "demo")
+    page.fill("#overrides", f"train.max_steps=12 eval.limit=8 eval.few_shot=1 eval.probe={probe}")
+    page.click("#check")
+    page.wait_for_selector("#plan[data-verdict=ok]", timeout=300_000)
+    page.click("#start")
+    page.wait_for_selector("tr.job[data-status=running] .progress:not([data-total])", timeout=120_000)  # preparing
+    page.wait_for_selector("tr.job[data-status=running] .progress[data-total='12']", timeout=600_000)  # training: a bar
+    shot(page, "launch-demo", root)
+    run = page.locator("tr.job a").first.get_attribute("href")
+    live = browser.new_page()
+    live.goto(url + run + "?poll=0.3")
+    live.wait_for_selector("#chart polyline", timeout=120_000)
+    seen = int(live.locator("#chart polyline").get_attribute("data-points"))
+    assert seen < 12
+    live.wait_for_function(f"Number(document.querySelector('#chart polyline').dataset.points) > {seen}", timeout=300_000)
+    live.close()
+    page.wait_for_selector("tr.job[data-status=finished]", timeout=900_000)
+
+    run_dir = root / run.split("/", 3)[3]
+    page.goto(url + run)
+    assert page.locator("#predictions tr.prediction").count() == 8  # untuned and tuned answer beside the reference
+    assert page.text_content("#probe-counts").startswith("6 items")
+    shot(page, "demo-run", root)
+    report = json.loads((run_dir / "eval.json").read_text())
+    example = json.loads((REPO / "src/tunelab/examples/sql/test.jsonl").read_text().splitlines()[0])["messages"]
+    page.goto(url + "/chat")
+    page.select_option("#model-a", "run:" + run.split("/", 2)[2])
+    page.fill("#system", example[0]["content"])
+    page.fill("#prompt", example[1]["content"])
+    page.click("#send")
+    page.wait_for_selector("#chat-status[data-done=yes]", state="attached", timeout=120_000)
+    assert report["tuned"]["examples"][0]["prompt"] == example[1]["content"]
+    assert page.text_content("#answer-a") == report["tuned"]["examples"][0]["prediction"]
+    page.close()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    config = (run_dir / "config.yaml").read_text()
+    db = Path(next(line.split(":", 1)[1].strip() for line in config.splitlines() if line.strip().startswith("db:")))
+    check_sql_run(run_dir, run_dir / manifest["artifact"], db, max_new_tokens=40, probe_items=6)

@@ -25,7 +25,7 @@ def launch_page(preset_paths: list[str]) -> str:
             "<p><button id=\"check\" type=\"button\">Check (tunelab plan)</button> "
             "<button id=\"start\" type=\"button\" disabled>Start</button></p></form>"
             "<pre id=\"plan\"></pre><h2>Jobs</h2><p>One at a time; the run appears on the runs page as it starts.</p>"
-            "<table id=\"jobs\"><thead><tr><th>job</th><th>config</th><th>status</th><th>run</th><th></th></tr></thead>"
+            "<table id=\"jobs\"><thead><tr><th>job</th><th>config</th><th>status</th><th>progress</th><th>run</th><th></th></tr></thead>"
             "<tbody></tbody></table><pre id=\"job-log\"></pre>")
     return page("Launch", body)
 
@@ -37,6 +37,7 @@ def chat_page(choices: list[dict]) -> str:
             "to compare them on the same prompt.</p><form id=\"chat\" onsubmit=\"return false\">"
             f"<p><label>model <select id=\"model-a\">{options}</select></label> "
             f"<label>beside it <select id=\"model-b\">{none}{options}</select></label></p>"
+            "<p><textarea id=\"system\" rows=\"2\" cols=\"90\" placeholder=\"system prompt (optional)\"></textarea></p>"
             "<p><textarea id=\"prompt\" rows=\"4\" cols=\"90\" placeholder=\"ask something\"></textarea></p>"
             "<p><button id=\"send\" type=\"button\">Send</button> <span id=\"chat-status\"></span></p></form>"
             "<div class=\"answers\"><div><h3 id=\"label-a\"></h3><pre id=\"answer-a\"></pre></div>"

@@ -34,6 +34,7 @@ class DataRequest(BaseModel):
 class ChatRequest(BaseModel):
     models: list[str]
     prompt: str
+    system: str = ""
     max_new_tokens: int = 128
 
 
@@ -198,6 +199,6 @@ def _models(app, fastapi, roots: R.Roots, chat) -> None:
     @app.post("/api/chat")
     def api_chat(request: ChatRequest) -> dict:
         try:
-            return {"answers": [chat.answer(m, request.prompt, request.max_new_tokens) for m in request.models if m]}
+            return {"answers": [chat.answer(m, request.prompt, request.max_new_tokens, request.system) for m in request.models if m]}
         except TunelabError as error:
             raise _refused(fastapi, error) from None

@@ -59,8 +59,8 @@ class Chat:
         self.loaded.move_to_end(choice)
         return self.loaded[choice]
 
-    def answer(self, choice: str, prompt: str, max_new_tokens: int = 128) -> str:
-        """The chosen model's greedy answer to ``prompt`` (one user turn)."""
+    def answer(self, choice: str, prompt: str, max_new_tokens: int = 128, system: str = "") -> str:
+        """The chosen model's greedy answer to ``prompt`` (one user turn, after ``system`` when one is given)."""
         from tunelab.generation import SamplingSettings, generate
 
         if not prompt.strip():
@@ -68,5 +68,6 @@ class Chat:
         with self.lock:
             loaded = self._model(choice)
             settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens)
-            completion = generate(loaded.model, loaded.tokenizer, [[{"role": "user", "content": prompt}]], settings, batch_size=1)[0]
+            turns = ([{"role": "system", "content": system}] if system.strip() else []) + [{"role": "user", "content": prompt}]
+            completion = generate(loaded.model, loaded.tokenizer, [turns], settings, batch_size=1)[0]
             return completion.text.strip()  # as tunelab eval records a prediction

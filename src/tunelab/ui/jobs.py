@@ -7,12 +7,15 @@ the memory verdict shown): a config that does not validate never reaches the que
 subprocesses keeps torch out of the dashboard's process and lets a job be cancelled (SIGINT, as Ctrl-C: the
 run stops at a step boundary; then SIGTERM after ``GRACE_SECONDS``). A pasted config is written to
 ``ROOT/.ui-configs/`` (hidden: never listed as a run). The preset ``demo`` runs ``tunelab demo --output-root ROOT``
-(the README's first command), checked with ``tunelab plan`` on the demo's job as a config.
+(the README's first command) with the overrides given, checked with ``tunelab plan`` on the demo's job as a config.
+A running job reports its phase and, once training, its optimizer step of the run's total (``manifest.json``'s
+``total_steps``, the last ``metrics.jsonl`` row) for the page's progress bar.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import subprocess
 import sys
@@ -48,6 +51,22 @@ class Job:
                 and p.stat().st_mtime >= (self.started or 0) - 1]
         return max(made, key=lambda p: p.stat().st_mtime) if made else None
 
+    def progress(self) -> dict:
+        """Where a running job stands: its phase, and once training the step of the total."""
+        if self.status != "running":
+            return {"phase": self.status}
+        run = self.run_dir()
+        if run is None:
+            return {"phase": "preparing: data, model, the untuned model's evaluation"}
+        try:
+            total = json.loads((run / "manifest.json").read_text(encoding="utf-8")).get("total_steps")
+        except (OSError, ValueError):
+            total = None
+        step = last_step(run / "metrics.jsonl")
+        if total and step >= total:
+            return {"phase": "evaluating the tuned model", "step": step, "total": total}
+        return {"phase": "training", "step": step, "total": total}
+
     def view(self) -> dict:
         tail = ""
         if self.log.is_file():  # the page polls this: read the last few KB only, however long the log grows
@@ -55,7 +74,22 @@ class Job:
                 f.seek(max(f.seek(0, 2) - 3000, 0))
                 tail = f.read().decode("utf-8", errors="replace")
         return {"id": self.id, "config": self.config, "overrides": self.overrides, "output_dir": self.output_dir,
-                "status": self.status, "returncode": self.returncode, "log": tail}
+                "status": self.status, "returncode": self.returncode, "log": tail, "progress": self.progress()}
+
+
+def last_step(metrics: Path) -> int:
+    """The step of the newest row of ``metrics.jsonl`` (0 before the first); reads only the file's end."""
+    if not metrics.is_file():
+        return 0
+    with metrics.open("rb") as f:
+        f.seek(max(f.seek(0, 2) - 4000, 0))
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a partial line being written, or a row without a step
+    return 0
 
 
 def command(*args: str) -> list[str]:
@@ -95,12 +129,16 @@ class JobQueue:
     def plan(self, config: str, overrides: list[str]) -> tuple[bool, str]:
         """(whether the config validates and plans, what ``tunelab plan`` printed)."""
         if config == DEMO:
-            config, overrides = DEMO_CONFIG, []
+            config, overrides = DEMO_CONFIG, [o for o in overrides if not o.startswith("output_dir=")]
         done = subprocess.run(command("plan", config, *overrides), capture_output=True, text=True, timeout=300)
         return done.returncode == 0, (done.stdout + done.stderr).strip()
 
     def submit(self, config: str, overrides: list[str]) -> Job:
-        overrides = self.with_output(overrides)
+        """Queue a job once ``tunelab plan`` accepts it; the demo gets no ``output_dir`` (it names its own run)."""
+        if config == DEMO and any(o.startswith("output_dir=") for o in overrides):
+            raise TunelabError("the demo names its own run directory (demo-STAMP in the dashboard's first folder): "
+                               "drop the output_dir override")
+        overrides = overrides if config == DEMO else self.with_output(overrides)
         ok, text = self.plan(config, overrides)
         if not ok:
             raise TunelabError(text or "tunelab plan refused the config")
@@ -109,7 +147,7 @@ class JobQueue:
             logs = self.root / ".ui-configs"
             logs.mkdir(parents=True, exist_ok=True)
             output = str(self.root) if config == DEMO else next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
-            job = Job(number, config, [] if config == DEMO else overrides, output, logs / f"job-{number}.log")
+            job = Job(number, config, overrides, output, logs / f"job-{number}.log")
             self.jobs.append(job)
         self.wake.set()
         return job
@@ -144,7 +182,7 @@ class JobQueue:
                 continue
             with job.log.open("w", encoding="utf-8") as log, self.lock:
                 job.status, job.started = "running", time.time()
-                args = ("demo", "--output-root", job.output_dir) if job.config == DEMO else ("train", job.config, *job.overrides)
+                args = ("demo", "--output-root", job.output_dir, *job.overrides) if job.config == DEMO else ("train", job.config, *job.overrides)
                 job.process = subprocess.Popen(command(*args), stdout=log, stderr=subprocess.STDOUT)
             job.returncode = job.process.wait()
             with self.lock:

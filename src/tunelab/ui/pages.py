@@ -84,8 +84,12 @@ def _predictions(rows: list[dict[str, Any]]) -> str:
             f"<tbody>{body}</tbody></table>")
 
 
-def _probe(changes: dict[str, list]) -> str:
+def _probe(changes: dict) -> str:
     parts = []
+    if changes.get("items"):
+        parts.append(f"<p id=\"probe-counts\">{changes['items']} items: the untuned model answered {changes['right_before']}, "
+                     f"the tuned model {changes['right_after']}; retention {_fmt(changes['retention'], 'pct')} of the "
+                     f"{changes['right_before']} the untuned model knew.</p>")
     for what in ("lost", "gained"):
         items = "".join(f"<li><b>{_fmt(i.get('question'))}</b> {_fmt(i.get('after') or i.get('answer'))}</li>" if isinstance(i, dict)
                         else f"<li>{_fmt(i)}</li>" for i in changes[what])  # older runs list the item ids only

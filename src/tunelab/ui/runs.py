@@ -125,9 +125,11 @@ def predictions(run: Run) -> list[dict[str, Any]]:
     return rows
 
 
-def probe_changes(run: Run) -> dict[str, list[dict[str, Any]]]:
+def probe_changes(run: Run) -> dict[str, Any]:
+    """The probe items lost and gained, and the counts that say what retention is out of."""
     forgetting = (run.eval_results() or {}).get("forgetting") or {}
-    return {"lost": forgetting.get("lost") or [], "gained": forgetting.get("gained") or []}
+    return {"lost": forgetting.get("lost") or [], "gained": forgetting.get("gained") or [],
+            **{k: forgetting.get(k) for k in ("items", "right_before", "right_after", "retention")}}
 
 
 def artifacts(run: Run) -> list[tuple[str, float]]:

@@ -101,6 +101,18 @@
       start.disabled = true;
       post("/api/jobs", request()).then(({ ok, data }) => { if (!ok) plan.textContent = data.detail; jobs(); });
     });
+    function progressOf(p) {  // a bar once the job trains (step of total), else the phase in words
+      const cell = document.createElement("span");
+      cell.className = "progress";
+      if (p.total) {
+        const bar = document.createElement("progress");
+        bar.max = p.total; bar.value = p.step;
+        cell.appendChild(bar);
+        cell.dataset.step = p.step; cell.dataset.total = p.total;
+      }
+      cell.appendChild(document.createTextNode(" " + (p.total ? `step ${p.step}/${p.total} · ` : "") + p.phase));
+      return cell;
+    }
     function jobs() {
       fetch("/api/jobs").then((r) => r.json()).then((list) => {
         const body = document.querySelector("#jobs tbody");
@@ -110,6 +122,7 @@
           row.className = "job " + job.status;
           row.dataset.status = job.status;
           [String(job.id), job.config, job.status].forEach((text) => { row.insertCell().textContent = text; });
+          row.insertCell().appendChild(progressOf(job.progress));
           const link = row.insertCell();
           if (job.run) { const a = document.createElement("a"); a.href = "/run/" + job.run; a.textContent = job.run; link.appendChild(a); }
           const action = row.insertCell();
@@ -134,7 +147,7 @@
       const models = [a.value, b.value].filter((m) => m);
       status.textContent = "thinking ...";
       ["a", "b"].forEach((k) => { document.getElementById("answer-" + k).textContent = ""; document.getElementById("label-" + k).textContent = ""; });
-      post("/api/chat", { models, prompt: document.getElementById("prompt").value }).then(({ ok, data }) => {
+      post("/api/chat", { models, prompt: document.getElementById("prompt").value, system: document.getElementById("system").value }).then(({ ok, data }) => {
         status.textContent = ok ? "" : data.detail;
         if (!ok) return;
         data.answers.forEach((text, i) => {
