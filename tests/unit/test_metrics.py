@@ -19,7 +19,21 @@ from tunelab.evaluation.sql_exec import has_top_level_order_by
 def test_metric_names_lists_builtins():
     names = metric_names()
     assert {"exact_match", "contains", "regex", "rouge_l", "bleu", "chrf", "accuracy", "json_valid",
-            "json_schema", "sql_exec"} == set(names)
+            "json_schema", "json_fields", "sql_exec"} == set(names)
+
+
+def test_json_fields_scores_each_field_and_names_the_wrong_ones():
+    ref = json.dumps({"name": "Ana Diaz", "quantity": 3, "express": True, "city": "Porto"})
+    preds = ['{"name": " ana  diaz", "quantity": 3.0, "express": true, "city": "Lisbon", "extra": 1}',
+             '```json\n{"name": "Ana Diaz", "quantity": "3", "express": 1}\n```', "not json", "[1, 2]"]
+    result = score("json_fields", preds, [ref] * 4)
+    assert result.per_example == [0.75, 0.25, 0.0, 0.0]  # "3" is not 3, 1 is not true, a missing field is wrong
+    assert result.details[0] == {"wrong": ["city"]} and result.details[1] == {"missing": ["city"], "wrong": ["quantity", "express"]}
+    assert result.details[3]["error"] == "not a JSON object"
+    only = score("json_fields", [preds[0]], [ref], fields=["name", "quantity"])
+    assert only.per_example == [1.0]
+    with pytest.raises(TunelabError, match="not a JSON object"):
+        score("json_fields", ["{}"], ["[1]"])
 
 
 def test_unknown_metric_lists_known_ones_and_custom_form():

@@ -7,7 +7,7 @@ score per example and per-example details.
 Where a well-kept library already defines a metric we call it rather than re-implement it, so our
 numbers match everybody else's: ``rouge-score`` (Google's reference implementation) for ROUGE-L,
 ``sacrebleu`` (the standard, signature-reproducible implementation) for BLEU and chrF, ``jsonschema``
-for schema validation and the standard library's ``sqlite3`` to execute SQL. These libraries are
+for schema validation (``json_metrics``) and the standard library's ``sqlite3`` to execute SQL. These libraries are
 imported lazily, so a project that never uses a metric never needs its package.
 
 What is ours is what no library decides for us: text normalisation for exact match, label parsing for
@@ -28,14 +28,13 @@ as ``fn(prediction, reference, **options)`` per example; it returns a float, a b
 from __future__ import annotations
 
 import importlib
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.evaluation.json_metrics import json_fields, json_schema, json_valid
 
 Reference = str | list[str]
 
@@ -219,62 +218,6 @@ def _accuracy(name: str, preds: list[str], refs: list[list[str]], opts: dict) ->
     return per_example(name, preds, refs, one)
 
 
-# ------------------------------------------------------------------------------------------------ JSON
-
-
-def _parse_json(prediction: str) -> tuple[Any, str | None]:
-    try:
-        return json.loads(strip_fence(prediction)), None
-    except json.JSONDecodeError as e:
-        return None, str(e)
-
-
-def _json_valid(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
-    def one(pred: str, ref: str) -> tuple[float, dict]:
-        _, error = _parse_json(pred)
-        return (0.0, {"error": error}) if error else (1.0, {})
-
-    return per_example(name, preds, refs, one)
-
-
-def _load_schema(schema: Any) -> dict:
-    if isinstance(schema, (str, Path)):
-        path = Path(schema)
-        if not path.is_file():
-            raise TunelabError(f"json_schema metric: schema file {str(path)!r} not found; "
-                               "pass schema as a dict or the path of an existing .json file.")
-        try:
-            schema = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise TunelabError(f"json_schema metric: schema file {str(path)!r} is not valid JSON ({e}).") from e
-    if not isinstance(schema, dict):
-        raise TunelabError(f"json_schema metric: option schema must be a dict or a .json path, got {type(schema).__name__}.")
-    return schema
-
-
-def _json_schema(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
-    jsonschema = _import("jsonschema", "jsonschema", name)
-    schema = _load_schema(opts["schema"])
-    cls = jsonschema.validators.validator_for(schema)
-    try:
-        cls.check_schema(schema)
-    except jsonschema.exceptions.SchemaError as e:
-        raise TunelabError(f"json_schema metric: the schema itself is invalid: {e.message}. Fix the schema.") from e
-    validator = cls(schema)
-
-    def one(pred: str, ref: str) -> tuple[float, dict]:
-        value, error = _parse_json(pred)
-        if error:
-            return 0.0, {"error": f"invalid JSON: {error}"}
-        problem = jsonschema.exceptions.best_match(validator.iter_errors(value))
-        if problem is not None:
-            where = "/".join(str(p) for p in problem.absolute_path) or "(root)"
-            return 0.0, {"error": f"{where}: {problem.message}"}
-        return 1.0, {}
-
-    return per_example(name, preds, refs, one)
-
-
 def _sql_exec(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
     """Execution accuracy on a SQLite database; see :func:`tunelab.evaluation.sql_exec.sql_exec`."""
     from tunelab.evaluation.sql_exec import sql_exec
@@ -292,8 +235,9 @@ _REGISTRY: dict[str, _Metric] = {
     "bleu": _Metric(_bleu),
     "chrf": _Metric(_chrf),
     "accuracy": _Metric(_accuracy, frozenset({"labels"})),
-    "json_valid": _Metric(_json_valid),
-    "json_schema": _Metric(_json_schema, frozenset({"schema"}), frozenset({"schema"}), "schema=<dict or path of a .json schema>"),
+    "json_valid": _Metric(json_valid),
+    "json_schema": _Metric(json_schema, frozenset({"schema"}), frozenset({"schema"}), "schema=<dict or path of a .json schema>"),
+    "json_fields": _Metric(json_fields, frozenset({"fields"})),
     "sql_exec": _Metric(_sql_exec, frozenset({"db", "timeout_s", "max_rows", "max_bytes"}), frozenset({"db"}), "db=<path of a SQLite database file>"),
 }
 

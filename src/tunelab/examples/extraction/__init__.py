@@ -1,0 +1,1 @@
+"""Structured extraction to JSON: order messages (``task``)."""
