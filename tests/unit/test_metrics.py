@@ -352,11 +352,12 @@ def test_sql_result_bytes_are_capped_without_sqlites_length_limit(db):
 
 
 def test_sql_single_long_function_call_is_stopped(db):
-    # One printf call: SQLite's progress handler never runs inside it, and with the length limit printf
-    # still loops over every character (measured ~15 s for 900 million) before it returns NULL.
+    # One instr call: SQLite's progress handler never runs inside it, and finding a 1M-character needle that
+    # almost matches everywhere in a 4M-character haystack compares ~10^12 bytes (minutes), within the length
+    # limit. (A huge printf width used to do this; SQLite 3.40.1-2+deb12u2 returns at once.)
     start = time.monotonic()
-    result = score("sql_exec", ["SELECT printf('%.*c', 300000000, 'x')", "SELECT 1"], ["SELECT 1", "SELECT 1"], db=db,
-                   timeout_s=0.2)
+    slow = "SELECT instr(replace(hex(zeroblob(2000000)), '0', 'a'), replace(hex(zeroblob(500000)), '0', 'a') || 'b')"
+    result = score("sql_exec", [slow, "SELECT 1"], ["SELECT 1", "SELECT 1"], db=db, timeout_s=0.2)
     assert result.per_example == [0.0, 1.0]  # the query process was restarted for the next example
     assert "query stopped after 0.2 s (timeout_s)" in result.details[0]["error"]
     assert time.monotonic() - start < 8
