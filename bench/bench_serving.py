@@ -5,8 +5,10 @@ figure is about decoding, not answers) and saved in PEFT format with the base's 
 
 - sequential: plain transformers + peft, one ``model.generate`` per request (greedy, the adapter switched
   with ``set_adapter``), the way a script without a server would answer them;
-- served: the same requests sent at once by N client threads (the official ``openai`` client) to a live
-  ``tunelab serve`` on 127.0.0.1, which batches waiting requests per adapter.
+- served: the same requests sent by N client threads (the official ``openai`` client; at once, or one every
+  ``--stagger`` seconds) to a live ``tunelab serve`` on 127.0.0.1, with each ``--batching`` mode: continuous
+  (requests join the running batch between decode steps, both adapters in one forward pass) and dynamic
+  (waiting requests batched per adapter, one ``generate`` call per batch).
 
 Both decode the same prompts greedily with the same ``max_tokens`` and stop at the end of the turn; the
 figure is generated tokens per second of wall time. Memory per extra adapter is its parameter bytes and
@@ -14,6 +16,7 @@ the resident-memory growth of the server process when it is loaded.
 
     python bench/bench_serving.py                                   # SmolLM2-135M, 16 requests, 2 adapters
     python bench/bench_serving.py --model tiny --requests 8         # a seconds-long smoke run
+    python bench/bench_serving.py --stagger 0.5                     # requests arriving over time: latency
 """
 
 from __future__ import annotations
@@ -105,8 +108,8 @@ def sequential(base: str, adapters: list[Path], work, max_tokens: int) -> dict:
     return {"seconds": round(seconds, 2), "tokens": int(tokens), "tokens_per_s": round(tokens / seconds, 1)}
 
 
-def served(base: str, adapters: list[Path], work, max_tokens: int) -> dict:
-    """All requests at once from one client thread each, against a live server."""
+def served(base: str, adapters: list[Path], work, max_tokens: int, batching: str = "continuous", stagger: float = 0.0) -> dict:
+    """The requests from one client thread each (the i-th starting ``i * stagger`` s in), against a live server."""
     from openai import OpenAI
 
     from tunelab.serving.app import create_app
@@ -121,9 +124,11 @@ def served(base: str, adapters: list[Path], work, max_tokens: int) -> dict:
         registry.load(f"a{i}", path)
     per_adapter_rss = (rss_mb() - after_first) / max(len(adapters) - 1, 1) if len(adapters) > 1 else after_first - before
     counts, latencies = [], []
-    with BackgroundServer(create_app(registry, max_pending=len(work) + 8, max_batch_rows=len(work))) as url:
-        def one(name, messages):
+    app = create_app(registry, max_pending=len(work) + 8, max_batch_rows=len(work), batching=batching)
+    with BackgroundServer(app) as url:
+        def one(name, messages, delay=0.0):
             client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
+            time.sleep(delay)
             t = time.perf_counter()
             reply = client.chat.completions.create(model=name, messages=messages, temperature=0, max_tokens=max_tokens)
             latencies.append(time.perf_counter() - t)
@@ -132,7 +137,7 @@ def served(base: str, adapters: list[Path], work, max_tokens: int) -> dict:
         one(*work[0])  # warm-up, untimed
         counts.clear()
         latencies.clear()
-        threads = [threading.Thread(target=one, args=w) for w in work]
+        threads = [threading.Thread(target=one, args=(*w, i * stagger)) for i, w in enumerate(work)]
         started = time.perf_counter()
         for t in threads:
             t.start()
@@ -152,6 +157,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--batching", default="continuous,dynamic", help="the server's batching modes to measure")
+    parser.add_argument("--stagger", type=float, default=0.0, help="seconds between the clients' requests (0: all at once)")
     args = parser.parse_args()
     import torch
 
@@ -164,10 +171,10 @@ def main() -> None:
         adapter_bytes = sum(p.stat().st_size for p in adapters[0].glob("*.safetensors"))
         work = requests(args.requests, [f"a{i}" for i in range(args.adapters)])
         seq = sequential(base, adapters, work, args.max_tokens)
-        srv = served(base, adapters, work, args.max_tokens)
+        srv = {mode: served(base, adapters, work, args.max_tokens, mode, args.stagger) for mode in args.batching.split(",")}
     print(json.dumps({"model": args.model, "requests": args.requests, "adapters": args.adapters, "max_tokens": args.max_tokens,
-                      "threads": torch.get_num_threads(), "sequential": seq, "served": srv,
-                      "speedup": round(srv["tokens_per_s"] / seq["tokens_per_s"], 2),
+                      "stagger_s": args.stagger, "threads": torch.get_num_threads(), "sequential": seq, "served": srv,
+                      "speedup": {mode: round(s["tokens_per_s"] / seq["tokens_per_s"], 2) for mode, s in srv.items()},
                       "adapter_file_mb": round(adapter_bytes / 2**20, 2)}, indent=1))
 
 

@@ -18,10 +18,18 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(*args: str, cwd: Path) -> None:
+def _run(*args: str, cwd: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_serving_bench_measures_both_batching_modes_against_one_at_a_time(tmp_path):
+    report = json.loads(_run(str(REPO / "bench/bench_serving.py"), "--model", "tiny", "--requests", "4", "--max-tokens", "8",
+                             cwd=tmp_path))
+    assert set(report["served"]) == {"continuous", "dynamic"} and report["sequential"]["tokens"] > 0
+    assert all(s["tokens"] == report["sequential"]["tokens"] for s in report["served"].values())  # greedy: the same answers
 
 
 def test_side_by_side_shape_job_runs_both_loops_on_the_same_data(tmp_path):

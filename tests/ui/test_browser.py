@@ -224,10 +224,11 @@ def test_the_demo_started_from_the_page(site, tmp_path):
     page.click("#check")
     page.wait_for_selector("#plan[data-verdict=ok]", timeout=300_000)
     page.click("#start")
-    page.wait_for_selector("tr.job[data-status=running] .progress:not([data-total])", timeout=120_000)  # preparing
-    page.wait_for_selector("tr.job[data-status=running] .progress[data-total='12']", timeout=600_000)  # training: a bar
+    demo = "tr.job[data-config=demo]"  # earlier tests of this module queued other jobs
+    page.wait_for_selector(f"{demo}[data-status=running] .progress:not([data-total])", timeout=120_000)  # preparing
+    page.wait_for_selector(f"{demo}[data-status=running] .progress[data-total='12']", timeout=600_000)  # training: a bar
     shot(page, "launch-demo", root)
-    run = page.locator("tr.job a").first.get_attribute("href")
+    run = page.locator(f"{demo} a").first.get_attribute("href")
     live = browser.new_page()
     live.goto(url + run + "?poll=0.3")
     live.wait_for_selector("#chart polyline", timeout=120_000)
@@ -235,7 +236,7 @@ def test_the_demo_started_from_the_page(site, tmp_path):
     assert seen < 12
     live.wait_for_function(f"Number(document.querySelector('#chart polyline').dataset.points) > {seen}", timeout=300_000)
     live.close()
-    page.wait_for_selector("tr.job[data-status=finished]", timeout=900_000)
+    page.wait_for_selector(f"{demo}[data-status=finished]", timeout=900_000)
 
     run_dir = root / run.split("/", 3)[3]
     page.goto(url + run)

@@ -52,9 +52,9 @@ def _load_schema(schema: Any) -> dict:
 
 
 def json_schema(name: str, preds: list[str], refs: list[list[str]], opts: dict):
-    from tunelab.evaluation.metrics import _import, per_example
+    from tunelab.evaluation.metrics import import_for_metric, per_example
 
-    jsonschema = _import("jsonschema", "jsonschema", name)
+    jsonschema = import_for_metric("jsonschema", "jsonschema", name)
     schema = _load_schema(opts["schema"])
     cls = jsonschema.validators.validator_for(schema)
     try:

@@ -71,7 +71,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _import(module: str, package: str, metric: str):
+def import_for_metric(module: str, package: str, metric: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -150,7 +150,7 @@ def _regex(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> Me
 
 
 def _rouge_l(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
-    rouge_scorer = _import("rouge_score.rouge_scorer", "rouge-score", name)
+    rouge_scorer = import_for_metric("rouge_score.rouge_scorer", "rouge-score", name)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return per_example(name, preds, refs, lambda p, r: (scorer.score(r, p)["rougeL"].fmeasure, {}))
 
@@ -159,7 +159,7 @@ def _sacrebleu(name: str, preds: list[str], refs: list[list[str]], corpus_fn: st
     """Corpus score with one sacrebleu reference stream per reference; per example the best reference."""
     if not preds:
         return MetricResult(name, 0.0, [], [])
-    sacrebleu = _import("sacrebleu", "sacrebleu", name)
+    sacrebleu = import_for_metric("sacrebleu", "sacrebleu", name)
     n_streams = max(len(r) for r in refs)
     streams = [[r[k] if k < len(r) else None for r in refs] for k in range(n_streams)]
     corpus = getattr(sacrebleu, corpus_fn)(preds, streams).score / 100.0

@@ -90,7 +90,7 @@ def seeded(seed: int | None, device: torch.device):
         yield
 
 
-def _completion(tokenizer, generated: list[int], stop_ids: set[int], stop: tuple[str, ...], prompt_tokens: int) -> Completion:
+def completion_of(tokenizer, generated: list[int], stop_ids: set[int], stop: tuple[str, ...], prompt_tokens: int) -> Completion:
     """One row of ``generate``'s output cut at its first stop token or stop string."""
     end = next((i for i, t in enumerate(generated) if t in stop_ids), None)
     ids = generated if end is None else generated[: end + 1]
@@ -106,7 +106,7 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _ignores_position_ids(model) -> bool:
+def ignores_position_ids(model) -> bool:
     """True for a PEFT prompt-learning model (prompt, prefix, p-tuning): peft drops ``position_ids`` for them
     ("Position ids are not supported"), so under left padding a padded row's tokens sit further from the
     virtual tokens than in training, and answers change with the batch (6 of 8 SQL answers of a prompt-tuned
@@ -139,8 +139,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], settings: SamplingSett
     settings = settings or SamplingSettings()
     if batch_size < 1:
         raise TunelabError(f"generation: batch_size {batch_size!r}: use a positive integer")
-    if _ignores_position_ids(model):
-        batch_size = 1  # see _ignores_position_ids: left padding would shift every padded row's positions
+    if ignores_position_ids(model):
+        batch_size = 1  # see ignores_position_ids: left padding would shift every padded row's positions
     stop_ids = list(stop_token_ids) if stop_token_ids is not None else end_of_turn_ids(tokenizer)
     pad = pad_id(tokenizer, stop_ids)
     rows = [render_prompt(tokenizer, p) for p in prompts]
@@ -157,7 +157,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], settings: SamplingSett
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=[criteria],
                                      **generate_kwargs(settings, stop_ids, pad))
                 new_tokens = out[:, input_ids.shape[1]:].tolist()  # (B, generated)
-                results += [_completion(tokenizer, g, set(stop_ids), settings.stop, len(r)) for g, r in zip(new_tokens, batch)]
+                results += [completion_of(tokenizer, g, set(stop_ids), settings.stop, len(r)) for g, r in zip(new_tokens, batch)]
     finally:
         model.train(was_training)
     return results

@@ -47,7 +47,7 @@ class _DeltaStreamer(BaseStreamer):
         self.queue.put(_DONE)
 
 
-def _safe_length(text: str, stop: tuple[str, ...]) -> int:
+def safe_length(text: str, stop: tuple[str, ...]) -> int:
     """How much of ``text`` can be sent: not a trailing partial character, nor a tail that could begin a stop string."""
     end = len(text)
     while end and text[end - 1] == "\ufffd":
@@ -121,7 +121,7 @@ def _deltas(tokenizer, streamer: _DeltaStreamer, stop: tuple[str, ...]) -> Itera
                 yield text[sent:]
             sent = len(text)
             return
-        safe = _safe_length(text, stop)
+        safe = safe_length(text, stop)
         if safe > sent:
             yield text[sent:safe]
             sent = safe

@@ -27,13 +27,13 @@ from tunelab.serving.models import Registry, ServedModel
 from tunelab.serving.protocol import (APIError, ChatRequest, CompletionRequest, LoadLoraRequest, SamplingFields,
                                       UnloadLoraRequest, chat_chunk, chat_response, completion_response, error_body,
                                       new_id, stream_chunk, usage_chunk)
-from tunelab.serving.scheduler import Job, QueueFull, Scheduler
+from tunelab.serving.scheduler import Job, QueueFull
 
 _DONE = object()
 
 
 def create_app(registry: Registry, *, api_key: str | None = None, max_pending: int = 64, max_batch_rows: int = 16,
-               default_max_tokens: int = 256):
+               default_max_tokens: int = 256, batching: str = "continuous"):
     """The FastAPI application serving ``registry``'s models.
 
     Args:
@@ -42,7 +42,16 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_pending: i
         max_pending: Requests waiting or decoding at most; more are answered 429.
         max_batch_rows: Prompts decoded together at most.
         default_max_tokens: Completion length when a request gives no ``max_tokens`` (bounded by the context).
+        batching: ``continuous`` (requests join and leave the running batch between decode steps, LoRA adapters
+            of one base in one batch: ``serving.continuous``) or ``dynamic`` (whole ``generate`` calls per
+            model: ``serving.scheduler``).
     """
+    if batching not in ("continuous", "dynamic"):
+        raise TunelabError(f"batching {batching!r}: use continuous or dynamic")
+    if batching == "continuous":
+        from tunelab.serving.continuous import ContinuousScheduler as Scheduler
+    else:
+        from tunelab.serving.scheduler import Scheduler
     scheduler = Scheduler(registry, max_pending=max_pending, max_batch_rows=max_batch_rows)
     metrics = Metrics(lambda: scheduler.depth, registry.adapter_count)
     scheduler.on_batch = lambda rows, seconds: metrics.batch_rows.observe(rows)

@@ -60,6 +60,9 @@ def serve_command(
     engine: str = typer.Option("tunelab", help="tunelab (built in, CPU or GPU) or vllm (starts vLLM's OpenAI server)"),
     max_pending: int = typer.Option(64, min=1, help="requests waiting or decoding at most; more are answered 429"),
     max_batch: int = typer.Option(16, min=1, help="prompts decoded together at most"),
+    batching: str = typer.Option("continuous", help="continuous (requests join and leave the batch between decode "
+                                 "steps; LoRA adapters of one base decode together) or dynamic (one generate call per "
+                                 "batch of requests for one model)"),
     watch: Optional[Path] = typer.Option(None, "--watch", help="a run being trained: serve each new checkpoint as NAME@step-N"),
 ) -> None:
     """Serve a base model and its adapters with OpenAI's API (chat, completions, models) on one base in memory.
@@ -83,7 +86,7 @@ def serve_command(
         registry = Registry(target, base_id=name)
         for adapter_name, path in adapters.items():
             registry.load(adapter_name, path)
-    app = create_app(registry, api_key=api_key, max_pending=max_pending, max_batch_rows=max_batch)
+    app = create_app(registry, api_key=api_key, max_pending=max_pending, max_batch_rows=max_batch, batching=batching)
     if watch is not None:
         from tunelab.serving.watch import CheckpointWatcher
 

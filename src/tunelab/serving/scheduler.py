@@ -6,8 +6,9 @@ waiting job for the same model and the same sampling settings, up to a bound on 
 decodes them as one ``tunelab.generation.generate`` batch: concurrent requests for one adapter share a
 forward pass, requests for different adapters take turns batch by batch (the batch's adapter is made active
 first). Greedy answers do not depend on the batch they are decoded in, so they equal ``tunelab eval``'s.
-This is dynamic batching between whole ``generate`` calls, not continuous batching: a request arriving
-while a batch decodes waits for that batch to finish.
+This is dynamic batching between whole ``generate`` calls (``tunelab serve --batching dynamic``): a request
+arriving while a batch decodes waits for that batch to finish. The default, ``serving.continuous``, keeps
+this queue and these limits and admits requests into the running batch between decode steps.
 
 A sampled request with a seed is decoded alone, so its answer depends on its seed only. A streamed request
 is decoded alone through ``tunelab.generation.stream``; if its reader goes away it stops at the next token.

@@ -121,6 +121,7 @@
           const row = body.insertRow();
           row.className = "job " + job.status;
           row.dataset.status = job.status;
+          row.dataset.job = job.id; row.dataset.config = job.config;
           [String(job.id), job.config, job.status].forEach((text) => { row.insertCell().textContent = text; });
           row.insertCell().appendChild(progressOf(job.progress));
           const link = row.insertCell();
