@@ -49,3 +49,6 @@ def test_lora_run_as_a_gguf_adapter(make_config, tmp_path):
     assert check["prompts"].startswith("data.eval") and check["prompt_tokens_equal"] == check["n_prompts"]
     assert check["greedy_agreement"] == 1.0 and not check["failed"]
     assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == sorted([report["file"], "export_report.json"])
+    default = export_model(run, "gguf-lora", "f16", tmp_path / "lora-default", prompts=6)["verification"]
+    assert default["new_tokens"] == 4  # on the run's eval examples, as its evaluation generated: the task score is its own
+    assert default["task"]["hf"] == json.loads((run / "eval.json").read_text())["tuned"]["score"]

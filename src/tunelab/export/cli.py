@@ -22,7 +22,8 @@ def export_command(
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: beside the source)")] = None,
     force: bool = typer.Option(False, "--force", help="publish even if the llama.cpp check fails (recorded in the report)"),
     prompts: int = typer.Option(8, min=1, help="held prompts to check on (the run's eval examples, else the probe)"),
-    new_tokens: int = typer.Option(32, min=1, help="greedy tokens generated per held prompt"),
+    new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy tokens generated per held prompt (default: the "
+                                             "run's eval.max_new_tokens on its eval examples, else 32)"),
 ) -> None:
     """Export a run or model: GGUF (with an Ollama Modelfile) or HF, checked against the HF model before it is written.
 

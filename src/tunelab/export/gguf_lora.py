@@ -101,7 +101,7 @@ def write_lora_gguf(path: Path, artifact: Path, model_config: Any, name: str) ->
     return {"rank": rank, "alpha": alpha, "gguf_alpha": written_alpha, "tensors": len(tensors)}
 
 
-def export_lora(source: Any, tmp: Path, quant: str, force: bool, prompts: int, new_tokens: int) -> dict[str, Any]:
+def export_lora(source: Any, tmp: Path, quant: str, force: bool, prompts: int, new_tokens: int | None) -> dict[str, Any]:
     """The ``gguf-lora`` export of a LoRA run into ``tmp``: the adapter file, checked on a base GGUF in llama.cpp."""
     from tunelab.evaluation.run import load_for_eval
     from tunelab.export.gguf_model import write_gguf

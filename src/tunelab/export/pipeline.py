@@ -16,7 +16,7 @@ from typing import Any
 from tunelab.atomic import atomic_dir, check_replaceable
 from tunelab.errors import TunelabError
 from tunelab.export.checks import THRESHOLDS, compare_runtime, judge
-from tunelab.export.source import REPORT_FILE, Source, held_prompts, open_source, task_scores
+from tunelab.export.source import REPORT_FILE, Source, held_new_tokens, held_prompts, open_source, task_scores
 
 FORMATS = ("hf", "gguf", "gguf-lora")
 
@@ -55,7 +55,7 @@ def _gguf_name(source: Source, quant: str) -> str:
 
 
 def export_model(path: str | Path, fmt: str = "gguf", quant: str = "f16", out: str | Path | None = None, *,
-                 force: bool = False, prompts: int = 8, new_tokens: int = 32) -> dict[str, Any]:
+                 force: bool = False, prompts: int = 8, new_tokens: int | None = None) -> dict[str, Any]:
     """Export a run (merged) or HF model directory, verified, into a new folder.
 
     Args:
@@ -66,7 +66,8 @@ def export_model(path: str | Path, fmt: str = "gguf", quant: str = "f16", out: s
         out: Folder to write; default beside the source (see :func:`default_out`).
         force: Publish even when a check fails (recorded in the report), or without llama.cpp to check with.
         prompts: Held prompts to check on.
-        new_tokens: Greedy tokens generated per prompt.
+        new_tokens: Greedy tokens generated per prompt; default the run's ``eval.max_new_tokens`` when the
+            prompts are its eval examples (so the task score is the run's own), else 32.
 
     Returns:
         The export report, also written to ``out/export_report.json``.
@@ -114,7 +115,7 @@ def _export_hf(source: Source, tmp: Path, prompts: int) -> dict[str, Any]:
 
 
 def verify_gguf(gguf: Path, model: Any, tokenizer: Any, source: Source, quant: str, force: bool, prompts: int,
-            new_tokens: int, lora: Path | None = None) -> dict[str, Any]:
+            new_tokens: int | None, lora: Path | None = None) -> dict[str, Any]:
     """Run the llama.cpp checks on ``gguf`` (with the ``lora`` adapter file) and judge them for ``quant``.
 
     Raises:
@@ -129,6 +130,7 @@ def verify_gguf(gguf: Path, model: Any, tokenizer: Any, source: Source, quant: s
         return {"runtime": None, "checked": False, "failed": ["not checked: llama-cpp-python is not installed"],
                 "forced": True}
     held = held_prompts(source, prompts)
+    new_tokens = new_tokens or held_new_tokens(source, held)
     from tunelab.generation import render_prompt
 
     longest = max(len(render_prompt(tokenizer, c)) for c in held.conversations)
@@ -151,7 +153,7 @@ def verify_gguf(gguf: Path, model: Any, tokenizer: Any, source: Source, quant: s
     return figures
 
 
-def _export_gguf(source: Source, tmp: Path, quant: str, force: bool, prompts: int, new_tokens: int) -> dict[str, Any]:
+def _export_gguf(source: Source, tmp: Path, quant: str, force: bool, prompts: int, new_tokens: int | None) -> dict[str, Any]:
     from tunelab.export.card import model_card
     from tunelab.export.gguf_model import write_gguf
     from tunelab.export.modelfile import modelfile_text

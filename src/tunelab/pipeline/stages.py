@@ -126,7 +126,7 @@ def _export(options: dict, out: Path, console: Console) -> dict[str, Any]:
     from tunelab.export import export_model
 
     report = export_model(options["from_"], options["format"], options["quant"], out, prompts=options["prompts"],
-                          new_tokens=options.get("max_new_tokens") or 32, force=options["force"])
+                          new_tokens=options.get("max_new_tokens"), force=options["force"])
     check = report.get("verification") or {}
     console.print(f"Exported {options['from_']} to {report['output']} ({report.get('file')}).")
     return {"file": report.get("file"), "greedy_agreement": check.get("greedy_agreement"),
