@@ -7,8 +7,9 @@ figure is about decoding, not answers) and saved in PEFT format with the base's 
   with ``set_adapter``), the way a script without a server would answer them;
 - served: the same requests sent by N client threads (the official ``openai`` client; at once, or one every
   ``--stagger`` seconds) to a live ``tunelab serve`` on 127.0.0.1, with each ``--batching`` mode: continuous
-  (requests join the running batch between decode steps, both adapters in one forward pass) and dynamic
-  (waiting requests batched per adapter, one ``generate`` call per batch).
+  (requests join the running batch between decode steps, both adapters in one forward pass), continuous-unmixed
+  (one adapter per batch, ``--no-mix-adapters``) and dynamic (waiting requests batched per adapter, one
+  ``generate`` call per batch).
 
 Both decode the same prompts greedily with the same ``max_tokens`` and stop at the end of the turn; the
 figure is generated tokens per second of wall time. Memory per extra adapter is its parameter bytes and
@@ -124,7 +125,8 @@ def served(base: str, adapters: list[Path], work, max_tokens: int, batching: str
         registry.load(f"a{i}", path)
     per_adapter_rss = (rss_mb() - after_first) / max(len(adapters) - 1, 1) if len(adapters) > 1 else after_first - before
     counts, latencies = [], []
-    app = create_app(registry, max_pending=len(work) + 8, max_batch_rows=len(work), batching=batching)
+    app = create_app(registry, max_pending=len(work) + 8, max_batch_rows=len(work), batching=batching.split("-")[0],
+                     mix_adapters=batching != "continuous-unmixed")
     with BackgroundServer(app) as url:
         def one(name, messages, delay=0.0):
             client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
@@ -157,7 +159,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--batching", default="continuous,dynamic", help="the server's batching modes to measure")
+    parser.add_argument("--batching", default="continuous,continuous-unmixed,dynamic",
+                        help="the server's batching modes to measure (continuous-unmixed: --no-mix-adapters)")
     parser.add_argument("--stagger", type=float, default=0.0, help="seconds between the clients' requests (0: all at once)")
     args = parser.parse_args()
     import torch

@@ -51,13 +51,14 @@ def registry(tiny_runs):
     return reg
 
 
-@pytest.fixture(scope="session")
-def server(registry):
-    """The URL of a live server for ``registry`` (one per session: the tests share it and leave it as they found it)."""
+@pytest.fixture(scope="session", params=["continuous", "dynamic"])
+def server(registry, request):
+    """The URL of a live server for ``registry``, once per batching mode (the tests share it and leave it as they
+    found it), so every API test runs against both schedulers."""
     from tunelab.serving.app import create_app
     from tunelab.serving.server import BackgroundServer
 
-    with BackgroundServer(create_app(registry, max_pending=256)) as url:
+    with BackgroundServer(create_app(registry, max_pending=256, batching=request.param)) as url:
         yield url
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from serving.conftest import PROMPTS
 from tunelab.generation import SamplingSettings, generate
 from tunelab.serving.continuous import ContinuousScheduler
@@ -29,8 +31,9 @@ def started(scheduler: ContinuousScheduler, steps: list[int]) -> ContinuousSched
     return scheduler
 
 
-def test_three_models_decode_in_one_batch_and_answer_as_eval_does(registry, eval_predictions):
-    scheduler, steps = ContinuousScheduler(registry), []
+@pytest.mark.parametrize("mix, first_batch", [(True, 12), (False, 4)])
+def test_three_models_answer_as_eval_does_mixed_in_one_batch_or_one_by_one(registry, eval_predictions, mix, first_batch):
+    scheduler, steps = ContinuousScheduler(registry, mix_adapters=mix), []
     jobs = [job(registry, model, [prompt]) for model in ("red", "blue", "tiny") for prompt in PROMPTS]
     for j in jobs:
         scheduler.submit(j)  # all waiting before the worker starts: admitted together
@@ -38,7 +41,7 @@ def test_three_models_decode_in_one_batch_and_answer_as_eval_does(registry, eval
     answers = [j.future.result(60)[0].text.strip() for j in jobs]
     scheduler.stop()
     assert answers == [a for model in ("red", "blue", "tiny") for a in eval_predictions[model]]
-    assert steps[0] == 12  # one forward pass held the rows of both adapters and the base
+    assert steps[0] == first_batch  # mixed: both adapters and the base in one forward pass; else one model's rows
     assert scheduler.depth == 0 and scheduler.batch is None
 
 
@@ -86,3 +89,22 @@ def test_a_streamed_row_sends_the_text_the_plain_answer_has(registry):
     assert streamed.future.result(60) == []
     scheduler.stop()
     assert "".join(pieces) == plain.future.result(1)[0].text and len(pieces) > 1
+
+
+def test_one_adapter_per_batch_lets_a_waiting_request_of_another_go_next(registry):
+    """Without mixing, a running batch stops taking newcomers once another adapter's request waits."""
+    steps: list[int] = []
+    scheduler = started(ContinuousScheduler(registry, mix_adapters=False), steps)
+    ended: list[str] = []
+    long = job(registry, "red", [PROMPTS[0]], max_new_tokens=40)
+    scheduler.submit(long)
+    while not steps:
+        time.sleep(0.01)
+    blue, red = job(registry, "blue", [PROMPTS[1]], max_new_tokens=3), job(registry, "red", [PROMPTS[2]], max_new_tokens=3)
+    for name, j in (("blue", blue), ("red", red)):
+        j.future.add_done_callback(lambda _, name=name: ended.append(name))
+        scheduler.submit(j)
+    red.future.result(60)
+    scheduler.stop()
+    assert ended == ["blue", "red"] and max(steps) == 1  # the second red request did not jump the blue one
+    assert blue.future.result()[0].text == alone(registry, "blue", PROMPTS[1], max_new_tokens=3)

@@ -28,7 +28,7 @@ def _run(*args: str, cwd: Path) -> str:
 def test_serving_bench_measures_both_batching_modes_against_one_at_a_time(tmp_path):
     report = json.loads(_run(str(REPO / "bench/bench_serving.py"), "--model", "tiny", "--requests", "4", "--max-tokens", "8",
                              cwd=tmp_path))
-    assert set(report["served"]) == {"continuous", "dynamic"} and report["sequential"]["tokens"] > 0
+    assert set(report["served"]) == {"continuous", "continuous-unmixed", "dynamic"} and report["sequential"]["tokens"] > 0
     assert all(s["tokens"] == report["sequential"]["tokens"] for s in report["served"].values())  # greedy: the same answers
 
 

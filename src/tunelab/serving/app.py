@@ -33,7 +33,7 @@ _DONE = object()
 
 
 def create_app(registry: Registry, *, api_key: str | None = None, max_pending: int = 64, max_batch_rows: int = 16,
-               default_max_tokens: int = 256, batching: str = "continuous"):
+               default_max_tokens: int = 256, batching: str = "continuous", mix_adapters: bool = True):
     """The FastAPI application serving ``registry``'s models.
 
     Args:
@@ -45,6 +45,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_pending: i
         batching: ``continuous`` (requests join and leave the running batch between decode steps, LoRA adapters
             of one base in one batch: ``serving.continuous``) or ``dynamic`` (whole ``generate`` calls per
             model: ``serving.scheduler``).
+        mix_adapters: With continuous batching, rows of different LoRA adapters of one base in one batch.
     """
     if batching not in ("continuous", "dynamic"):
         raise TunelabError(f"batching {batching!r}: use continuous or dynamic")
@@ -52,7 +53,8 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_pending: i
         from tunelab.serving.continuous import ContinuousScheduler as Scheduler
     else:
         from tunelab.serving.scheduler import Scheduler
-    scheduler = Scheduler(registry, max_pending=max_pending, max_batch_rows=max_batch_rows)
+    extra = {"mix_adapters": mix_adapters} if batching == "continuous" else {}
+    scheduler = Scheduler(registry, max_pending=max_pending, max_batch_rows=max_batch_rows, **extra)
     metrics = Metrics(lambda: scheduler.depth, registry.adapter_count)
     scheduler.on_batch = lambda rows, seconds: metrics.batch_rows.observe(rows)
 

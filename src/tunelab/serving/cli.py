@@ -63,6 +63,9 @@ def serve_command(
     batching: str = typer.Option("continuous", help="continuous (requests join and leave the batch between decode "
                                  "steps; LoRA adapters of one base decode together) or dynamic (one generate call per "
                                  "batch of requests for one model)"),
+    mix_adapters: bool = typer.Option(True, "--mix-adapters/--no-mix-adapters", help="continuous batching: decode "
+                                      "requests for different LoRA adapters of one base in one batch (peft's per-row "
+                                      "routing), or one adapter per batch"),
     watch: Optional[Path] = typer.Option(None, "--watch", help="a run being trained: serve each new checkpoint as NAME@step-N"),
 ) -> None:
     """Serve a base model and its adapters with OpenAI's API (chat, completions, models) on one base in memory.
@@ -86,7 +89,8 @@ def serve_command(
         registry = Registry(target, base_id=name)
         for adapter_name, path in adapters.items():
             registry.load(adapter_name, path)
-    app = create_app(registry, api_key=api_key, max_pending=max_pending, max_batch_rows=max_batch, batching=batching)
+    app = create_app(registry, api_key=api_key, max_pending=max_pending, max_batch_rows=max_batch, batching=batching,
+                     mix_adapters=mix_adapters)
     if watch is not None:
         from tunelab.serving.watch import CheckpointWatcher
 
