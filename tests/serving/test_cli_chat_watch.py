@@ -51,6 +51,17 @@ def test_serve_with_vllm_missing_is_a_friendly_error(tiny_runs, monkeypatch):
     assert result.exit_code == 2 and "pip install vllm" in result.output
 
 
+def test_an_unknown_batching_mode_is_refused_before_any_model_loads(monkeypatch):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+    from tunelab.serving import models
+
+    monkeypatch.setattr(models, "Registry", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = CliRunner().invoke(app, ["serve", "no-such-model", "--batching", "iterative"])
+    assert result.exit_code == 2 and "use continuous or dynamic" in result.output
+
+
 def test_the_terminal_chat_streams_answers_keeps_the_conversation_and_obeys_commands(tiny_runs, eval_predictions):
     from tunelab.evaluation.run import load_for_eval
     from tunelab.generation import SamplingSettings

@@ -80,15 +80,13 @@ def serve_command(
         return _serve_vllm(target, adapters, host, port, api_key, name)
     if engine != "tunelab":
         raise TunelabError(f"--engine {engine!r}: use tunelab or vllm")
+    if batching not in ("continuous", "dynamic"):  # before minutes of model loading
+        raise TunelabError(f"--batching {batching!r}: use continuous or dynamic")
     _need_serve_extra()
     from tunelab.serving.app import create_app
-    from tunelab.serving.models import Registry
     from tunelab.serving.server import run_server
 
-    with console.status("loading the base model and adapters ..."):
-        registry = Registry(target, base_id=name)
-        for adapter_name, path in adapters.items():
-            registry.load(adapter_name, path)
+    registry = _load_registry(target, adapters, name)
     app = create_app(registry, api_key=api_key, max_pending=max_pending, max_batch_rows=max_batch, batching=batching,
                      mix_adapters=mix_adapters)
     if watch is not None:
@@ -105,6 +103,16 @@ def serve_command(
     finally:
         if watch is not None:
             app.state.watcher.stop()
+
+
+def _load_registry(target: str, adapters: dict[str, str], name: str | None):
+    from tunelab.serving.models import Registry
+
+    with console.status("loading the base model and adapters ..."):
+        registry = Registry(target, base_id=name)
+        for adapter_name, path in adapters.items():
+            registry.load(adapter_name, path)
+    return registry
 
 
 def _serve_vllm(target: str, adapters: dict[str, str], host: str, port: int, api_key: str | None, name: str | None) -> None:

@@ -68,23 +68,23 @@ class Job:
         return {"phase": "training", "step": step, "total": total}
 
     def view(self) -> dict:
-        tail = ""
-        if self.log.is_file():  # the page polls this: read the last few KB only, however long the log grows
-            with self.log.open("rb") as f:
-                f.seek(max(f.seek(0, 2) - 3000, 0))
-                tail = f.read().decode("utf-8", errors="replace")
+        tail = file_tail(self.log, 3000)  # the page polls this: the last few KB only, however long the log grows
         return {"id": self.id, "config": self.config, "overrides": self.overrides, "output_dir": self.output_dir,
                 "status": self.status, "returncode": self.returncode, "log": tail, "progress": self.progress()}
 
 
+def file_tail(path: Path, size: int) -> str:
+    """The last ``size`` bytes of ``path`` as text ("" when there is no file)."""
+    if not path.is_file():
+        return ""
+    with path.open("rb") as f:
+        f.seek(max(f.seek(0, 2) - size, 0))
+        return f.read().decode("utf-8", errors="replace")
+
+
 def last_step(metrics: Path) -> int:
     """The step of the newest row of ``metrics.jsonl`` (0 before the first); reads only the file's end."""
-    if not metrics.is_file():
-        return 0
-    with metrics.open("rb") as f:
-        f.seek(max(f.seek(0, 2) - 4000, 0))
-        lines = f.read().decode("utf-8", errors="replace").splitlines()
-    for line in reversed(lines):
+    for line in reversed(file_tail(metrics, 4000).splitlines()):
         try:
             return int(json.loads(line)["step"])
         except (ValueError, KeyError, TypeError):
