@@ -89,7 +89,7 @@ class ContinuousScheduler(Scheduler):
     ``mix_adapters`` (the server's default): rows of different LoRA adapters of one base share a batch (peft's
     ``adapter_names``); a batch whose rows share one adapter still decodes with the plain forward. On the
     2-core CPU, 16 SmolLM2 requests over two adapters: 38.1 tok/s mixed against 34.9 one adapter per batch
-    (``bench/bench_serving.py``, bench/NOTES.md).
+    (``bench/bench_serving.py``, one run; repeats differ by ~10 %: bench/NOTES.md).
     """
 
     def __init__(self, *args, mix_adapters: bool = True, **kwargs):
