@@ -17,6 +17,17 @@ def test_builtin_probe_loads_and_user_probe_errors_name_the_line(tmp_path):
         load_probe(str(bad))
 
 
+def test_the_completion_probe_asks_the_same_facts_as_text_to_continue(tmp_path):
+    chat, completion = load_probe(True), load_probe("completion")
+    assert len(completion) == 40 and all("prompt" in i and "question" not in i for i in completion)
+    shared = {i["id"] for i in chat} & {i["id"] for i in completion}
+    assert len(shared) >= 30  # the same facts, where a fact reads as a sentence to finish
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({"id": "a", "question": "q?", "prompt": "p", "answers": ["x"]}) + "\n")
+    with pytest.raises(TunelabError, match=r"both.jsonl:1.*\"question\" \(a chat turn\) or \"prompt\""):
+        load_probe(str(both))
+
+
 def test_answers_match_as_whole_words_only():
     assert _accepted("The capital is Paris.", ["paris"])
     assert not _accepted("Parisian food", ["paris"])

@@ -9,13 +9,15 @@ from __future__ import annotations
 from tunelab.generation import SamplingSettings, generate
 
 
-def generate_answers(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
-    """Greedy answers to each conversation (a list of messages ending with a user turn).
+def generate_answers(model, tokenizer, conversations: list[list[dict] | str], *, max_new_tokens: int = 32,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy answers to each conversation (a list of messages ending with a user turn), or continuations of
+    rendered text (a string).
 
     Args:
         model: A causal LM (plain or PEFT-wrapped).
         tokenizer: The tokenizer whose chat template was used in training.
-        conversations: Message lists; the assistant reply is generated after the last message.
+        conversations: Message lists (the assistant reply is generated after the last message) or strings.
         max_new_tokens: Upper bound on the answer length.
         batch_size: Prompts per generate call.
     """

@@ -1,8 +1,10 @@
 """What a fine-tune learned and what it forgot: before/after task scores, in-context baselines, probe.
 
 A *probe* is a JSONL file of short general-skills questions with accepted answers
-(``{"id", "skill", "question", "answers"}``); an item counts as right when any accepted answer appears
-as a whole word in the reply. Retention is the share of items the untuned model got right that the
+(``{"id", "skill", "question", "answers"}``, asked as a chat turn), or of text to continue
+(``{"id", "skill", "prompt", "answers"}``, for a base model that was never taught to chat: the built-in
+``completion`` probe, chosen for a model without a chat template of its own); an item counts as right when any
+accepted answer appears as a whole word in the reply (a continuation: its first line). Retention is the share of items the untuned model got right that the
 tuned model still gets right; the items it lost are listed by id. Before and after are paired by item id
 (and question), never by position, so a probe file edited in between cannot pair different questions.
 No library measures forgetting, hence this module.
@@ -25,11 +27,16 @@ BUILTIN_PROBE = "general"
 PROBE_MAX_NEW_TOKENS = 16  # probe answers are a word or a number
 
 
+BUILTIN_PROBES = {"general": "general.jsonl", "completion": "completion.jsonl"}
+
+
 def load_probe(spec: bool | str) -> list[dict] | None:
-    """The probe items: ``True`` = the built-in general probe, a path = a user probe, ``False`` = none."""
+    """The probe items: ``True`` or ``"general"`` = the built-in chat probe, ``"completion"`` = the built-in
+    continuation probe, a path = a user probe, ``False`` = none."""
     if spec is False:
         return None
-    path = files("tunelab.evaluation.probes") / "general.jsonl" if spec is True else Path(str(spec))
+    builtin = BUILTIN_PROBES.get(BUILTIN_PROBE if spec is True else str(spec))
+    path = files("tunelab.evaluation.probes") / builtin if builtin else Path(str(spec))
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -40,9 +47,11 @@ def load_probe(spec: bool | str) -> list[dict] | None:
             continue
         try:
             item = json.loads(line)
-            assert isinstance(item.get("question"), str) and item["answers"] and all(isinstance(a, str) for a in item["answers"])
+            assert (isinstance(item.get("question"), str)) != (isinstance(item.get("prompt"), str))
+            assert item["answers"] and all(isinstance(a, str) for a in item["answers"])
         except (json.JSONDecodeError, AssertionError, AttributeError, KeyError, TypeError):
-            problems.append(f"{path}:{number}: expected {{\"id\", \"question\": str, \"answers\": [str, ...]}}")
+            problems.append(f"{path}:{number}: expected {{\"id\", \"question\" (a chat turn) or \"prompt\" (text to "
+                            "continue): str, \"answers\": [str, ...]}")
             continue
         item = {**item, "id": str(item.get("id", number))}
         if item["id"] in seen:  # before and after are paired by id
@@ -55,14 +64,17 @@ def load_probe(spec: bool | str) -> list[dict] | None:
 
 
 def probe_answers(loaded: LoadedModel, items: list[dict], batch_size: int = 16) -> list[dict]:
-    """Ask every probe question; returns per item ``{"id", "answer", "right"}``."""
+    """Ask every probe question (a continuation item: continue its text, first line only); returns per item
+    ``{"id", "question", "answer", "right"}``."""
     from tunelab.evaluation.generate import generate_answers
 
-    conversations = [[{"role": "user", "content": item["question"]}] for item in items]
-    answers = generate_answers(loaded.model, loaded.tokenizer, conversations, max_new_tokens=PROBE_MAX_NEW_TOKENS,
+    texts = [item.get("prompt") for item in items]  # continuation items, None for chat questions
+    prompts = [text if text is not None else [{"role": "user", "content": item["question"]}] for item, text in zip(items, texts)]
+    answers = generate_answers(loaded.model, loaded.tokenizer, prompts, max_new_tokens=PROBE_MAX_NEW_TOKENS,
                                batch_size=batch_size)
-    return [{"id": item["id"], "question": item["question"], "answer": answer, "right": _accepted(answer, item["answers"])}
-            for item, answer in zip(items, answers)]
+    answers = [answer if text is None else answer.split("\n")[0] for text, answer in zip(texts, answers)]
+    return [{"id": item["id"], "question": item.get("question", item.get("prompt")), "answer": answer,
+             "right": _accepted(answer, item["answers"])} for item, answer in zip(items, answers)]
 
 
 def _accepted(answer: str, accepted: list[str]) -> bool:
@@ -79,7 +91,7 @@ def retention(items: list[dict], before: list[dict], after: list[dict]) -> dict[
     Results are paired by item id; an id answered on one side only, or asked as a different question
     on the two sides (results that record their question), is not counted and is listed in ``unpaired``.
     """
-    questions = {item["id"]: item["question"] for item in items}
+    questions = {item["id"]: item.get("question", item.get("prompt")) for item in items}
     after_by_id = {record["id"]: record for record in after}
     pairs = [(b, after_by_id[b["id"]]) for b in before if b["id"] in after_by_id and _same_question(b, after_by_id[b["id"]])]
     paired = {b["id"] for b, _ in pairs}

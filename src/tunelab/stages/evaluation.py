@@ -13,6 +13,7 @@ scores are therefore always scored the same way.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -46,11 +47,26 @@ def check_eval_settings(config: RunConfig, examples: Examples | None = None) -> 
 
     if config.data.eval_files() or (examples is not None and examples.eval):
         score(config.eval.metric, [], [], **config.eval.metric_options())
-    load_probe(config.eval.probe)
+    load_probe(probe_spec(config))
     if config.eval.rag_documents and not Path(config.eval.rag_documents).is_dir():
         raise TunelabError(f"eval.rag_documents: {config.eval.rag_documents} is not a folder; give a folder of .txt/.md files")
     if config.eval.before_from and examples is not None:
         plan_before(config, examples, Path(config.output_dir))
+
+
+def probe_spec(config: RunConfig) -> bool | str:
+    """``eval.probe`` with ``true`` resolved: the built-in chat probe, or the continuation probe for a base model
+    that ships no chat template (it was never taught to answer a chat turn, so the chat probe would measure nothing)."""
+    if config.eval.probe is True and not ships_chat_template(config.model.path, config.model.trust_remote_code):
+        return "completion"
+    return config.eval.probe
+
+
+@functools.lru_cache(maxsize=8)
+def ships_chat_template(model: str, trust_remote_code: bool = False) -> bool:
+    from tunelab.models.load import load_tokenizer, resolve_model_path
+
+    return bool(load_tokenizer(resolve_model_path(model), trust_remote_code=trust_remote_code).chat_template)
 
 
 def _eval_examples(config: RunConfig, examples: Examples):
@@ -91,7 +107,7 @@ def eval_settings(config: RunConfig, examples: Examples) -> dict[str, Any]:
         if cfg.rag:
             corpus = data_fingerprint([cfg.rag_documents])[:16] if cfg.rag_documents else _messages_digest(examples.train)
             settings["rag"] = {"k": cfg.rag, "documents": cfg.rag_documents, "corpus_hash": corpus}
-    probe = load_probe(cfg.probe)
+    probe = load_probe(probe_spec(config))
     if probe:
         settings["probe"] = {"items": len(probe), "items_hash": _digest(probe), "max_new_tokens": PROBE_MAX_NEW_TOKENS}
     return json.loads(json.dumps(settings, default=str))  # as it reads back from a file (tuples become lists)
@@ -209,7 +225,7 @@ def evaluate_before(config: RunConfig, loaded: LoadedModel, examples: Examples, 
         source = config.eval.rag_documents or "train examples"
         result["rag"] = evaluate_task(loaded, retrieved, config.eval, f"untuned, RAG top-{config.eval.rag} from {source}")
     if "probe" in todo:
-        probe = load_probe(config.eval.probe)
+        probe = load_probe(probe_spec(config))
         console.print(f"Running the forgetting probe ({len(probe)} questions) on the untuned model ...")
         result["probe"] = probe_answers(loaded, probe, config.eval.batch_size)
     return result
@@ -245,7 +261,7 @@ def evaluate_after(config: RunConfig, loaded: LoadedModel, examples: Examples, b
     if task_examples:
         console.print(f"Evaluating the tuned model on {len(task_examples)} eval examples ...")
         report["tuned"] = evaluate_task(loaded, task_examples, config.eval, "tuned")
-    probe = load_probe(config.eval.probe)
+    probe = load_probe(probe_spec(config))
     if probe and "probe" in before:
         after = probe_answers(loaded, probe, config.eval.batch_size)
         report["forgetting"] = {**retention(probe, before["probe"], after), "before": before["probe"], "after": after}
