@@ -35,7 +35,7 @@ def run_demo(output_root: str = "runs", console: Console | None = None, override
         "model=smollm2-135m-instruct", "method.name=lora", "method.r=16", "method.alpha=32",
         f"data.train={data_dir / 'train.jsonl'}", f"data.eval={data_dir / 'test.jsonl'}", "data.max_length=256",
         "eval.metric=sql_exec", f"eval.db={database}", "eval.max_new_tokens=40", "eval.few_shot=2", "eval.batch_size=64",
-        "train.epochs=1", "train.batch_size=8", "train.lr=1e-3", "train.warmup_ratio=0.1", f"output_dir={run_dir}",
+        "train.defaults=fixed", "train.epochs=1", "train.batch_size=8", "train.lr=1e-3", "train.warmup_ratio=0.1", f"output_dir={run_dir}",
         *overrides,
     ])
     result = sft.main(config, console=console)

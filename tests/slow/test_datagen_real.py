@@ -52,7 +52,8 @@ def test_pairs_from_a_short_sql_runs_mistakes(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     db = build_database(tmp_path / "shop.sqlite")
     cfg = load_config(REPO / "configs/smollm2-135m-instruct/sft_lora_sql.yaml", [
-        f"output_dir={tmp_path / 'run'}", f"eval.db={db}", "train.max_steps=6", "eval.before=false", "eval.few_shot=0",
+        f"output_dir={tmp_path / 'run'}", f"eval.db={db}", "train.max_steps=6", "train.defaults=fixed", "train.lr=1e-3",
+        "eval.before=false", "eval.few_shot=0",
         "eval.probe=false", "eval.limit=2"])
     run = sft.main(cfg).run_dir
     refused = CliRunner().invoke(app, ["data", "preferences", "--model", str(run), "--data", str(SQL / "test.jsonl"),

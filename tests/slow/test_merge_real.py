@@ -16,7 +16,7 @@ from tunelab.recipes import sft
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs/smollm2-135m-instruct"
-SHORT = ["train.max_steps=8", "train.lr=1e-3", "train.warmup_ratio=0", "train.save_every=null", "train.eval_every=null",
+SHORT = ["train.defaults=fixed", "train.max_steps=8", "train.lr=1e-3", "train.warmup_ratio=0", "train.save_every=null", "train.eval_every=null",
          "eval.limit=6", "eval.few_shot=0", "eval.batch_size=16"]
 PROBE = 12
 

@@ -39,7 +39,7 @@ def test_lora_on_embedded_model_learns_and_loads_with_peft(tmp_path, monkeypatch
     from tunelab.evaluation.generate import generate_answers
 
     monkeypatch.chdir(REPO)
-    cfg = load_config(CONFIG, [f"output_dir={tmp_path / 'run'}", "train.max_steps=10", "train.lr=1e-3", "train.warmup_ratio=0",
+    cfg = load_config(CONFIG, [f"output_dir={tmp_path / 'run'}", "train.max_steps=10", "train.lr=1e-3", "train.warmup_ratio=0", "train.defaults=fixed",
                                "train.save_every=5", "train.eval_every=10", "eval.limit=4", "eval.probe=false", "eval.few_shot=0"])
     result = sft.main(cfg)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -101,6 +101,7 @@ def test_sql_before_after_with_independent_rescoring(alias, extra, tmp_path, mon
     probe.write_text("\n".join((REPO / "src/tunelab/evaluation/probes/general.jsonl").read_text().splitlines()[:6]) + "\n")
     cfg = load_config(SQL_CONFIG, [
         f"model={alias}", f"output_dir={tmp_path / 'run'}", f"eval.db={db}", "train.max_steps=8", "eval.limit=8",
+        "train.defaults=fixed", "train.lr=1e-3",
         "eval.few_shot=1", f"eval.probe={probe}", *extra])
     result = sft.main(cfg)
     check_sql_run(result.run_dir, result.artifact_dir, db, cfg.eval.max_new_tokens, probe_items=6)
@@ -114,7 +115,7 @@ def test_compare_sweep_on_embedded_model(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     db = build_database(tmp_path / "shop.sqlite")
     sweep = run_compare(REPO / "configs/smollm2-135m-instruct/sft_lora_sql.yaml",
-                        [f"eval.db={db}", "eval.limit=6", "eval.probe=false", "train.max_steps=3", "eval.batch_size=16",
+                        [f"eval.db={db}", "eval.limit=6", "eval.probe=false", "train.max_steps=3", "eval.batch_size=16", "train.defaults=fixed",
                          f"output_dir={tmp_path / 'run'}"],
                         parse_candidates("zero_shot,rag,ia3"), tmp_path / "sweep")
     report = json.loads((sweep / "report.json").read_text())

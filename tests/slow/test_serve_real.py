@@ -27,7 +27,7 @@ def test_a_served_smollm2_adapter_answers_as_evaluation_predicts(tmp_path, monke
     from tunelab.serving.server import BackgroundServer
 
     monkeypatch.chdir(REPO)
-    cfg = load_config(CONFIG, [f"output_dir={tmp_path / 'run'}", "train.max_steps=6", "train.lr=1e-3", "train.warmup_ratio=0",
+    cfg = load_config(CONFIG, [f"output_dir={tmp_path / 'run'}", "train.max_steps=6", "train.lr=1e-3", "train.defaults=fixed", "train.warmup_ratio=0",
                                "eval.limit=6", "eval.probe=false", "eval.few_shot=0", "eval.before=false"])
     run = sft.main(cfg).run_dir
     report = json.loads((run / "eval.json").read_text())

@@ -67,7 +67,7 @@ def test_config_hash_ignores_bookkeeping_keys(tmp_path):
 
 def test_learning_rate_defaults_to_the_methods_recommendation(tmp_path):
     path = write(tmp_path, "data: {train: t.jsonl}\n")
-    assert load_config(path).train.lr == 1e-3  # lora
+    assert load_config(path).train.lr == 2e-4  # lora
     assert load_config(path, ["method.name=full"]).train.lr == 5e-5
     assert load_config(path, ["method.name=prompt"]).train.lr == 3e-2
     assert load_config(path, ["method.name=full", "train.lr=1e-5"]).train.lr == 1e-5

@@ -39,6 +39,7 @@ from tunelab.atomic import write_text_atomic
 from tunelab.compare.report import CandidateResult, write_report
 from tunelab.config import load_config
 from tunelab.config.load import resolved_dict
+from tunelab.stages.defaults import unset_keys
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import get_method, method_names
@@ -245,6 +246,9 @@ def candidate_tree(config: RunConfig, name: str, run_dir: Path, before_path: Pat
     tree["method"] = {"name": name, **carried}
     if base_method["name"] != name:
         tree["train"]["lr"] = method.default_lr
+    for key in unset_keys(config):  # left to the data-chosen defaults: each candidate chooses its own
+        section, option = key.split(".")
+        tree[section].pop(option, None)
     for feature in method.incompatible:  # run features the method refuses ("packing", ...) are train.* keys
         tree["train"][feature] = False
     tree["output_dir"] = str(run_dir)
@@ -292,10 +296,14 @@ def _check_same_candidate(run_dir: Path, manifest: dict, tree: dict) -> None:
     """A candidate already in the sweep directory must have been made from the same config."""
     from tunelab.config.load import config_differences, config_hash
 
-    resolved = resolved_dict(RunConfig.model_validate(tree))
+    resolved, recorded = resolved_dict(RunConfig.model_validate(tree)), read_run_config(run_dir)
+    for key in manifest.get("defaults_chosen", {}):  # left to the data: the run's choice, as its config.yaml holds it
+        section, option = key.split(".")
+        if option in (recorded.get(section) or {}):
+            resolved[section][option] = recorded[section][option]
     if manifest.get("config_hash") == config_hash(resolved):
         return
-    differences = "; ".join(config_differences(read_run_config(run_dir), resolved)[:5]) or "config hash differs"
+    differences = "; ".join(config_differences(recorded, resolved)[:5]) or "config hash differs"
     raise TunelabError(f"{run_dir} was trained with a different config ({differences}); this sweep directory belongs to "
                        "another comparison: pass a new --out, or delete that candidate to retrain it")
 

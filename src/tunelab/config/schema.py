@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -83,13 +83,16 @@ class TrainSource(_Section):
 # ``data.replay: {path: general}``: 58 general instructions (none of them a forgetting-probe item) answered by the
 # embedded SmolLM2-135M-Instruct itself, greedily (``tunelab data generate``; provenance in each record's meta)
 GENERAL_REPLAY = Path(__file__).resolve().parents[1] / "examples" / "general" / "replay_smollm2.jsonl"
+GENERAL_PROMPTS = GENERAL_REPLAY.parent / "prompts.jsonl"
+SELF_REPLAY = "self"  # ``data.replay: {path: self}``: the tuned model's own answers to GENERAL_PROMPTS (stages.replay)
 
 
 class Replay(_Section):
     """``data.replay``: general data mixed into every epoch to limit forgetting."""
 
-    path: str = Field(description="a data file (any format data.train reads), or 'general': general instructions answered "
-                                  "by the embedded SmolLM2-135M-Instruct (its own behaviour, replayed)")
+    path: str = Field(description="a data file (any format data.train reads); 'general': general instructions answered "
+                                  "by the embedded SmolLM2-135M-Instruct (its own behaviour, replayed); 'self': the same "
+                                  "instructions answered by the model being tuned, before tuning (generated once, cached)")
     ratio: float = Field(0.1, gt=0, lt=1, description="the replayed share of each epoch's examples")
 
     _path = field_validator("path", mode="before")(lambda v: str(GENERAL_REPLAY) if v == "general" else _expand_user(v))
@@ -113,9 +116,10 @@ class DataConfig(_Section):
     train: str | list[str | TrainSource]
     replay: Replay | None = None
     eval: str | list[str] | None = None
-    validation: float | int | None = Field(None, gt=0, description="without data.eval: hold out this many train "
-                                           "examples (an integer) or this share of them (a number below 1) as the eval "
-                                           "data, drawn by train.seed; they are then not trained on")
+    validation: float | int | None = Field(None, gt=0, description="hold out this many train examples (an integer) or "
+                                           "this share of them (a number below 1), drawn by train.seed and never "
+                                           "trained on, for the validation loss (keep_best, early_stopping); without "
+                                           "data.eval the task evaluation uses them too. A replay is never held out")
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "raw", "fim"] = "auto"
     fim: FimConfig | None = None
     template: RawTemplate | None = None
@@ -162,8 +166,13 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """The optimisation loop."""
+    """The optimisation loop. Under ``defaults: data`` (sft), epochs, lr, warmup_ratio and batch_size left unset are
+    chosen from the data at the start of a run (``tunelab.training.defaults``); the values below are the fixed ones."""
 
+    defaults: Literal["data", "fixed"] = Field("data", description="data: choose epochs, lr, warmup, batch, LoRA rank "
+                                               "and a validation slice the config leaves unset from the examples, their "
+                                               "trained tokens and the model's width (printed at the start, recorded in "
+                                               "config.yaml); fixed: the fixed defaults")
     epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
     max_seconds: float | None = Field(None, gt=0, description="stop after this many seconds of optimizer steps (summed "
@@ -195,6 +204,15 @@ class TrainConfig(_Section):
     packing: bool = Field(False, description="concatenate each micro-batch's examples into rows without padding "
                           "(one row with flash-attention, rows no longer than the longest example otherwise; attention "
                           "never crosses examples; same loss, less wasted compute when lengths vary)")
+    _given: frozenset[str] = PrivateAttr(frozenset())
+
+    def model_post_init(self, context: Any) -> None:
+        # The keys the config itself set (lr: None means unset), before anything fills in a default.
+        self._given = frozenset(k for k in self.model_fields_set if not (k == "lr" and self.lr is None))
+
+    def given(self) -> frozenset[str]:
+        """The keys the config set (not those a default filled in later, like the method's rate)."""
+        return self._given
 
 
 class DistributedConfig(_Section):
@@ -241,7 +259,9 @@ class EvalConfig(BaseModel):
     rag_documents: str | None = Field(None, description="folder of .txt/.md files to retrieve from; default: the train examples")
     before_from: str | None = Field(None, description="reuse the untuned model's results from this eval_before.json "
                                      "(tunelab compare shares one between its candidates)")
-    probe: bool | str = Field(True, description="forgetting probe: true = built-in general probe, a JSONL path, or false")
+    probe: bool | str = Field(True, description="forgetting probe: true = the built-in one (40 chat questions; for a "
+                              "model without a chat template of its own, the same 40 facts as text to continue), "
+                              "general or completion to pick one, a JSONL path, or false")
     limit: int | None = Field(None, gt=0, description="evaluate only the first N eval examples")
 
     _paths = field_validator("db", "probe", "rag_documents", "before_from", mode="before")(lambda v: _expand_user(v))
@@ -280,9 +300,6 @@ class RunConfig(_Section):
         if wants and not (data.eval_files() or data.validation):
             raise ValueError(f"{' and '.join(wants)} need validation data: set data.eval, or data.validation "
                              "(e.g. 0.1) to hold out a share of the train examples")
-        if data.validation and data.mixture() is not None:
-            raise ValueError("data.validation holds out examples of one train set; with a weighted mixture or a replay, "
-                             "give data.eval instead")
         if isinstance(data.validation, float) and data.validation >= 1:
             raise ValueError(f"data.validation: {data.validation} is a share (below 1) or a count (an integer)")
         return self

@@ -99,7 +99,7 @@ class LoRA(PeftMethod):
     name = "lora"
     options_class = LoraOptions
     mergeable = True
-    default_lr = 1e-3
+    default_lr = 2e-4
 
     def peft_config(self, model: nn.Module, options: LoraOptions):
         return lora_config(options)

@@ -42,7 +42,7 @@ class QLoRA(PeftMethod):
     name = "qlora"
     options_class = QLoraOptions
     mergeable = False  # merging into quantized weights loses the update's precision
-    default_lr = 1e-3
+    default_lr = 2e-4
 
     def base_load_kwargs(self, options: QLoraOptions) -> dict:
         try:

@@ -23,11 +23,18 @@ class DataProfile:
 
 
 def profile_data(config: RunConfig) -> DataProfile:
-    """Tokenise the training data with the model's tokenizer (no weights) and measure its micro-batches."""
+    """Tokenise the training data with the model's tokenizer (no weights) and measure its micro-batches; an sft
+    config first gets the defaults the run would choose from the data (printed, and set on ``config``)."""
+    from rich.console import Console
+
+    from tunelab.stages.defaults import choose_defaults
     from tunelab.stages.setup import load_prepared_tokenizer, read_examples, tokenize
 
-    _, tokenizer, added = load_prepared_tokenizer(config)
-    return profile_examples(config, tokenize(config, tokenizer, read_examples(config), added).train)
+    model_path, tokenizer, added = load_prepared_tokenizer(config)
+    examples = read_examples(config)
+    if config.recipe.name == "sft":
+        examples, _ = choose_defaults(config, examples, tokenizer, model_path, Console(stderr=True))
+    return profile_examples(config, tokenize(config, tokenizer, examples, added).train)
 
 
 def profile_examples(config: RunConfig, data: list) -> DataProfile:

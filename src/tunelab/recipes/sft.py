@@ -18,9 +18,11 @@ from tunelab.data.packing import collator
 from tunelab.evaluation.run import LoadedModel
 from tunelab.evaluation.summary import eval_summary
 from tunelab.recipes import Recipe, TrainResult, register_recipe
+from tunelab.stages.defaults import choose_defaults
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, load_base
 from tunelab.stages.optimize import save_state
+from tunelab.stages.replay import resolve_self_replay
 from tunelab.stages.run import finish_run
 from tunelab.stages.setup import load_prepared_tokenizer, read_examples, tokenize
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, nothing_to_do, prepare_training,
@@ -41,9 +43,11 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     """Run supervised fine-tuning as configured; see the README for the run-directory layout."""
     console = console or Console(stderr=True)
     # 1. Validate everything cheap before anything expensive: records, run directory, settings, method.
+    resolve_self_replay(config, console)  # data.replay self: the untuned model's answers to general prompts
     examples = read_examples(config)
-    env = check_environment(config, resume=resume, force=force, task=examples)
     model_path, tokenizer, added = load_prepared_tokenizer(config)
+    examples, chosen = choose_defaults(config, examples, tokenizer, model_path, console)  # what the config left unset
+    env = check_environment(config, resume=resume, force=force, task=examples)
     check_method_fits(config, added)
 
     # 2. Tokenized data; the untuned model and its evaluation; the method, optimizer and checkpoint.
@@ -57,8 +61,9 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         return nothing_to_do(env, tuned.method.artifact, opt.start_step, console)
 
     # 3. The run directory describes itself from the start.
-    what = (f"{len(data.train)} train / {len(data.eval)} eval examples, {data.train_stats.trained_tokens:,} trained tokens")
-    manifest = begin_training_run(config, env, tuned, opt, model_path, console, what)
+    held = f"{len(examples.validation)} held-out validation" if examples.validation else f"{len(data.eval)} eval"
+    what = f"{len(data.train)} train / {held} examples, {data.train_stats.trained_tokens:,} trained tokens"
+    manifest = begin_training_run(config, env, tuned, opt, model_path, console, what, chosen)
     save_before(env.run_dir, before)
 
     # 4. Train (resumable), then save the artifact with the tokenizer and its chat template.

@@ -20,7 +20,8 @@ from tunelab.models.load import load_model, load_tokenizer, resolve_model_path
 @dataclass
 class Examples:
     train: list[Example]
-    eval: list[Example] = field(default_factory=list)
+    eval: list[Example] = field(default_factory=list)  # the task evaluation's examples (data.eval, else the validation)
+    validation: list[Example] = field(default_factory=list)  # held out of data.train for the validation loss
 
 
 @dataclass
@@ -51,23 +52,34 @@ def read_examples(config: RunConfig) -> Examples:
             problems += err.problems
     if problems:
         raise DataError(problems, what=", ".join(data.train_files() + data.eval_files()))
-    if data.validation and not evals:
-        train, evals = hold_out(train, data.validation, config.train.seed)
-    return Examples(train=train, eval=evals)
+    return split_validation(config, Examples(train=train, eval=evals))
 
 
-def hold_out(examples: list[Example], validation: float | int, seed: int) -> tuple[list[Example], list[Example]]:
-    """``(train, held)``: ``validation`` examples (a count, or a share below 1) drawn by ``seed``, each side in file
-    order; at least one example stays on each side.
+def split_validation(config: RunConfig, examples: Examples) -> Examples:
+    """With ``data.validation``, hold that slice of the train examples out (never a replayed one): it is the
+    validation data, and the task evaluation's too when there is no ``data.eval``."""
+    if not config.data.validation or examples.validation:
+        return examples
+    replay = config.data.replay.path if config.data.replay else None
+    train, held = hold_out(examples.train, config.data.validation, config.train.seed,
+                           eligible=lambda e: replay is None or not e.source.startswith(f"{replay}:"))
+    return Examples(train=train, eval=examples.eval or held, validation=held)
+
+
+def hold_out(examples: list[Example], validation: float | int, seed: int,
+             eligible=lambda example: True) -> tuple[list[Example], list[Example]]:
+    """``(train, held)``: ``validation`` examples (a count, or a share below 1 of the eligible ones) drawn by
+    ``seed`` among the ``eligible`` ones, each side in file order; at least one example stays on each side.
 
     Raises:
         TunelabError: Too few examples to hold any out.
     """
-    if len(examples) < 2:
-        raise TunelabError(f"data.validation: {len(examples)} train example(s) is too few to hold any out; give data.eval")
-    n = validation if isinstance(validation, int) else round(validation * len(examples))
-    n = min(max(n, 1), len(examples) - 1)
-    held = set(random.Random(seed).sample(range(len(examples)), n))
+    pool = [i for i, e in enumerate(examples) if eligible(e)]
+    if len(pool) < 2:
+        raise TunelabError(f"data.validation: {len(pool)} train example(s) is too few to hold any out; give data.eval")
+    n = validation if isinstance(validation, int) else round(validation * len(pool))
+    n = min(max(n, 1), len(pool) - 1)
+    held = set(random.Random(seed).sample(pool, n))
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
@@ -117,8 +129,8 @@ def tokenize(config: RunConfig, tokenizer, examples: Examples, added_tokens: lis
             what="data.train",
         )
     evals, eval_stats = ([], None)
-    if examples.eval:
-        evals, eval_stats, _ = cached_tokenize(examples.eval, tokenizer, **kwargs)
+    if examples.validation or examples.eval:  # the validation loss's examples
+        evals, eval_stats, _ = cached_tokenize(examples.validation or examples.eval, tokenizer, **kwargs)
     return TokenizedData(train, train_stats, evals, eval_stats, added_tokens)
 
 

@@ -114,8 +114,9 @@ def already_finished(env: Environment, opt: Optimization) -> bool:
 
 
 def begin_training_run(config: RunConfig, env: Environment, tuned: TunedModel, opt: Optimization, model_path: str,
-                       console: Console, what: str) -> dict[str, Any]:
-    """Print what is about to train (one line, also in a sweep's log) and write config.yaml and the manifest."""
+                       console: Console, what: str, chosen: list | None = None) -> dict[str, Any]:
+    """Print what is about to train (one line, also in a sweep's log) and write config.yaml and the manifest (with
+    the ``chosen`` data defaults, ``tunelab.training.defaults.Choice``, and why)."""
     n_trainable, n_total = count_parameters(tuned.model)
     console.print(f"[bold]{config.method.name}[/] on {config.model.path}: {n_trainable:,} trainable of {n_total:,} parameters "
                   f"({100 * n_trainable / n_total:.3f}%); {what}; device {env.accelerator.device}, precision {env.precision}",
@@ -124,6 +125,7 @@ def begin_training_run(config: RunConfig, env: Environment, tuned: TunedModel, o
                      method=config.method.name, precision=precision_name(env.accelerator), device=str(env.accelerator.device),
                      device_kind=env.accelerator.device.type, trainable_parameters=n_trainable, total_parameters=n_total, total_steps=opt.plan.total,
                      artifact=tuned.method.artifact, checkpointed_blocks=tuned.checkpointed_blocks,
+                     **({"defaults_chosen": {c.key: {"value": c.value, "why": c.why} for c in chosen}} if chosen else {}),
                      **({"parent": parent.record()} if (parent := read_parent(config)) else {}))
 
 
@@ -180,8 +182,9 @@ def train_and_save(config: RunConfig, env: Environment, opt: Optimization, tuned
     if opt.best is not None:
         costs.update(opt.best.record())
         if (step := opt.best.restore(opt.params)) is not None:
+            last = "the last step" if step == reporter.done else f"not step {reporter.done}'s"
             console.print(f"train.keep_best: the artifact holds step {step}'s weights (eval_loss {costs['best_eval_loss']:.4f}, "
-                          f"the lowest of {costs['validations']} validations), not step {reporter.done}'s.")
+                          f"the lowest of {costs['validations']} validations), {last}.")
     if reporter.done < opt.plan.total and "stopped_by" not in costs:
         costs["stopped_by"] = "max_seconds"
         console.print(f"train.max_seconds={config.train.max_seconds:g} reached after {reporter.done} of {opt.plan.total} steps.")

@@ -1,0 +1,75 @@
+"""Apply the data-chosen defaults (``tunelab.training.defaults``) to a run's config once its examples are read.
+
+The rule is a pure function of plain facts; this stage gathers the facts (examples, trained tokens, the model's
+width, the method's rate), writes the chosen values into the config, so that ``config.yaml``, the config hash and
+a resume all see them, and prints why. A resumed run reads the same data and chooses the same values.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from tunelab.config.schema import Replay, RunConfig
+from tunelab.data.token_cache import cached_tokenize
+from tunelab.stages.replay import resolve_self_replay
+from tunelab.stages.setup import Examples, read_examples, split_validation
+from tunelab.training.defaults import KEYS, Choice, DataFacts, choose, describe
+
+
+def unset_keys(config: RunConfig) -> frozenset[str]:
+    """The keys of the rule the config leaves to it (none under ``train.defaults: fixed``)."""
+    if config.train.defaults == "fixed":
+        return frozenset()
+    given = ({f"train.{k}" for k in config.train.given()} | {f"data.{k}" for k in config.data.model_fields_set}
+             | {f"method.{k}" for k in config.method.options()})
+    return frozenset(key for key in KEYS if key not in given)
+
+
+def choose_defaults(config: RunConfig, examples: Examples, tokenizer, model_path: str,
+                    console: Console) -> tuple[Examples, list[Choice]]:
+    """Fill the unset keys from the data (printed); returns the examples (with the validation slice held out
+    when one was chosen) and the choices, for the manifest."""
+    from tunelab.methods import get_method
+
+    unset = unset_keys(config)
+    if not unset:
+        return examples, []
+    method = get_method(config.method.name)
+    replay = config.data.replay.path if config.data.replay else None
+    task = [e for e in examples.train if replay is None or not e.source.startswith(f"{replay}:")]
+    data = config.data
+    _, stats, _ = cached_tokenize(task, tokenizer, loss_on=data.loss_on, max_length=data.max_length, too_long=data.too_long)
+    t = config.train
+    facts = DataFacts(examples=len(task), trained_tokens=stats.trained_tokens, hidden_size=model_width(model_path),
+                      method_lr=method.default_lr, has_rank="r" in method.options_class.model_fields,
+                      batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs, max_steps=t.max_steps,
+                      replay_ratio=config.data.replay.ratio if config.data.replay else None)
+    choices = choose(facts, unset)
+    for choice in choices:
+        section, key = choice.key.split(".")
+        if section == "method":
+            setattr(config.method, key, choice.value)  # an extra key: the method's options read it
+        elif choice.key == "data.replay":
+            config.data.replay = Replay(**choice.value)
+        else:
+            setattr(getattr(config, section), key, choice.value)
+    if choices:
+        console.print(f"Defaults from the data ({facts.examples} examples, {facts.trained_tokens:,} trained tokens, "
+                      f"width {facts.hidden_size}; set a key to keep your own value, train.defaults=fixed for none):\n  "
+                      + "\n  ".join(describe(choices)), soft_wrap=True, highlight=False)
+    if any(c.key == "data.replay" for c in choices):
+        resolve_self_replay(config, console)
+        examples = read_examples(config)  # the task's examples again, with the replay's
+    return split_validation(config, examples), choices
+
+
+def model_width(model_path: str) -> int | None:
+    """The model's hidden size, read from its config (no weights loaded); None when it has none."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return getattr(text, "hidden_size", None)

@@ -1,0 +1,67 @@
+"""``data.replay: {path: self}``: general prompts answered by the model about to be tuned, as its replay data.
+
+Mixing the untuned model's own answers to general instructions into every epoch (sequence-level
+self-distillation) pulls the tuned model back to its behaviour outside the task: without it a task whose
+answers are one word or one JSON object teaches the model to answer everything that way (bench/NOTES.md).
+The embedded SmolLM2's answers ship as ``general``; ``self`` makes them for whatever model the config names,
+once: greedy answers to ``examples/general/prompts.jsonl`` (none of them a probe item), answers cut off at the
+token limit left out, cached under the tunelab cache by the model's files and the prompts. Generation is
+``tunelab data generate``'s (``tunelab.datagen``); this stage only decides when and where.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from rich.console import Console
+
+from tunelab.config.schema import GENERAL_PROMPTS, SELF_REPLAY, RunConfig
+
+MAX_NEW_TOKENS = 96  # as the shipped SmolLM2 set was made
+
+
+def resolve_self_replay(config: RunConfig, console: Console) -> None:
+    """Point ``data.replay.path: self`` at the model's own answers, generating them the first time."""
+    replay = config.data.replay
+    if replay is None or replay.path != SELF_REPLAY:
+        return
+    from tunelab.models.embedded import cache_root
+    from tunelab.models.load import resolve_model_path
+
+    model_path = resolve_model_path(config.model.path)
+    path = cache_root() / "replay" / f"{_model_key(model_path)}.jsonl"
+    if not path.exists():
+        _generate(config.model.path, path, console)
+    replay.path = str(path)
+
+
+def _model_key(model_path: str) -> str:
+    """The model's files (names, sizes, modification times) and the prompts: a changed model answers again."""
+    digest = hashlib.sha256(Path(GENERAL_PROMPTS).read_bytes())
+    directory = Path(model_path)
+    for file in sorted(directory.iterdir()) if directory.is_dir() else [directory]:
+        if file.is_file():
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"{directory.name}-{digest.hexdigest()[:16]}"
+
+
+def _generate(model: str, path: Path, console: Console) -> None:
+    from tunelab.datagen.generate import generate_sft, load_teacher, write_jsonl
+    from tunelab.datagen.prompts import read_prompts
+    from tunelab.generation import SamplingSettings
+
+    prompts = read_prompts(str(GENERAL_PROMPTS))
+    console.print(f"data.replay self: {model} answers {len(prompts)} general prompts (once; cached in {path}) ...")
+    teacher = load_teacher(model)
+    records, summary = generate_sft(teacher, prompts, SamplingSettings(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS))
+    if not records:
+        from tunelab.errors import TunelabError
+
+        raise TunelabError(f"data.replay self: {model} gave no complete answer to the {len(prompts)} general prompts; "
+                           "give data.replay a file of general examples instead")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(path, records)
+    console.print(f"data.replay self: {summary.n_written} answers kept ({len(summary.truncated)} cut off at "
+                  f"{MAX_NEW_TOKENS} tokens left out) in {summary.seconds:.0f} s")
