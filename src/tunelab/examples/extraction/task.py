@@ -20,7 +20,7 @@ import json
 import random
 from pathlib import Path
 
-from tunelab.atomic import write_text_atomic
+from tunelab.examples.splits import write_jsonl_splits
 
 HERE = Path(__file__).parent
 FIELDS = ("customer", "city", "product", "quantity", "express", "day")
@@ -100,13 +100,7 @@ def make_splits(n_train: int = 300, n_test: int = 60, seed: int = 0) -> tuple[li
 
 def write_splits(directory: str | Path = HERE, n_train: int = 300, n_test: int = 60, seed: int = 0) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``test.jsonl`` into ``directory`` (each atomically)."""
-    directory = Path(directory)
-    paths = []
-    for name, rows in zip(("train", "test"), make_splits(n_train, n_test, seed)):
-        path = directory / f"{name}.jsonl"
-        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        paths.append(path)
-    return paths[0], paths[1]
+    return write_jsonl_splits(directory, *make_splits(n_train, n_test, seed))
 
 
 if __name__ == "__main__":

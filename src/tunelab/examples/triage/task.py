@@ -43,7 +43,7 @@ import json
 import random
 from pathlib import Path
 
-from tunelab.atomic import write_text_atomic
+from tunelab.examples.splits import write_jsonl_splits
 
 HERE = Path(__file__).parent
 
@@ -273,18 +273,9 @@ def label_of(record: dict) -> str:
     return record["messages"][-1]["content"]
 
 
-def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
 def write_splits(directory: str | Path = HERE, n_train: int = 300, n_test: int = 60, seed: int = 0) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``test.jsonl`` into ``directory`` (atomically); return their paths."""
-    directory = Path(directory)
-    train, test = make_splits(n_train, n_test, seed)
-    paths = (directory / "train.jsonl", directory / "test.jsonl")
-    for path, records in zip(paths, (train, test)):
-        write_text_atomic(path, _jsonl(records))
-    return paths
+    return write_jsonl_splits(directory, *make_splits(n_train, n_test, seed))
 
 
 if __name__ == "__main__":
