@@ -113,3 +113,21 @@ def test_each_source_logs_its_own_loss(make_config, sources, tmp_path):
         mixed = sum(record[f"loss/{n}"] * tokens[n] for n in present) / record["trained_tokens"]
         assert mixed == pytest.approx(record["loss"], rel=1e-5)  # the sources' losses make up the step's loss
     assert any(len([n for n in names if r[f"tokens/{n}"]]) > 1 for r in steps)  # micro-batches that mix sources were split
+
+
+def test_replay_kl_pulls_the_replayed_answers_toward_the_untuned_model(make_config, sources, tmp_path):
+    """kl 1: the replayed examples' loss is the KL from the untuned model alone, 0 at the first step (LoRA starts at
+    the untuned model) and above 0 once the task has moved the model; the task's sources keep their cross-entropy."""
+    import json
+
+    def steps(kl: float, name: str) -> list[dict]:
+        over = [f"data.train=[{sources['a']}]", f"data.replay={{path: {sources['g']}, ratio: 0.5, kl: {kl}}}",
+                f"output_dir={tmp_path / name}", "train.max_steps=4", "train.batch_size=8", "train.lr=5e-2", "eval.before=false"]
+        done = sft.main(make_config(*over))
+        return [r for r in map(json.loads, (done.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r and "step" in r]
+
+    kl, ce = steps(1.0, "kl"), steps(0.0, "ce")
+    assert kl[0]["tokens/replay"] and kl[0]["loss/replay"] == pytest.approx(0.0, abs=1e-5)
+    assert ce[0]["loss/replay"] > 1.0  # the same first batch scored by cross-entropy
+    assert kl[0]["loss/a"] == pytest.approx(ce[0]["loss/a"], rel=1e-5)  # the task's loss is the same
+    assert max(r["loss/replay"] for r in kl[1:] if r["tokens/replay"]) > 1e-3  # the task moved the model; KL pulls back

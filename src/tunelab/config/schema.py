@@ -94,6 +94,9 @@ class Replay(_Section):
                                   "by the embedded SmolLM2-135M-Instruct (its own behaviour, replayed); 'self': the same "
                                   "instructions answered by the model being tuned, before tuning (generated once, cached)")
     ratio: float = Field(0.1, gt=0, lt=1, description="the replayed share of each epoch's examples")
+    kl: float = Field(0.0, ge=0, le=1, description="on the replayed answers, this share of the loss is the KL divergence "
+                                                 "from the untuned model's next-token distributions (the rest their "
+                                                 "cross-entropy); above 0 a frozen copy of the untuned model is kept")
 
     _path = field_validator("path", mode="before")(lambda v: str(GENERAL_REPLAY) if v == "general" else _expand_user(v))
 

@@ -22,7 +22,7 @@ from tunelab.stages.defaults import choose_defaults
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, load_base
 from tunelab.stages.optimize import save_state
-from tunelab.stages.replay import resolve_self_replay
+from tunelab.stages.replay import replay_kl_loss, resolve_self_replay
 from tunelab.stages.run import finish_run
 from tunelab.stages.setup import load_prepared_tokenizer, read_examples, tokenize
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, nothing_to_do, prepare_training,
@@ -56,6 +56,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         console.print("[yellow]warning:[/] every eval example was dropped as too long; no validation loss will be computed")
     base = load_base(config, model_path, tokenizer, added, env.accelerator.device)
     before = evaluate_before(config, LoadedModel(base, tokenizer, "untuned"), examples, env.run_dir, console)
+    replay_loss = replay_kl_loss(config, base, console)  # data.replay.kl: a frozen copy, before the method wraps base
     tuned, opt = prepare_training(config, env, base, tokenizer, added, data.train, console)
     if already_finished(env, opt):
         return nothing_to_do(env, tuned.method.artifact, opt.start_step, console)
@@ -72,7 +73,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     trained = train_and_save(config, env, opt, tuned, tokenizer, manifest, lambda: run_token_loss(
         opt, data.train, data.eval, pad_id=tokenizer.pad_token_id, make_batch=make_batch, run_dir=env.run_dir,
         console=console, eval_batch_size=t.batch_size, keep_last=t.keep_last, max_grad_norm=t.max_grad_norm,
-        save_state=save_state), console)
+        save_state=save_state, source_loss=replay_loss), console)
 
     # 5. What it learned and what it forgot: the tuned model against the untuned one.
     report = evaluate_after(config, LoadedModel(trained.model, tokenizer, "tuned"), examples, before, env.run_dir, console)

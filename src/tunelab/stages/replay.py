@@ -65,3 +65,24 @@ def _generate(model: str, path: Path, console: Console) -> None:
     write_jsonl(path, records)
     console.print(f"data.replay self: {summary.n_written} answers kept ({len(summary.truncated)} cut off at "
                   f"{MAX_NEW_TOKENS} tokens left out) in {summary.seconds:.0f} s")
+
+
+def replay_kl_loss(config: RunConfig, base, console: Console) -> dict | None:
+    """``data.replay.kl`` above 0: the replayed examples' loss as ``{"replay": token_loss}`` for
+    ``run_token_loss``, ``kl`` × forward KL from a frozen copy of the untuned ``base`` plus ``1 − kl`` ×
+    cross-entropy, at the replayed answers' positions. Call before the method wraps ``base``."""
+    replay = config.data.replay
+    if replay is None or not replay.kl:
+        return None
+    import copy
+
+    from tunelab.training.distill import distill_loss_sum
+
+    untuned = copy.deepcopy(base).eval().requires_grad_(False)
+    size = sum(p.numel() * p.element_size() for p in untuned.parameters()) / 2**20
+    console.print(f"data.replay.kl = {replay.kl:g}: the replayed answers also follow the untuned model's distributions "
+                  f"(a frozen copy, {size:,.0f} MiB)")
+
+    def loss(model, batch):
+        return distill_loss_sum(model, untuned, batch, kind="forward_kl", alpha=1.0 - replay.kl)
+    return {"replay": loss}

@@ -34,17 +34,20 @@ from tunelab.training.validation import validation_loss
 
 def run_token_loss(opt, train: list[TokenizedExample], evals: list[TokenizedExample], *, pad_id: int,
                    make_batch: Callable, run_dir: Path, console: Console, eval_batch_size: int, keep_last: int,
-                   max_grad_norm: float | None, save_state: Callable, token_loss: Callable | None = None) -> StepReporter:
+                   max_grad_norm: float | None, save_state: Callable, token_loss: Callable | None = None,
+                   source_loss: dict[str, Callable] | None = None) -> StepReporter:
     """Train ``opt`` (a ``stages.optimize.Optimization``) on ``train`` from its start step; returns the reporter
     (last loss, last validation metrics, tokens and steps done). ``token_loss(model, batch)`` is the loss summed
-    over a batch's trained tokens (default: the cross-entropy; distillation passes its divergence)."""
+    over a batch's trained tokens (default: the cross-entropy; distillation passes its divergence);
+    ``source_loss`` replaces it for the examples of the named mixture sources (``replay``'s KL term)."""
     plan, device, seconds = opt.plan, opt.accelerator.device, opt.seconds_spent
     summed = token_loss or summed_loss_of_batch
     of, names = getattr(opt, "sources", None) or ((), ())
+    per_source = [(source_loss or {}).get(name, summed) for name in names]
 
     def loss_fn(model, tagged):
         source, batch = tagged
-        loss = summed(model, to_device(batch, device))
+        loss = (per_source[source] if source >= 0 else summed)(model, to_device(batch, device))
         stats = {}
         for index, name in enumerate(names):  # every source's keys on every pass: ranks all-reduce the same keys
             mine = index == source
