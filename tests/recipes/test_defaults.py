@@ -62,6 +62,20 @@ def test_compare_candidates_choose_their_own_defaults(tmp_path, tiny_llama):
     assert full["train"]["max_steps"] == 3  # what the config set stays
 
 
+def test_the_compare_report_states_the_budget_each_candidate_chose(tmp_path, tiny_llama):
+    from tunelab.compare.sweep import _budget
+
+    config = load_config(None, [f"model={tiny_llama}", "data.train=t.jsonl"])
+    for name, lr in (("lora", 2e-4), ("full", 5e-5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": 3, "batch_size": 8, "lr": lr, "max_steps": None}}))
+    stated = _budget(config, tmp_path, ["lora", "full", "ia3"])  # ia3: not trained yet
+    assert stated == ("chosen from the data by each candidate: lora 3 epoch(s) of batch 8 at lr 0.0002; full 3 epoch(s) of batch 8 "
+                      "at lr 5e-05; same examples and order (seed 0)")
+    fixed = load_config(None, [f"model={tiny_llama}", "data.train=t.jsonl", "train.defaults=fixed"])
+    assert _budget(fixed, tmp_path, ["lora"]).startswith("same for every trained candidate: 1 epoch(s), batch")
+
+
 def test_self_replay_is_the_untuned_models_own_answers_made_once(tmp_path, tiny_llama, monkeypatch):
     from tunelab.datagen import generate as datagen
     from tunelab.stages import replay

@@ -117,7 +117,7 @@ def run_compare(config_path: Path, overrides: list[str], candidates: list[str], 
         "model": config.model.path, "config": str(config_path), "overrides": overrides, "metric": config.eval.metric,
         "eval_examples": len(examples.eval[: config.eval.limit] if config.eval.limit else examples.eval),
         "train_examples": len(examples.train),
-        "budget": _budget(config), "device": _device(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "budget": _budget(config, sweep_dir, trained), "device": _device(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "sweep_seconds_this_invocation": round(time.time() - started, 1),
     }
     md, html = write_report(sweep_dir, results, meta)
@@ -367,12 +367,26 @@ def _last_error(log: Path) -> str:
     return (errors or lines or ["failed"])[-1][-300:]
 
 
-def _budget(config: RunConfig) -> str:
+def _budget(config: RunConfig, sweep_dir: Path | None = None, trained: list[str] = ()) -> str:
+    """The training budget as the report states it: the config's, or what each candidate chose from the data
+    (read back from its resolved ``config.yaml``) where the config leaves epochs, batch or rate to the rule."""
+    from tunelab.stages.defaults import unset_keys
+
     t = config.train
+    order = f"same examples and order (seed {t.seed})"
+    if sweep_dir is not None and unset_keys(config) & {"train.epochs", "train.batch_size", "train.lr"}:
+        chosen = []
+        for name in trained:
+            resolved = sweep_dir / name / "config.yaml"
+            if resolved.is_file():
+                c = yaml.safe_load(resolved.read_text())["train"]
+                length = f"{c['max_steps']} steps" if c.get("max_steps") else f"{c['epochs']:g} epoch(s)"
+                chosen.append(f"{name} {length} of batch {c['batch_size']} at lr {c['lr']:g}")
+        return f"chosen from the data by each candidate: {'; '.join(chosen) or 'none trained yet'}; {order}"
     length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch(s)"
     if t.max_seconds:
         length = f"{t.max_seconds:g} s of training each (at most {length})"
-    return f"same for every trained candidate: {length}, batch {t.batch_size} x accumulation {t.grad_accum}, same examples and order (seed {t.seed})"
+    return f"same for every trained candidate: {length}, batch {t.batch_size} x accumulation {t.grad_accum}, {order}"
 
 
 def _device() -> str:
