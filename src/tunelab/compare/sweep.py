@@ -375,18 +375,17 @@ def _budget(config: RunConfig, sweep_dir: Path | None = None, trained: list[str]
     t = config.train
     order = f"same examples and order (seed {t.seed})"
     if sweep_dir is not None and unset_keys(config) & {"train.epochs", "train.batch_size", "train.lr"}:
-        chosen = []
-        for name in trained:
-            resolved = sweep_dir / name / "config.yaml"
-            if resolved.is_file():
-                c = yaml.safe_load(resolved.read_text())["train"]
-                length = f"{c['max_steps']} steps" if c.get("max_steps") else f"{c['epochs']:g} epoch(s)"
-                chosen.append(f"{name} {length} of batch {c['batch_size']} at lr {c['lr']:g}")
+        resolved = [(n, yaml.safe_load(f.read_text())["train"]) for n in trained if (f := sweep_dir / n / "config.yaml").is_file()]
+        chosen = [f"{n} {_length(c.get('max_steps'), c['epochs'])} of batch {c['batch_size']} at lr {c['lr']:g}" for n, c in resolved]
         return f"chosen from the data by each candidate: {'; '.join(chosen) or 'none trained yet'}; {order}"
-    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch(s)"
+    length = _length(t.max_steps, t.epochs)
     if t.max_seconds:
         length = f"{t.max_seconds:g} s of training each (at most {length})"
     return f"same for every trained candidate: {length}, batch {t.batch_size} x accumulation {t.grad_accum}, {order}"
+
+
+def _length(max_steps: int | None, epochs: float) -> str:
+    return f"{max_steps} steps" if max_steps else f"{epochs:g} epoch(s)"
 
 
 def _device() -> str:
