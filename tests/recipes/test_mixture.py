@@ -131,3 +131,79 @@ def test_replay_kl_pulls_the_replayed_answers_toward_the_untuned_model(make_conf
     assert ce[0]["loss/replay"] > 1.0  # the same first batch scored by cross-entropy
     assert kl[0]["loss/a"] == pytest.approx(ce[0]["loss/a"], rel=1e-5)  # the task's loss is the same
     assert max(r["loss/replay"] for r in kl[1:] if r["tokens/replay"]) > 1e-3  # the task moved the model; KL pulls back
+
+
+def test_the_kls_untuned_model_is_the_lora_model_switched_off(make_config, sources, tiny_llama):
+    """A method that starts at the base keeps no copy: its KL toward the untuned model, with the method switched off,
+    equals (value and gradient) the KL toward a frozen copy of the base, once the adapter has moved; full keeps a copy."""
+    import copy
+    import io
+
+    import torch
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config.load import method_options
+    from tunelab.methods import get_method
+    from tunelab.stages.replay import replay_kl_loss
+    from tunelab.training.distill import distill_loss_sum
+    from tunelab.training.loss import to_device
+
+    replay = f"data.replay={{path: {sources['g']}, ratio: 0.5, kl: 0.7}}"
+    config, said = make_config(replay), io.StringIO()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    frozen = copy.deepcopy(base).eval()
+    loss = replay_kl_loss(config, base, lambda model: model, Console(file=said))["replay"]
+    assert "switched off: no copy" in said.getvalue()
+    tuned = get_method(config.method.name).apply(base, method_options(config)).train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(3, 300, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = to_device({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, "cpu")
+
+    def grads(value) -> dict:
+        value.backward()
+        found = {n: p.grad.clone() for n, p in tuned.named_parameters() if p.requires_grad}
+        tuned.zero_grad()
+        return found
+
+    live, reference = loss(tuned, batch), distill_loss_sum(tuned, frozen, batch, kind="forward_kl", alpha=0.3)
+    assert float(live) == pytest.approx(float(reference), rel=1e-5) and float(live) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads(live).values(), grads(reference).values()))
+    assert tuned.training  # switched back on, in training mode
+
+    full, said = make_config(replay, method="full"), io.StringIO()
+    replay_kl_loss(full, AutoModelForCausalLM.from_pretrained(tiny_llama), lambda model: model, Console(file=said))
+    assert "a frozen copy" in said.getvalue()
+
+
+def test_the_kl_is_refused_up_front_for_a_method_that_changes_the_inputs(make_config, sources):
+    from tunelab.methods import get_method, method_names
+    from tunelab.stages.model import check_method_fits
+
+    changes = next(name for name in method_names() if getattr(get_method(name), "changes_inputs", False))
+    config = make_config(f"data.replay={{path: {sources['g']}, ratio: 0.5, kl: 0.5}}", method=changes)
+    with pytest.raises(TunelabError, match="data.replay.kl"):
+        check_method_fits(config)
+    check_method_fits(make_config(f"data.replay={{path: {sources['g']}, ratio: 0.5}}", method=changes))
+
+
+def test_the_kl_is_refused_before_training_for_a_model_whose_logits_are_not_the_heads(make_config, sources):
+    """A model type off the plain-head list (Gemma 3) is refused when the model loads, not at the first replayed batch."""
+    import io
+
+    from rich.console import Console
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from tunelab.stages.replay import replay_kl_loss
+
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=320, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    config = make_config(f"data.replay={{path: {sources['g']}, ratio: 0.5, kl: 0.5}}")
+    with pytest.raises(TunelabError, match="gemma3_text.*data.replay.kl=0"):
+        replay_kl_loss(config, gemma, lambda model: model, Console(file=io.StringIO()))

@@ -36,7 +36,9 @@ class TuningMethod(Protocol):
     # in ``tunelab plan``'s terms (``tunelab.methods.footprint.Plannable``); the planner refuses a method
     # without it rather than guess. ``trains_embeddings: bool`` (default False): the method trains the input
     # embedding itself, so tokens a chat-template fallback adds are trained (full fine-tuning); methods with a
-    # ``trainable_token_indices`` option train just those rows instead.
+    # ``trainable_token_indices`` option train just those rows instead. ``changes_inputs: bool`` (default False):
+    # the method puts positions in front of every sequence (prompt and prefix tuning), so the logits at a position
+    # are not the decoder's own and ``data.replay.kl`` is refused.
 
     def base_load_kwargs(self, options: BaseModel) -> dict:
         """Extra ``from_pretrained`` arguments for loading the base model (quantisation for QLoRA), else {}."""

@@ -70,6 +70,7 @@ class SoftPromptMethod(PeftMethod):
     """Prompt and prefix tuning: extra positions in front of every sequence, so no packing and no checkpointing."""
 
     incompatible = frozenset({"packing", "gradient_checkpointing"})
+    changes_inputs = True  # the logits at a position are not the decoder's own: no KL toward the untuned model
 
 
 @register_method

@@ -56,7 +56,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         console.print("[yellow]warning:[/] every eval example was dropped as too long; no validation loss will be computed")
     base = load_base(config, model_path, tokenizer, added, env.accelerator.device)
     before = evaluate_before(config, LoadedModel(base, tokenizer, "untuned"), examples, env.run_dir, console)
-    replay_loss = replay_kl_loss(config, base, console)  # data.replay.kl: a frozen copy, before the method wraps base
+    replay_loss = replay_kl_loss(config, base, env.accelerator.unwrap_model, console)  # data.replay.kl, before the method wraps base
     tuned, opt = prepare_training(config, env, base, tokenizer, added, data.train, console)
     if already_finished(env, opt):
         return nothing_to_do(env, tuned.method.artifact, opt.start_step, console)

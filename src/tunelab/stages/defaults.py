@@ -14,6 +14,7 @@ from tunelab.data.token_cache import cached_tokenize
 from tunelab.stages.replay import resolve_self_replay
 from tunelab.stages.setup import Examples, read_examples, split_validation
 from tunelab.training.defaults import KEYS, Choice, DataFacts, choose, describe
+from tunelab.training.loss import PLAIN_HEAD_MODEL_TYPES
 
 
 def unset_keys(config: RunConfig) -> frozenset[str]:
@@ -39,11 +40,13 @@ def choose_defaults(config: RunConfig, examples: Examples, tokenizer, model_path
     task = [e for e in examples.train if replay is None or not e.source.startswith(f"{replay}:")]
     data = config.data
     _, stats, _ = cached_tokenize(task, tokenizer, loss_on=data.loss_on, max_length=data.max_length, too_long=data.too_long)
-    t = config.train
-    facts = DataFacts(examples=len(task), trained_tokens=stats.trained_tokens, hidden_size=model_width(model_path),
+    t, replay = config.train, config.data.replay
+    width, model_type = model_shape(model_path)
+    facts = DataFacts(examples=len(task), trained_tokens=stats.trained_tokens, hidden_size=width,
                       method_lr=method.default_lr, has_rank="r" in method.options_class.model_fields,
                       batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs, max_steps=t.max_steps,
-                      replay_ratio=config.data.replay.ratio if config.data.replay else None)
+                      replay_ratio=replay.ratio if replay else None, replay_kl=replay.kl if replay else 0.0,
+                      kl_supported=model_type in PLAIN_HEAD_MODEL_TYPES and not getattr(method, "changes_inputs", False))
     choices = choose(facts, unset)
     for choice in choices:
         section, key = choice.key.split(".")
@@ -63,13 +66,13 @@ def choose_defaults(config: RunConfig, examples: Examples, tokenizer, model_path
     return split_validation(config, examples), choices
 
 
-def model_width(model_path: str) -> int | None:
-    """The model's hidden size, read from its config (no weights loaded); None when it has none."""
+def model_shape(model_path: str) -> tuple[int | None, str | None]:
+    """The model's hidden size and type, read from its config (no weights loaded); None where it has none."""
     from transformers import AutoConfig
 
     try:
         model_config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError):
-        return None
+        return None, None
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    return getattr(text, "hidden_size", None)
+    return getattr(text, "hidden_size", None), getattr(text, "model_type", None)

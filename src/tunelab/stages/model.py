@@ -42,6 +42,10 @@ def check_method_fits(config: RunConfig, added_tokens: list[str] | None = None) 
     if clashes:
         raise TunelabError(f"method {method.name} cannot be combined with " + ", ".join(f"train.{c}=true" for c in clashes)
                            + " (it changes the sequence the model attends over); set " + ", ".join(f"train.{c}=false" for c in clashes))
+    if config.data.replay is not None and config.data.replay.kl and getattr(method, "changes_inputs", False):
+        raise TunelabError(f"data.replay.kl needs the model's own next-token distributions at the answer positions; method "
+                           f"{method.name} puts extra positions in front of every sequence. Set data.replay.kl=0 or use "
+                           "another method (lora, full, ...)")
     if added_tokens and not _can_train_added_tokens(method):
         raise TunelabError(
             f"the model has no chat template, so tunelab's template uses the tokens {added_tokens}, whose embeddings are "
@@ -89,6 +93,13 @@ def load_base(config: RunConfig, model_path: str, tokenizer, added_tokens: list[
 def continues_parent(config: RunConfig) -> bool:
     """The run trains its ``init_from`` parent's artifact on (rather than a freshly applied method)."""
     return config.init_from is not None and not config.init_from_merge
+
+
+def start_is_method_off(config: RunConfig) -> bool:
+    """The model training starts from is the tuned model with its method switched off (``disabled``): then a
+    reference to the start model (DPO's, the replay's KL) needs no second copy of the weights."""
+    method = get_method(config.method.name)
+    return method.detachable and not continues_parent(config) and method.starts_at_base(method_options(config))
 
 
 def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: list[str], checkpointed: int = 0) -> TunedModel:

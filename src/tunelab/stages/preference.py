@@ -22,7 +22,6 @@ import torch
 from rich.console import Console
 
 from tunelab.atomic import fsync_dir
-from tunelab.config.load import method_options
 from tunelab.config.schema import RunConfig
 from tunelab.data import data_fingerprint
 from tunelab.data.preferences import PreferenceExample, PreferenceStats, TokenizedPair, load_preferences, tokenize_preferences
@@ -30,7 +29,7 @@ from tunelab.data.text import split_holdout
 from tunelab.errors import DataError, TunelabError
 from tunelab.models.embedded import cache_root
 from tunelab.stages.lineage import read_parent
-from tunelab.stages.model import TunedModel, continues_parent
+from tunelab.stages.model import TunedModel, start_is_method_off
 from tunelab.training.pair_loop import Reference, disabled_reference, no_reference, reference_table, table_reference
 from tunelab.training.preference import PreferenceLossSpec
 
@@ -78,11 +77,9 @@ def tokenize_pairs(config: RunConfig, tokenizer, pairs: Pairs) -> TokenizedPairs
     return TokenizedPairs(train, held, stats)
 
 
-def live_reference_works(config: RunConfig, tuned: TunedModel, reference: str, precompute: bool) -> bool:
+def live_reference_works(config: RunConfig, reference: str, precompute: bool) -> bool:
     """The reference is the start model, and the policy with its method switched off computes exactly that."""
-    method = tuned.method
-    return (reference == "start" and not precompute and method.detachable and not continues_parent(config)
-            and method.starts_at_base(method_options(config)))
+    return reference == "start" and not precompute and start_is_method_off(config)
 
 
 def choose_references(config: RunConfig, spec: PreferenceLossSpec, tuned: TunedModel, data: TokenizedPairs, *,
@@ -90,7 +87,7 @@ def choose_references(config: RunConfig, spec: PreferenceLossSpec, tuned: TunedM
     """(train and eval references, a description); call before a checkpoint is restored (the start weights)."""
     if spec.reference_free:
         return (no_reference, no_reference), f"none (loss {spec.name} is reference-free)"
-    if live_reference_works(config, tuned, reference, precompute):
+    if live_reference_works(config, reference, precompute):
         unwrap = env.accelerator.unwrap_model
         live = disabled_reference(lambda model: tuned.method.disabled(unwrap(model)))
         return (live, live), f"the start model ({tuned.method.name} switched off; no second copy)"

@@ -12,11 +12,14 @@ token limit left out, cached under the tunelab cache by the model's files and th
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 
 from tunelab.config.schema import GENERAL_PROMPTS, SELF_REPLAY, RunConfig
+from tunelab.errors import TunelabError
 
 MAX_NEW_TOKENS = 96  # as the shipped SmolLM2 set was made
 
@@ -57,8 +60,6 @@ def _generate(model: str, path: Path, console: Console) -> None:
     teacher = load_teacher(model)
     records, summary = generate_sft(teacher, prompts, SamplingSettings(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS))
     if not records:
-        from tunelab.errors import TunelabError
-
         raise TunelabError(f"data.replay self: {model} gave no complete answer to the {len(prompts)} general prompts; "
                            "give data.replay a file of general examples instead")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,22 +68,53 @@ def _generate(model: str, path: Path, console: Console) -> None:
                   f"{MAX_NEW_TOKENS} tokens left out) in {summary.seconds:.0f} s")
 
 
-def replay_kl_loss(config: RunConfig, base, console: Console) -> dict | None:
+def replay_kl_loss(config: RunConfig, base, unwrap: Callable, console: Console) -> dict | None:
     """``data.replay.kl`` above 0: the replayed examples' loss as ``{"replay": token_loss}`` for
-    ``run_token_loss``, ``kl`` × forward KL from a frozen copy of the untuned ``base`` plus ``1 − kl`` ×
-    cross-entropy, at the replayed answers' positions. Call before the method wraps ``base``."""
+    ``run_token_loss``, ``kl`` × forward KL from the untuned model plus ``1 − kl`` × cross-entropy, at the
+    replayed answers' positions. The untuned model is the tuned one with its method switched off where that
+    computes the start model (LoRA, IA3, adapters: no second copy), else a frozen copy of ``base``; call before
+    the method wraps ``base``. ``unwrap`` takes the training wrapper (DDP, FSDP) off the model."""
     replay = config.data.replay
     if replay is None or not replay.kl:
         return None
-    import copy
-
+    from tunelab.methods import get_method
+    from tunelab.stages.model import start_is_method_off
     from tunelab.training.distill import distill_loss_sum
+    from tunelab.training.loss import PLAIN_HEAD_MODEL_TYPES, plain_causal_lm
+
+    if plain_causal_lm(base) is None:  # refused before the first step, not at the first replayed batch
+        raise TunelabError(f"data.replay.kl needs logits that are lm_head(final hidden state); model type "
+                           f"{getattr(base.config, 'model_type', '?')} is not one of {', '.join(sorted(PLAIN_HEAD_MODEL_TYPES))}. "
+                           "Set data.replay.kl=0 (the replay then trains on the answers alone)")
+
+    share = f"data.replay.kl = {replay.kl:g}: the replayed answers also follow the untuned model's distributions"
+    if start_is_method_off(config):
+        method = get_method(config.method.name)
+        console.print(f"{share} (the tuned model with {method.name} switched off: no copy)")
+
+        def live(model, batch):
+            inner = unwrap(model)
+            return distill_loss_sum(model, inner, batch, kind="forward_kl", alpha=1.0 - replay.kl,
+                                    teacher_context=lambda: _switched_off(method, inner))
+        return {"replay": live}
+    import copy
 
     untuned = copy.deepcopy(base).eval().requires_grad_(False)
     size = sum(p.numel() * p.element_size() for p in untuned.parameters()) / 2**20
-    console.print(f"data.replay.kl = {replay.kl:g}: the replayed answers also follow the untuned model's distributions "
-                  f"(a frozen copy, {size:,.0f} MiB)")
+    console.print(f"{share} (a frozen copy, {size:,.0f} MiB)")
 
-    def loss(model, batch):
+    def copied(model, batch):
         return distill_loss_sum(model, untuned, batch, kind="forward_kl", alpha=1.0 - replay.kl)
-    return {"replay": loss}
+    return {"replay": copied}
+
+
+@contextmanager
+def _switched_off(method, model) -> Iterator[None]:
+    """``model`` computing what the untuned model did: the method disabled, dropout off (as the copy's eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with method.disabled(model):
+            yield
+    finally:
+        model.train(was_training)

@@ -19,9 +19,14 @@ probe). The rule, measured on SmolLM2-135M-Instruct (README, "Defaults chosen fr
 - **rank**: 16 (alpha 2r) up to ``RANK_16_TOKENS`` trained tokens, then 32, then 64 past ten times that:
   at a few hundred examples capacity is not what limits LoRA (Biderman et al. 2024; Schulman et al. 2025).
 - **replay**: ``REPLAY_RATIO`` of every epoch from the untuned model's own answers to general instructions
-  (``data.replay: {path: self}``), from ``SMALL_DATA`` to ``REPLAY_UP_TO`` task examples (fewer train fewer steps): a few hundred examples of one format
-  otherwise teach that format to every prompt (a JSON object, one label word, as answer to "What is the capital
-  of Japan?").
+  (``data.replay: {path: self}``), from ``SMALL_DATA`` to ``REPLAY_UP_TO`` task examples (fewer train fewer
+  steps): a few hundred examples of one format otherwise teach that format to every prompt (a JSON object, one
+  label word, as answer to "What is the capital of Japan?"). ``REPLAY_KL`` of the replayed answers' loss is the
+  KL from the untuned model's next-token distributions (``data.replay.kl``) where the method and model allow it:
+  matching whole distributions holds the general behaviour better than its greedy answers alone.
+- **learning rate with the KL replay**: a rank-``r`` method's rate times ``KL_RATE_FACTOR``: LoRA at its own
+  rate learned 13 points less than full fine-tuning on the held-out tool-call task; at 2.5 times it matched
+  full, and the KL kept what the higher rate would otherwise overwrite (bench/NOTES.md, session 11).
 - **validation**: ``VALIDATION_SHARE`` of the train examples (between ``VALIDATION_MIN`` and ``VALIDATION_MAX``)
   held out from ``SMALL_DATA`` examples up, validated twice an epoch, the best step kept, training stopped
   after ``PATIENCE`` validations without a lower loss.
@@ -45,6 +50,7 @@ RANK_16_TOKENS = 1_000_000
 VALIDATION_SHARE, VALIDATION_MIN, VALIDATION_MAX = 0.08, 16, 200
 PATIENCE = 2
 REPLAY_RATIO, REPLAY_UP_TO = 0.2, 10_000
+REPLAY_KL, KL_RATE_FACTOR = 0.5, 2.5
 # The keys the rule may choose; a key the config sets is left as set.
 KEYS = ("train.epochs", "train.lr", "train.warmup_ratio", "train.batch_size", "method.r", "data.replay",
         "data.validation", "train.eval_every", "train.keep_best", "train.early_stopping")
@@ -64,6 +70,8 @@ class DataFacts:
     epochs: float = 1
     max_steps: int | None = None  # a step budget the config sets (then epochs are not chosen)
     replay_ratio: float | None = None  # the config's data.replay share
+    replay_kl: float = 0.0  # the config's data.replay.kl
+    kl_supported: bool = True  # the method and model give their own logits at every position (data.replay.kl works)
 
 
 @dataclass(frozen=True)
@@ -86,9 +94,9 @@ def choose(facts: DataFacts, unset: set[str] | frozenset[str]) -> list[Choice]:
         validation = 0  # the config's own slice (or none); the train count below is close enough either way
     train = facts.examples - validation
     if SMALL_DATA <= facts.examples <= REPLAY_UP_TO:
-        pick("data.replay", {"path": "self", "ratio": REPLAY_RATIO},
-             f"{REPLAY_RATIO:.0%} of each epoch: the untuned model's own answers to general instructions")
-    ratio = chosen["data.replay"].value["ratio"] if "data.replay" in chosen else facts.replay_ratio or 0
+        pick("data.replay", *_replay(facts))
+    replay = chosen["data.replay"].value if "data.replay" in chosen else {"ratio": facts.replay_ratio or 0, "kl": facts.replay_kl}
+    ratio = replay["ratio"]
     batch = 4 if train < SMALL_DATA else 8
     pick("train.batch_size", batch, f"{train} train examples" + (f" (below {SMALL_DATA}: more, smaller steps)" if batch == 4 else ""))
     batch = chosen["train.batch_size"].value if "train.batch_size" in chosen else facts.batch_size
@@ -99,7 +107,7 @@ def choose(facts: DataFacts, unset: set[str] | frozenset[str]) -> list[Choice]:
              + (f" (at most {MAX_EPOCHS})" if epochs == MAX_EPOCHS and steps_per_epoch * MAX_EPOCHS < TARGET_STEPS else ""))
     total = facts.max_steps or math.ceil(steps_per_epoch * (chosen["train.epochs"].value if "train.epochs" in chosen
                                                             else facts.epochs))
-    pick("train.lr", *_rate(facts))
+    pick("train.lr", *_rate(facts, with_kl=bool(replay.get("kl"))))
     pick("train.warmup_ratio", round(min(0.1, WARMUP_STEPS / max(total, 1)), 4), f"{WARMUP_STEPS} warmup steps of {total}")
     if facts.has_rank:
         pick("method.r", *_rank(facts.trained_tokens))
@@ -117,12 +125,23 @@ def _validation_size(examples: int) -> int:
     return int(min(VALIDATION_MAX, max(VALIDATION_MIN, round(VALIDATION_SHARE * examples))))
 
 
-def _rate(facts: DataFacts) -> tuple[float, str]:
+def _replay(facts: DataFacts) -> tuple[dict, str]:
+    why = f"{REPLAY_RATIO:.0%} of each epoch: the untuned model's own answers to general instructions"
+    if not facts.kl_supported:
+        return {"path": "self", "ratio": REPLAY_RATIO}, why + " (no KL: the method or model has no logits of its own at each position)"
+    return ({"path": "self", "ratio": REPLAY_RATIO, "kl": REPLAY_KL},
+            why + f", {REPLAY_KL:.0%} of their loss the KL from its next-token distributions")
+
+
+def _rate(facts: DataFacts, with_kl: bool) -> tuple[float, str]:
+    method_lr, what = facts.method_lr, "the method's rate"
+    if with_kl and facts.has_rank:  # the KL replay holds what a higher rate would overwrite
+        method_lr = float(f"{facts.method_lr * KL_RATE_FACTOR:.2g}")
+        what = f"the method's {facts.method_lr:g} x {KL_RATE_FACTOR:g}, as the KL replay holds the general behaviour"
     width = facts.hidden_size or REFERENCE_WIDTH
-    rate = float(f"{facts.method_lr * math.sqrt(REFERENCE_WIDTH / width):.2g}")
     if width <= REFERENCE_WIDTH:  # never above the measured rate: a narrower model gets the method's own
-        return facts.method_lr, "the method's rate"
-    return rate, f"the method's {facts.method_lr:g} x sqrt({REFERENCE_WIDTH}/{width}), for the model's width"
+        return method_lr, what
+    return float(f"{method_lr * math.sqrt(REFERENCE_WIDTH / width):.2g}"), f"{what}, x sqrt({REFERENCE_WIDTH}/{width}) for the model's width"
 
 
 def _rank(trained_tokens: int) -> tuple[int, str]:

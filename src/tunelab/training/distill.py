@@ -20,6 +20,8 @@ optionally mixed with the student's cross-entropy: ``(1 − α)·D + α·CE``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +75,14 @@ def _wrapped_trained_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def distill_loss_sum(student, teacher, batch: dict[str, torch.Tensor], *, kind: str, beta: float = 0.5, temperature: float = 1.0,
-                     alpha: float = 0.0, chunk_rows: int | None = None) -> torch.Tensor:
+                     alpha: float = 0.0, chunk_rows: int | None = None,
+                     teacher_context: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
     """Summed ``(1 − α)·divergence + α·cross-entropy`` over the trained positions of ``batch`` (from
-    ``training.loss.to_device``: it carries ``trained_index``); gradients reach the student only."""
+    ``training.loss.to_device``: it carries ``trained_index``); gradients reach the student only.
+
+    Every teacher computation runs inside ``teacher_context()``: with the student itself as ``teacher`` and its
+    method switched off there (``replay.kl``), the untuned model costs no copy. The context is entered inside
+    each checkpointed chunk too, so the recomputation in the backward pass sees the same teacher."""
     t_backbone, t_head = _backbone_and_head(teacher, "teacher")
     if wrapped(student):  # DDP/FSDP: only the wrapper's forward synchronises, so the student's full logits
         s_hidden = _wrapped_trained_logits(student, batch)
@@ -83,14 +90,14 @@ def distill_loss_sum(student, teacher, batch: dict[str, torch.Tensor], *, kind: 
     else:
         s_backbone, s_head = _backbone_and_head(student, "student")
         s_hidden, vocab = _trained_hidden(s_backbone, batch), s_head.weight.shape[0]
-    with torch.no_grad():
+    with torch.no_grad(), teacher_context():
         t_hidden = _trained_hidden(t_backbone, batch)
     targets = batch["labels"].reshape(-1).index_select(0, batch["trained_index"] + 1)
     rows = chunk_rows or default_chunk_rows(vocab)
 
     def chunk(s_h: torch.Tensor, t_h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         s_logits = s_head(s_h)
-        with torch.no_grad():
+        with torch.no_grad(), teacher_context():
             t_logits = t_head(t_h)
         loss = (1 - alpha) * divergence(s_logits, t_logits, kind, beta=beta, temperature=temperature).sum()
         if alpha:
