@@ -112,7 +112,7 @@ def test_the_rule_chooses_self_replay_from_a_hundred_examples(tmp_path, tiny_lla
     config = _config(tmp_path, tiny_llama)
     model_path, tokenizer, _ = load_prepared_tokenizer(config)
     examples, chosen = choose_defaults(config, read_examples(config), tokenizer, model_path, Console(stderr=True))
-    assert {"path": "self", "ratio": 0.2, "kl": 0.5} in [c.value for c in chosen] and config.data.replay.kl == 0.5
+    assert {"path": "self", "ratio": 0.2, "kl": 1.0} in [c.value for c in chosen] and config.data.replay.kl == 1.0
     assert next(c.value for c in chosen if c.key == "train.lr") == 5e-4  # LoRA's rate x 2.5 with the KL replay
     assert config.data.replay.path.startswith(str(tmp_path / "cache" / "replay"))
     replayed = [e for e in examples.train if e.source.startswith(config.data.replay.path)]

@@ -22,7 +22,7 @@ def test_three_hundred_examples_get_a_validation_slice_and_three_epochs():
     chosen = values(choose(facts(), ALL))
     assert chosen["data.validation"] == 24  # 8 % of 300
     assert chosen["train.batch_size"] == 8
-    assert chosen["data.replay"] == {"path": "self", "ratio": 0.2, "kl": 0.5}
+    assert chosen["data.replay"] == {"path": "self", "ratio": 0.2, "kl": 1.0}
     assert chosen["train.epochs"] == 3  # 44 steps an epoch (276 task + 69 replayed, / 8) reach ~100 steps in 3
     assert chosen["train.lr"] == 5e-4 and chosen["method.r"] == 16  # LoRA's 2e-4 x 2.5 with the KL replay
     assert chosen["train.warmup_ratio"] == pytest.approx(10 / 132, abs=1e-4)
@@ -72,7 +72,7 @@ def test_every_choice_says_why():
     lines = describe(choose(facts(), ALL))
     assert len(lines) == len(KEYS) and all(len(line.split(": ", 1)[1]) > 10 for line in lines)
     assert any(line.startswith("train.epochs = 3: 44 steps an epoch") for line in lines)
-    assert any(line.startswith("data.replay = {path: self, ratio: 0.2, kl: 0.5}: 20% of each epoch") for line in lines)
+    assert any(line.startswith("data.replay = {path: self, ratio: 0.2, kl: 1}: 20% of each epoch") for line in lines)
 
 
 def test_the_kl_replay_raises_a_rank_methods_rate_only():

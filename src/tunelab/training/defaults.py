@@ -21,9 +21,10 @@ probe). The rule, measured on SmolLM2-135M-Instruct (README, "Defaults chosen fr
 - **replay**: ``REPLAY_RATIO`` of every epoch from the untuned model's own answers to general instructions
   (``data.replay: {path: self}``), from ``SMALL_DATA`` to ``REPLAY_UP_TO`` task examples (fewer train fewer
   steps): a few hundred examples of one format otherwise teach that format to every prompt (a JSON object, one
-  label word, as answer to "What is the capital of Japan?"). ``REPLAY_KL`` of the replayed answers' loss is the
-  KL from the untuned model's next-token distributions (``data.replay.kl``) where the method and model allow it:
-  matching whole distributions holds the general behaviour better than its greedy answers alone.
+  label word, as answer to "What is the capital of Japan?"). ``REPLAY_KL`` of the replayed answers' loss (all
+  of it) is the KL from the untuned model's next-token distributions (``data.replay.kl``) where the method and
+  model allow it: matching whole distributions holds the general behaviour better than its greedy answers
+  (the held-out tool calls lost 2 probe items at kl 0.5, 1 at kl 1.0, the score unchanged; session 12).
 - **learning rate with the KL replay**: a rank-``r`` method's rate times ``KL_RATE_FACTOR``: LoRA at its own
   rate learned 13 points less than full fine-tuning on the held-out tool-call task; at 2.5 times it matched
   full, and the KL kept what the higher rate would otherwise overwrite (bench/NOTES.md, session 11).
@@ -50,7 +51,7 @@ RANK_16_TOKENS = 1_000_000
 VALIDATION_SHARE, VALIDATION_MIN, VALIDATION_MAX = 0.08, 16, 200
 PATIENCE = 2
 REPLAY_RATIO, REPLAY_UP_TO = 0.2, 10_000
-REPLAY_KL, KL_RATE_FACTOR = 0.5, 2.5
+REPLAY_KL, KL_RATE_FACTOR = 1.0, 2.5
 # The keys the rule may choose; a key the config sets is left as set.
 KEYS = ("train.epochs", "train.lr", "train.warmup_ratio", "train.batch_size", "method.r", "data.replay",
         "data.validation", "train.eval_every", "train.keep_best", "train.early_stopping")
@@ -129,8 +130,8 @@ def _replay(facts: DataFacts) -> tuple[dict, str]:
     why = f"{REPLAY_RATIO:.0%} of each epoch: the untuned model's own answers to general instructions"
     if not facts.kl_supported:
         return {"path": "self", "ratio": REPLAY_RATIO}, why + " (no KL: the method or model has no logits of its own at each position)"
-    return ({"path": "self", "ratio": REPLAY_RATIO, "kl": REPLAY_KL},
-            why + f", {REPLAY_KL:.0%} of their loss the KL from its next-token distributions")
+    share = "their loss" if REPLAY_KL == 1 else f"{REPLAY_KL:.0%} of their loss"
+    return {"path": "self", "ratio": REPLAY_RATIO, "kl": REPLAY_KL}, why + f", {share} the KL from its next-token distributions"
 
 
 def _rate(facts: DataFacts, with_kl: bool) -> tuple[float, str]:
