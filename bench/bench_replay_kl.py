@@ -45,7 +45,7 @@ def time_loss(name: str, loss, model, batches) -> float:
         value = loss(model, batch)
         value.backward()
         model.zero_grad()
-        total += float(value)
+        total += float(value.detach())
     seconds = (time.perf_counter() - start) / len(batches)
     print(f"{name:<28} {seconds * 1000:8.0f} ms a micro-batch   (mean summed loss {total / len(batches):.4f})")
     return seconds
