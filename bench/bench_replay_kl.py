@@ -12,7 +12,6 @@ the two must give the same loss (tests/recipes/test_mixture.py checks value and 
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
@@ -57,31 +56,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tunelab.config import load_config
+    from tunelab.config.load import method_options
     from tunelab.methods import get_method
     from tunelab.models.load import resolve_model_path
-    from tunelab.stages.replay import _switched_off
-    from tunelab.training.distill import distill_loss_sum
+    from tunelab.stages.replay import replay_kl_loss
 
     torch.manual_seed(0)
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     batches = replay_batches(args.model, tokenizer, args.batch, args.steps)
     base = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    frozen = copy.deepcopy(base).eval().requires_grad_(False)
-    size = sum(p.numel() * p.element_size() for p in frozen.parameters()) / 2**20
-    tuned = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=True)).train()
-    lora = get_method("lora")
-    print(f"{args.model}: {args.steps} replay micro-batches of {args.batch}, LoRA r=16; the frozen copy holds {size:,.0f} MiB")
-
-    def live(model, batch):
-        return distill_loss_sum(model, model, batch, kind="forward_kl", alpha=0.5, teacher_context=lambda: _switched_off(lora, model))
-
-    def copied(model, batch):
-        return distill_loss_sum(model, frozen, batch, kind="forward_kl", alpha=0.5)
-
+    overrides = [f"model={args.model}", "data.train=x.jsonl", "data.replay={path: self, ratio: 0.2, kl: 0.5}"]
+    lora, full = load_config(None, overrides), load_config(None, [*overrides, "method.name=full"])
+    said = Console(stderr=True)
+    live = replay_kl_loss(lora, base, lambda model: model, said)["replay"]  # the shipped code, both ways
+    copied = replay_kl_loss(full, base, lambda model: model, said)["replay"]  # a frozen copy of base
+    tuned = get_method("lora").apply(base, method_options(lora)).train()
+    print(f"{args.model}: {args.steps} replay micro-batches of {args.batch}, LoRA r={method_options(lora).r}")
     a = time_loss("LoRA switched off (no copy)", live, tuned, batches)
     b = time_loss("frozen copy", copied, tuned, batches)
     print(f"switched off / copy: {a / b:.2f}x the time")
