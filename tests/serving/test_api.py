@@ -74,6 +74,7 @@ def test_health_and_metrics(client, server):
                  "tunelab_queue_depth", "tunelab_loaded_adapters 2.0", "tunelab_batch_rows_count"):
         assert name in text
     assert 'model="red",status="200"' in text
+    assert 'endpoint="/v1/chat/completions"' in text  # labelled by route template
 
 
 @pytest.mark.parametrize("model", ["red", "blue"])

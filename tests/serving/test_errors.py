@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -26,12 +27,46 @@ USER = [{"role": "user", "content": "Colour 1?"}]
     ({"model": "red", "messages": "hello"}, 422, "messages"),
     ({"messages": USER}, 422, "model"),
     ({"model": "red", "messages": USER, "stream": True, "n": 2}, 400, "n"),
+    ({"model": "red", "messages": USER, "n": 17}, 422, "n"),
+    ({"model": "red", "messages": USER, "seed": 2**63}, 422, "seed"),
+    ({"model": "red", "messages": USER, "seed": 2**64}, 422, "seed"),
+    ({"model": "red", "messages": USER, "seed": -(2**63) - 1}, 422, "seed"),
+    ({"model": "red", "messages": USER, "max_tokens": 2**64}, 400, "max_tokens"),
+    ({"model": "red", "messages": USER, "max_completion_tokens": 2**70}, 400, "max_tokens"),
+    ({"model": "red", "messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
+    ({"model": "red", "messages": USER, "stop": [f"s{i}" for i in range(10_000)]}, 422, "stop"),
+    ({"model": "red", "messages": USER, "stop": "x" * 513}, 422, "stop"),
 ])
 def test_malformed_chat_requests_get_a_4xx_with_an_error_body(server, body, status, param):
     reply = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=30)
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("chat/completions", {"model": "red", "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
+    ("chat/completions", {"model": "red", "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+     "messages.0.content.0.text"),
+    ("chat/completions", {"model": "red\ud800", "messages": USER}, "model"),
+    ("chat/completions", {"model": "red", "messages": USER, "stop": ["\ud800"]}, "stop.0"),
+    ("completions", {"model": "red", "prompt": ["fine", "\ud83d"]}, "prompt.1"),
+    ("load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp/\ud800"}, "lora_path"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(server, route, body, param):
+    # json.dumps writes the lone surrogate as the escape "\ud800", exactly what a client's JSON may hold
+    reply = httpx.post(f"{server}/v1/{route}", content=json.dumps(body).encode(),
+                       headers={"content-type": "application/json"}, timeout=30)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and "surrogate" in error["message"]
+
+
+def test_the_bounds_themselves_are_still_served(client):
+    reply = client.chat.completions.create(model="red", messages=USER, temperature=0, max_tokens=2, stop=["x" * 512, "a", "b", "c"])
+    assert reply.choices
+    for seed in (2**63 - 1, -(2**63)):
+        assert client.chat.completions.create(model="red", messages=USER, temperature=1, max_tokens=2, seed=seed).choices
 
 
 @pytest.mark.parametrize("content, headers", [(b'{"model": "red", "messages": [', {"content-type": "application/json"}),

@@ -9,13 +9,13 @@ that leaves the global random state alone, and per-sequence results with a finis
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 
 from tunelab.errors import TunelabError
 from tunelab.generation.settings import Completion, SamplingSettings
-from tunelab.generation.stops import StopStrings, cut_at_stop, end_of_turn_ids, ids_within
+from tunelab.generation.stops import StopMatcher, Stops, StopStrings, as_matcher, end_of_turn_ids, ids_within
 
 Prompt = Union[str, Sequence[dict]]
 
@@ -90,12 +90,13 @@ def seeded(seed: int | None, device: torch.device):
         yield
 
 
-def completion_of(tokenizer, generated: list[int], stop_ids: set[int], stop: tuple[str, ...], prompt_tokens: int) -> Completion:
-    """One row of ``generate``'s output cut at its first stop token or stop string."""
+def completion_of(tokenizer, generated: list[int], stop_ids: set[int], stop: Stops, prompt_tokens: int) -> Completion:
+    """One row of ``generate``'s output cut at its first stop token or stop string (``stop``: the strings or
+    their :class:`StopMatcher`)."""
     end = next((i for i, t in enumerate(generated) if t in stop_ids), None)
     ids = generated if end is None else generated[: end + 1]
     text = tokenizer.decode(ids if end is None else ids[:-1], skip_special_tokens=True)
-    text, hit = cut_at_stop(text, stop)
+    text, hit = as_matcher(stop).cut(text)
     if hit:
         ids = ids_within(tokenizer, ids, text)
     return Completion(token_ids=ids, text=text, finish_reason="stop" if (hit or end is not None) else "length",
@@ -120,7 +121,8 @@ def ignores_position_ids(model) -> bool:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Prompt], settings: SamplingSettings | None = None, *,
-             batch_size: int = 16, stop_token_ids: list[int] | None = None) -> list[Completion]:
+             batch_size: int = 16, stop_token_ids: list[int] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> list[Completion]:
     """Complete every prompt, ``batch_size`` at a time.
 
     Args:
@@ -132,6 +134,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], settings: SamplingSett
         batch_size: Prompts per ``generate`` call (1 for prompt-learning PEFT models, whose positions left
             padding would shift). Greedy results do not depend on it; sampled ones do.
         stop_token_ids: Tokens that end a completion; default :func:`end_of_turn_ids` of the tokenizer.
+        should_stop: Checked once per token; True ends every row at once (a server past its shutdown
+            deadline), the completions then hold what was generated so far.
 
     Returns:
         One :class:`Completion` per prompt, in order.
@@ -144,6 +148,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], settings: SamplingSett
     stop_ids = list(stop_token_ids) if stop_token_ids is not None else end_of_turn_ids(tokenizer)
     pad = pad_id(tokenizer, stop_ids)
     rows = [render_prompt(tokenizer, p) for p in prompts]
+    matcher = StopMatcher(settings.stop)
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -153,11 +158,11 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], settings: SamplingSett
             for start in range(0, len(rows), batch_size):
                 batch = rows[start: start + batch_size]
                 input_ids, attention_mask = left_pad(batch, pad, device)
-                criteria = StopStrings(tokenizer, settings.stop, input_ids.shape[1])
+                criteria = StopStrings(tokenizer, matcher, input_ids.shape[1], should_stop)
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=[criteria],
                                      **generate_kwargs(settings, stop_ids, pad))
                 new_tokens = out[:, input_ids.shape[1]:].tolist()  # (B, generated)
-                results += [completion_of(tokenizer, g, set(stop_ids), settings.stop, len(r)) for g, r in zip(new_tokens, batch)]
+                results += [completion_of(tokenizer, g, set(stop_ids), matcher, len(r)) for g, r in zip(new_tokens, batch)]
     finally:
         model.train(was_training)
     return results

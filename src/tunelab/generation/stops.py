@@ -8,9 +8,18 @@ right answer until ``max_new_tokens`` (seen with the Gemma 3 base model: every a
 Stop strings are checked on the decoded *completion* only, by a small ``StoppingCriteria``:
 transformers' own ``stop_strings`` also matches across the prompt/completion boundary (it looks at the
 whole sequence), which would end a completion on a stop string the model never generated.
+
+:class:`StopMatcher` finds the earliest of any number of stop strings in one pass: each step decodes a row's
+tail once and searches it with one compiled alternation (``re``, in C), so the cost of a step does not grow
+with the number of stop strings (10,000 of them took 38-115 s per request when the tail was decoded once per
+stop string). No extra dependency: the standard library's ``re`` and ``bisect`` do the job.
 """
 
 from __future__ import annotations
+
+import bisect
+import re
+from typing import Callable, Union
 
 import torch
 from transformers import StoppingCriteria
@@ -53,38 +62,99 @@ def longest_stop(stop: tuple[str, ...]) -> int:
     return max((len(s) for s in stop), default=0)
 
 
+class StopMatcher:
+    """The stop strings of one request, searched together.
+
+    Args:
+        stop: The stop strings (any number; duplicates are fine).
+
+    Attributes:
+        window: Tokens to decode at the end of a completion to see any stop string that ends there (a stop
+            of n characters lies within the last n tokens, plus slack for tokens that decode to part of a
+            character).
+    """
+
+    def __init__(self, stop: tuple[str, ...] = ()):
+        self.stop = tuple(stop)
+        self.longest = longest_stop(self.stop)
+        self.window = self.longest + 4
+        # Longest first, so that of two stops starting at one place the longer is the one reported.
+        ordered = sorted(set(self.stop), key=len, reverse=True)
+        self._pattern = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
+        self._sorted = sorted(set(self.stop))  # for "is this a prefix of a stop" by bisection
+
+    def __bool__(self) -> bool:
+        return bool(self.stop)
+
+    def find(self, text: str) -> int:
+        """Where the earliest stop string in ``text`` begins, -1 when none occurs."""
+        if self._pattern is None:
+            return -1
+        found = self._pattern.search(text)
+        return -1 if found is None else found.start()
+
+    def cut(self, text: str) -> tuple[str, bool]:
+        """(``text`` up to the first occurrence of any stop string, whether one occurred)."""
+        at = self.find(text)
+        return (text, False) if at < 0 else (text[:at], True)
+
+    def _begins_a_stop(self, piece: str) -> bool:
+        """Whether ``piece`` is a proper prefix of some stop string (the stops that begin with it sort together)."""
+        i = bisect.bisect_left(self._sorted, piece)
+        if i < len(self._sorted) and self._sorted[i] == piece:
+            i += 1
+        return i < len(self._sorted) and self._sorted[i].startswith(piece)
+
+    def safe_length(self, text: str) -> int:
+        """How much of ``text`` can be sent: not a trailing partial character, nor a tail that could begin a
+        stop string (checked against all stops at once, by bisection in the sorted stops)."""
+        end = len(text)
+        while end and text[end - 1] == "\ufffd":
+            end -= 1
+        for k in range(min(self.longest - 1, end), 0, -1):  # the longest tail that begins some stop string
+            if self._begins_a_stop(text[end - k:end]):
+                return end - k
+        return end
+
+
+Stops = Union[tuple[str, ...], StopMatcher]
+
+
+def as_matcher(stop: Stops) -> StopMatcher:
+    """``stop`` as a :class:`StopMatcher` (built once per request, not per token)."""
+    return stop if isinstance(stop, StopMatcher) else StopMatcher(stop)
+
+
 class StopStrings(StoppingCriteria):
     """Ends each row once its completion text (after ``prompt_length``) contains a stop string.
 
-    Only the last few tokens are decoded each step (a stop string of n characters lies within the last n
-    tokens plus a little slack for tokens that decode to part of a character), so the check costs the
-    same at every step. ``cancelled`` ends every row at the next step (a stream whose reader went away).
+    Only the last few tokens are decoded each step (:attr:`StopMatcher.window`), once per row, and searched
+    for every stop string at once, so the check costs the same at every step whatever the number of stops.
+    ``cancelled`` (or ``should_stop()`` returning True) ends every row at the next step (a stream whose reader
+    went away, a server past its shutdown deadline).
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_length: int):
-        self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
-        self.window = longest_stop(stop) + 4
+    def __init__(self, tokenizer, stop: Stops, prompt_length: int, should_stop: Callable[[], bool] | None = None):
+        self.tokenizer, self.matcher, self.prompt_length = tokenizer, as_matcher(stop), prompt_length
+        self.should_stop = should_stop
         self.cancelled = False
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if self.cancelled:
+        if self.cancelled or (self.should_stop is not None and self.should_stop()):
             return done.fill_(True)
-        if not self.stop:
+        if not self.matcher:
             return done
-        start = max(self.prompt_length, input_ids.shape[1] - self.window)
+        start = max(self.prompt_length, input_ids.shape[1] - self.matcher.window)
         tails = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
         for row, tail in enumerate(tails):
-            done[row] = any(s in tail for s in self.stop)
+            done[row] = self.matcher.find(tail) >= 0
         return done
 
 
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: Stops) -> tuple[str, bool]:
     """(``text`` up to the first occurrence of any stop string, whether one occurred)."""
-    positions = [i for i in (text.find(s) for s in stop) if i >= 0]
-    if not positions:
-        return text, False
-    return text[: min(positions)], True
+    return as_matcher(stop).cut(text)
 
 
 def ids_within(tokenizer, ids: list[int], text: str) -> list[int]:

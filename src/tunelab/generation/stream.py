@@ -19,7 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 from tunelab.generation.generate import (Prompt, generate_kwargs, left_pad, model_device, pad_id,
                                          render_prompt, seeded)
 from tunelab.generation.settings import SamplingSettings
-from tunelab.generation.stops import StopStrings, cut_at_stop, end_of_turn_ids
+from tunelab.generation.stops import StopMatcher, Stops, StopStrings, as_matcher, end_of_turn_ids
 
 _DONE = object()
 
@@ -47,15 +47,9 @@ class _DeltaStreamer(BaseStreamer):
         self.queue.put(_DONE)
 
 
-def safe_length(text: str, stop: tuple[str, ...]) -> int:
+def safe_length(text: str, stop: Stops) -> int:
     """How much of ``text`` can be sent: not a trailing partial character, nor a tail that could begin a stop string."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    hold = 0
-    for s in stop:
-        hold = max(hold, next((k for k in range(min(len(s) - 1, end), 0, -1) if text[:end].endswith(s[:k])), 0))
-    return end - hold
+    return as_matcher(stop).safe_length(text)
 
 
 def stream(model, tokenizer, prompt: Prompt, settings: SamplingSettings | None = None, *,
@@ -80,7 +74,8 @@ def stream(model, tokenizer, prompt: Prompt, settings: SamplingSettings | None =
     device = model_device(model)
     input_ids, attention_mask = left_pad([row], pad, device)
     streamer = _DeltaStreamer(set(stop_ids))
-    criteria = StopStrings(tokenizer, settings.stop, input_ids.shape[1])
+    matcher = StopMatcher(settings.stop)
+    criteria = StopStrings(tokenizer, matcher, input_ids.shape[1])
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -97,7 +92,7 @@ def stream(model, tokenizer, prompt: Prompt, settings: SamplingSettings | None =
     thread = threading.Thread(target=run, name="tunelab-generate-stream", daemon=True)
     thread.start()
     try:
-        yield from _deltas(tokenizer, streamer, settings.stop)
+        yield from _deltas(tokenizer, streamer, matcher)
     finally:
         criteria.cancelled = True
         thread.join()
@@ -106,7 +101,7 @@ def stream(model, tokenizer, prompt: Prompt, settings: SamplingSettings | None =
         raise failure[0]
 
 
-def _deltas(tokenizer, streamer: _DeltaStreamer, stop: tuple[str, ...]) -> Iterator[str]:
+def _deltas(tokenizer, streamer: _DeltaStreamer, stop: StopMatcher) -> Iterator[str]:
     """Decode the growing completion and yield what became safe to send since the last delta."""
     ids: list[int] = []
     sent = 0
@@ -115,16 +110,16 @@ def _deltas(tokenizer, streamer: _DeltaStreamer, stop: tuple[str, ...]) -> Itera
         if item is _DONE:
             break
         ids.append(item)
-        text, hit = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
+        text, hit = stop.cut(tokenizer.decode(ids, skip_special_tokens=True))
         if hit:
             if len(text) > sent:
                 yield text[sent:]
             sent = len(text)
             return
-        safe = safe_length(text, stop)
+        safe = stop.safe_length(text)
         if safe > sent:
             yield text[sent:safe]
             sent = safe
-    text, _ = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
+    text, _ = stop.cut(tokenizer.decode(ids, skip_special_tokens=True))
     if len(text) > sent:
         yield text[sent:]

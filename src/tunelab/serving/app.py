@@ -3,8 +3,14 @@
 Routes and bodies follow OpenAI's API and, for adapters, vLLM's (``/v1/models`` entries carry ``parent`` and
 ``root``; ``POST /v1/load_lora_adapter`` takes ``lora_name`` and ``lora_path``). Every refusal has OpenAI's
 error body, so the official clients raise their usual exceptions: 400 for a request that cannot be answered,
-401 for a missing or wrong API key, 404 for an unknown model, 422 for wrong types, 429 (with
-``Retry-After``) when the queue is full.
+401 for a missing or wrong API key, 404 for an unknown model, 413 for a body over the size bound, 422 for
+wrong types, 429 (with ``Retry-After``) when the queue is full.
+
+In front of the routes: :class:`tunelab.webguard.HostGuardMiddleware` (a ``Host`` the server is not reached by
+is a 400, a browser ``Origin`` of another site on a POST a 403: DNS rebinding), then the body bound of
+``serving.limits``, whose docstring lists every limit, its default and its flag. ``/metrics`` counts requests
+by route template (``/v1/chat/completions``; unknown paths as ``unmatched``), so its size stays bounded, and
+wants the API key as ``/v1`` does.
 """
 
 from __future__ import annotations  # FastAPI resolves the route annotations from this module's globals
@@ -20,20 +26,32 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from tunelab.errors import TunelabError
-from tunelab.serving.metrics import Metrics
+from tunelab.serving.limits import BodyLimitMiddleware, Limits, check_prompt_chars
+from tunelab.serving.metrics import UNMATCHED, Metrics
 from tunelab.serving.models import Registry, ServedModel
 from tunelab.serving.protocol import (APIError, ChatRequest, CompletionRequest, LoadLoraRequest, SamplingFields,
                                       UnloadLoraRequest, chat_chunk, chat_response, completion_response, error_body,
-                                      new_id, stream_chunk, usage_chunk)
-from tunelab.serving.scheduler import Job, QueueFull
+                                      new_id, require_text, stream_chunk, usage_chunk)
+from tunelab.serving.scheduler import Job, QueueFull, ShutDown
+from tunelab.webguard import HostGuard, HostGuardMiddleware
 
 _DONE = object()
+_KEYED = ("/v1", "/metrics")  # the paths that want the API key when one is set
+
+
+class _ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error may quote what the client sent, which need not be valid UTF-8 text."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content).encode()
 
 
 def create_app(registry: Registry, *, api_key: str | None = None, max_pending: int = 64, max_batch_rows: int = 16,
-               default_max_tokens: int = 256, batching: str = "continuous", mix_adapters: bool = True):
+               default_max_tokens: int = 256, batching: str = "continuous", mix_adapters: bool = True,
+               limits: Limits | None = None, host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = ()):
     """The FastAPI application serving ``registry``'s models.
 
     Args:
@@ -46,7 +64,12 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_pending: i
             of one base in one batch: ``serving.continuous``) or ``dynamic`` (whole ``generate`` calls per
             model: ``serving.scheduler``).
         mix_adapters: With continuous batching, rows of different LoRA adapters of one base in one batch.
+        limits: Per-request bounds (body size, prompts, rows) and the drain on shutdown; default ``Limits()``.
+        host: The address or name the server is bound to; requests must reach it by it, an IP literal,
+            ``localhost`` or one of ``allowed_hosts`` (``Host`` header).
+        allowed_hosts: Further names the server is reached by (``--allowed-host``); ``*`` allows any.
     """
+    limits = limits or Limits()
     if batching not in ("continuous", "dynamic"):
         raise TunelabError(f"batching {batching!r}: use continuous or dynamic")
     if batching == "continuous":
@@ -62,12 +85,16 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_pending: i
     async def lifespan(app):
         scheduler.start()
         yield
-        await asyncio.to_thread(scheduler.stop)  # uvicorn drained the connections; finish what was admitted
+        # uvicorn drained the requests for drain_seconds and cancelled the rest; what the decoding thread still
+        # holds belongs to no one, so it gets a few seconds to end its step before it is cancelled.
+        await asyncio.to_thread(scheduler.stop, limits.stop_seconds)
 
     app = FastAPI(title="tunelab serve", lifespan=lifespan)
     app.state.registry, app.state.scheduler, app.state.metrics = registry, scheduler, metrics
-    app.state.default_max_tokens = default_max_tokens
+    app.state.default_max_tokens, app.state.limits = default_max_tokens, limits
     _install_errors_and_auth(app, api_key, metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(HostGuardMiddleware, guard=HostGuard(host, allowed_hosts))  # added last: runs first
     _add_info_routes(app)
     _add_completion_routes(app)
     _add_adapter_routes(app)
@@ -77,43 +104,54 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_pending: i
 def _install_errors_and_auth(app, api_key: str | None, metrics: Metrics) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return _ErrorResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
+            return _ErrorResponse(error_body("the request body is not valid JSON"), status_code=400)
         if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # a list, a string, or no body at all
-            return JSONResponse(error_body("the request body must be a JSON object (Content-Type: application/json)"),
-                                status_code=400)
+            return _ErrorResponse(error_body("the request body must be a JSON object (Content-Type: application/json)"),
+                                  status_code=400)
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in errors)
-        return JSONResponse(error_body(message or "invalid request", param=where or None), status_code=422)
+        return _ErrorResponse(error_body(message or "invalid request", param=where or None), status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return JSONResponse(error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
+        return _ErrorResponse(error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
 
     @app.middleware("http")
     async def guard_and_count(request: Request, call_next):
         started = time.monotonic()
-        if api_key and request.url.path.startswith("/v1"):
+        route = _route_template(app, request.scope)
+        if api_key and request.url.path.startswith(_KEYED):
             sent = request.headers.get("authorization", "")
             if not hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
-                metrics.observe_request(request.url.path, "", 401)
-                return JSONResponse(error_body("missing or wrong API key: send 'Authorization: Bearer <key>' with the "
-                                               "key the server was started with (--api-key)", code="invalid_api_key"),
-                                    status_code=401)
+                metrics.observe_request(route, "", 401)
+                return _ErrorResponse(error_body("missing or wrong API key: send 'Authorization: Bearer <key>' with "
+                                                 "the key the server was started with (--api-key)",
+                                                 code="invalid_api_key"), status_code=401)
         try:
             response = await call_next(request)
         except Exception as exc:  # noqa: BLE001 - a bug answers 500 with a body; the server keeps serving
-            response = JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", type="server_error"),
-                                    status_code=500)
+            response = _ErrorResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", type="server_error"),
+                                      status_code=500)
         model = getattr(request.state, "model", "")
-        metrics.observe_request(request.url.path, model, response.status_code, time.monotonic() - started)
+        metrics.observe_request(route, model, response.status_code, time.monotonic() - started)
         return response
+
+
+def _route_template(app, scope) -> str:
+    """The path template of the route ``scope`` matches (``/v1/models``), else ``unmatched``: metric labels
+    must come from a bounded set, never from the raw path a client chose."""
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:  # PARTIAL: the path matches, the method does not (405)
+            return route.path
+    return UNMATCHED
 
 
 def _add_info_routes(app) -> None:
@@ -146,11 +184,19 @@ def _lookup(app, request, name: str) -> ServedModel:
 
 
 def _prompt_length(served: ServedModel, prompt: Any) -> int:
-    """Tokens of the rendered prompt; a conversation the chat template refuses is the client's mistake (400)."""
+    """Tokens of the rendered prompt; a conversation the chat template refuses is the client's mistake (400).
+
+    A prompt whose characters alone cannot fit the context is refused before it is tokenized, so a huge prompt
+    costs no tokenizer memory.
+    """
     from jinja2 import TemplateError
 
     from tunelab.generation import render_prompt
 
+    if isinstance(prompt, str):
+        check_prompt_chars(len(prompt), served.context, "prompt")
+    else:
+        check_prompt_chars(sum(len(m["content"]) for m in prompt), served.context, "messages")
     try:
         return len(render_prompt(served.tokenizer, prompt))
     except (TunelabError, TemplateError) as exc:
@@ -177,6 +223,8 @@ async def _result(job: Job, future) -> list:
     except asyncio.CancelledError:
         job.cancelled = True  # the client went away before its turn: the worker skips it
         raise
+    except ShutDown as exc:  # the drain deadline passed: the server's state, not the request, ended it
+        raise APIError(503, str(exc), type="server_error", headers={"Retry-After": "5"}) from None
     except TunelabError as exc:
         raise APIError(400, str(exc)) from None
 
@@ -184,6 +232,7 @@ async def _result(job: Job, future) -> list:
 def _add_completion_routes(app) -> None:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
+        require_text(body)
         served = _lookup(app, request, body.model)
         conversation = body.conversation()
         if body.stream:
@@ -196,8 +245,10 @@ def _add_completion_routes(app) -> None:
 
     @app.post("/v1/completions")
     async def complete(body: CompletionRequest, request: Request):
+        require_text(body)
         served = _lookup(app, request, body.model)
         prompts = body.prompts()
+        app.state.limits.check_rows(len(prompts), body.n)
         if body.stream:
             if len(prompts) > 1:
                 raise APIError(400, "stream with several prompts is not supported: send one prompt per request", param="prompt")
@@ -251,6 +302,7 @@ async def _streamed(app, served: ServedModel, body: SamplingFields, prompt: Any,
 def _add_adapter_routes(app) -> None:
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadLoraRequest):
+        require_text(body)
         try:
             await asyncio.to_thread(app.state.registry.load, body.lora_name, body.lora_path)
         except TunelabError as exc:
@@ -259,6 +311,7 @@ def _add_adapter_routes(app) -> None:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: UnloadLoraRequest):
+        require_text(body)
         if app.state.registry.get(body.lora_name) is None:
             raise APIError(404, f"adapter {body.lora_name!r} is not loaded; GET /v1/models lists what is",
                            param="lora_name", code="model_not_found")

@@ -67,13 +67,22 @@ def serve_command(
                                       "requests for different LoRA adapters of one base in one batch (peft's per-row "
                                       "routing), or one adapter per batch"),
     watch: Optional[Path] = typer.Option(None, "--watch", help="a run being trained: serve each new checkpoint as NAME@step-N"),
+    allowed_host: Annotated[Optional[list[str]], typer.Option("--allowed-host", help="a host name clients reach the "
+                            "server by (repeatable; IP addresses, localhost and --host always work): other Host "
+                            "headers are refused, which stops DNS-rebinding web pages")] = None,
+    max_body_bytes: int = typer.Option(4 * 1024 * 1024, "--max-body-bytes", min=1, help="largest request body; "
+                                       "larger ones are answered 413"),
+    max_prompts: int = typer.Option(64, "--max-prompts", min=1, help="prompts one /v1/completions request may send"),
+    max_rows: int = typer.Option(128, "--max-rows", min=1, help="completions one request may ask for (prompts x n)"),
+    drain_seconds: float = typer.Option(30.0, "--drain-seconds", min=0, help="on Ctrl-C or SIGTERM, how long running "
+                                        "requests may finish before they are cancelled"),
 ) -> None:
     """Serve a base model and its adapters with OpenAI's API (chat, completions, models) on one base in memory.
 
     The request's `model` picks the base or an adapter; each adapter answers with its own run's chat template,
     so greedy answers equal `tunelab eval`'s predictions. Adapters load and unload at runtime with vLLM's
-    routes (POST /v1/load_lora_adapter, /v1/unload_lora_adapter). Ctrl-C stops accepting requests, finishes
-    the admitted ones, and exits.
+    routes (POST /v1/load_lora_adapter, /v1/unload_lora_adapter). Ctrl-C stops accepting requests, lets
+    the admitted ones finish for --drain-seconds, cancels the rest, and exits.
     """
     adapters = parse_adapters(adapter or [])
     if engine == "vllm":
@@ -84,11 +93,13 @@ def serve_command(
         raise TunelabError(f"--batching {batching!r}: use continuous or dynamic")
     _need_serve_extra()
     from tunelab.serving.app import create_app
+    from tunelab.serving.limits import Limits
     from tunelab.serving.server import run_server
 
+    limits = Limits(max_body_bytes=max_body_bytes, max_prompts=max_prompts, max_rows=max_rows, drain_seconds=drain_seconds)
     registry = _load_registry(target, adapters, name)
     app = create_app(registry, api_key=api_key, max_pending=max_pending, max_batch_rows=max_batch, batching=batching,
-                     mix_adapters=mix_adapters)
+                     mix_adapters=mix_adapters, limits=limits, host=host, allowed_hosts=tuple(allowed_host or ()))
     if watch is not None:
         from tunelab.serving.watch import CheckpointWatcher
 
@@ -99,7 +110,7 @@ def serve_command(
     ids = ", ".join(m.id for m in registry.entries())
     console.print(f"Serving [bold]{ids}[/] on http://{host}:{port}/v1 (OpenAI API); Ctrl-C to stop", soft_wrap=True)
     try:
-        run_server(app, host, port)
+        run_server(app, host, port, drain_seconds=drain_seconds)
     finally:
         if watch is not None:
             app.state.watcher.stop()

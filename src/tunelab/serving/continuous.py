@@ -18,69 +18,26 @@ running batch has drained.
 
 Hand-written because transformers' continuous batching (``generate_batch``, paged attention) and vLLM's
 scheduler do not take peft adapters per row, and S-LoRA/Punica-style mixed-adapter batching is exactly
-what this server is for; the tensors are transformers' ``DynamicCache`` layers, nothing else is ours.
+what this server is for; the tensors are transformers' ``DynamicCache`` layers, nothing else is ours (the batch's bookkeeping is in
+``serving.batching``).
+
+Rows, not jobs, are admitted: a job larger than the bounds joins a slice of rows at a time, and its answer is
+handed out once every row has ended, in row order, whatever the step each row ended at. Each row of a sampled
+job draws from its own generator (seeded from the job's seed and the row's index).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.generation import Completion
-from tunelab.generation.generate import completion_of, ignores_position_ids, left_pad, render_prompt
-from tunelab.generation.stops import cut_at_stop, end_of_turn_ids, longest_stop
-from tunelab.generation.stream import safe_length
-from tunelab.serving.scheduler import Job, Scheduler
-
-
-@dataclass(eq=False)
-class Row:
-    """One prompt of a job decoding in the running batch."""
-
-    job: Job
-    choice: int
-    prompt: list[int]
-    stop_ids: set[int]
-    adapter: str
-    out: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of a streamed row's text already sent
-    finish: str | None = None
-
-
-@dataclass
-class Running:
-    """The rows decoding together, their KV cache and attention mask (B, L), and each row's newest token."""
-
-    group: tuple
-    rows: list[Row]
-    cache: Any
-    mask: torch.Tensor
-    last: torch.Tensor
-
-
-def group_of(job: Job, mix_adapters: bool = False) -> tuple:
-    """Jobs with the same group can share a forward pass: one model, or one adapter of a base; with
-    ``mix_adapters`` every LoRA adapter of one base (and the base) together."""
-    served = job.model
-    backbone = served.backbone
-    if backbone is None:
-        return ("model", id(served.model))
-    if mix_adapters and (backbone.peft is None or backbone.peft_type == "LORA"):
-        return ("lora", id(backbone))
-    return ("adapter", id(backbone), served.adapter)
-
-
-def fits_the_cache(job: Job) -> bool:
-    """Whether the job's model decodes with a plain left-padded cache (no sliding window, positions honoured)."""
-    served = job.model
-    module = served.model if served.backbone is None else served.backbone.base
-    config = getattr(module, "config", None)
-    sliding = getattr(config, "sliding_window", None) and "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"])
-    return not sliding and not ignores_position_ids(module)
+from tunelab.generation.generate import completion_of, left_pad, render_prompt
+from tunelab.generation.stops import StopMatcher, end_of_turn_ids
+from tunelab.serving.batching import (Row, Running, device_of, fits_the_cache, group_of, join, keep_rows, loaded,
+                                      row_generator)
+from tunelab.serving.scheduler import Job, Scheduler, Slice, settle
 
 
 class ContinuousScheduler(Scheduler):
@@ -96,46 +53,37 @@ class ContinuousScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.mix_adapters = mix_adapters
         self.batch: Running | None = None
-        self.joining = 0  # jobs taken off the queue, not yet in the batch (waiting for the registry lock, prefilling)
-        self.generators: dict[int, torch.Generator] = {}
-
-    @property
-    def depth(self) -> int:
-        """Jobs waiting, joining or decoding."""
-        return len(self.pending) + self.joining + (len({id(r.job) for r in self.batch.rows}) if self.batch else 0)
 
     def _work(self) -> None:
         while True:
             with self.cond:
                 while not self.pending and self.batch is None and not self.stopping:
                     self.cond.wait()
-                if not self.pending and self.batch is None:
+                if self.aborted or (not self.pending and self.batch is None):
+                    self.batch = None  # past the deadline stop() failed every job: drop the cache and end
                     return
                 admitted, alone = self._admit()
-                self.joining = len(admitted) + (alone is not None)
             started = time.monotonic()
             try:
                 if alone is not None:
                     self._decode_alone(alone)
                 if admitted:
-                    self._guarded(admitted, self._prefill)
-                self.joining = 0
+                    self._guarded([job for job, _, _ in admitted], lambda jobs: self._prefill(admitted))
                 if self.batch is not None:
                     self._guarded([r.job for r in self.batch.rows], lambda jobs: self._step())
             finally:
                 if self.batch is not None or admitted:
                     self.on_batch(len(self.batch.rows) if self.batch else 0, time.monotonic() - started)
 
-    def _admit(self) -> tuple[list[Job], Job | None]:
-        """The waiting jobs that join the batch, or a job to decode alone (when no batch runs).
+    def _admit(self) -> tuple[list[Slice], Job | None]:
+        """The rows of waiting jobs that join the batch, or a job to decode alone (when no batch runs).
 
-        A new batch takes the oldest job's group and every waiting job of that group (others keep their place);
-        a running batch takes newcomers of its group only while no job of another group waits, so that job
-        waits at most for the batch to drain.
+        A new batch takes the oldest job's group and the waiting jobs of that group, in order, while their rows
+        fit the bounds (the last may join with part of its rows, the rest waits at the front); a running batch
+        takes newcomers of its group only while no job of another group waits, so that job waits at most for
+        the batch to drain.
         """
-        for job in [j for j in self.pending if j.cancelled]:
-            self.pending.remove(job)
-            job.future.cancel()
+        self._drop_dead()
         if not self.pending:
             return [], None
         if self.batch is None and not fits_the_cache(self.pending[0]):
@@ -145,15 +93,18 @@ class ContinuousScheduler(Scheduler):
         if self.batch is not None and len(mine) < len(self.pending):
             return [], None  # another model's request waits: let this batch drain
         rows = len(self.batch.rows) if self.batch else 0
-        tokens = sum(len(r.prompt) + r.job.settings.max_new_tokens for r in self.batch.rows) if self.batch else 0
-        admitted = []
+        tokens = sum(r.job.row_tokens for r in self.batch.rows) if self.batch else 0  # counted as the dynamic one does
+        admitted: list[Slice] = []
         for job in mine:
-            fits = rows + len(job.prompts) <= self.max_batch_rows and tokens + job.tokens <= self.max_batch_tokens
-            if not (fits or (rows == 0 and not admitted)):
+            take = job.rows_that_fit(rows, tokens, self.max_batch_rows, self.max_batch_tokens)
+            if not take:
                 break
+            admitted.append((job, job.taken, job.taken + take))
+            job.taken += take
+            rows, tokens = rows + take, tokens + take * job.row_tokens
+            if job.taken < len(job.prompts):
+                break  # its other rows join once some leave
             self.pending.remove(job)
-            admitted.append(job)
-            rows, tokens = rows + len(job.prompts), tokens + job.tokens
         return admitted, None
 
     def _guarded(self, jobs: list[Job], work) -> None:
@@ -163,31 +114,32 @@ class ContinuousScheduler(Scheduler):
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting requests
             failed = {id(j) for j in jobs}
             for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+                settle(job.future, error=exc)
             if self.batch is not None:
                 self._keep([i for i, r in enumerate(self.batch.rows) if id(r.job) not in failed])
 
     def _decode_alone(self, job: Job) -> None:
-        """A job whose model the batch's cache does not fit: ``generate`` (or ``stream``) on its own."""
+        """A job whose model the batch's cache does not fit: ``generate`` (or ``stream``) on its own, a slice of
+        rows within the bounds at a time."""
         try:
             if job.on_delta is not None:
                 self._stream(job)
-            else:
-                self._decode([job])
+                return
+            size = job.rows_that_fit(0, 0, self.max_batch_rows, self.max_batch_tokens)
+            for start in range(0, len(job.prompts), size):
+                if self.aborted or job.future.done():
+                    return
+                self._decode([(job, start, min(start + size, len(job.prompts)))])
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
-            if not job.future.done():
-                job.future.set_exception(exc)
+            settle(job.future, error=exc)
 
-    def _forward(self, rows: list[Row], **inputs) -> tuple[torch.Tensor, Any]:
+    def _forward(self, rows: list[Row], **inputs) -> tuple[torch.Tensor, object]:
         """Last-position logits of ``rows`` (each through its adapter) and the updated cache, under the registry lock."""
         served = rows[0].job.model
         with self.registry.lock, torch.no_grad():
             backbone = served.backbone
             mixed = len({r.adapter for r in rows}) > 1
             if mixed and backbone is not None and backbone.peft is not None and backbone.peft_type == "LORA":
-                if not all(_loaded(r) for r in rows):
-                    raise TunelabError("an adapter was unloaded while its request decoded; load it again")
                 backbone.peft.eval()  # peft refuses adapter_names in training mode
                 out = backbone.peft(**inputs, adapter_names=[r.adapter for r in rows], use_cache=True, logits_to_keep=1)
             else:  # one model or one adapter: its plain forward (peft's per-row routing costs extra small matmuls)
@@ -196,50 +148,60 @@ class ContinuousScheduler(Scheduler):
                     out = module(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float(), out.past_key_values
 
-    def _prefill(self, jobs: list[Job]) -> None:
+    def _rows(self, slices: list[Slice]) -> list[Row]:
+        """The rows of ``slices``, each prompt rendered once (a request's ``n`` copies share it)."""
         rows = []
-        for job in jobs:
-            tokenizer = job.model.tokenizer
-            stop_ids = set(end_of_turn_ids(tokenizer))
-            for choice, prompt in enumerate(job.prompts):
-                rows.append(Row(job, choice, render_prompt(tokenizer, prompt), stop_ids, job.model.adapter or "__base__"))
-            if not job.settings.greedy:
-                generator = torch.Generator(device="cpu")
-                if job.settings.seed is not None:
-                    generator.manual_seed(job.settings.seed)
-                else:
-                    generator.seed()
-                self.generators[id(job)] = generator
-        device = _device(jobs[0])
-        ids, mask = left_pad([r.prompt for r in rows], 0, device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        for job, start, stop in slices:
+            tokenizer, rendered = job.model.tokenizer, {}
+            stop_ids, stops = set(end_of_turn_ids(tokenizer)), StopMatcher(job.settings.stop)
+            for choice in range(start, stop):
+                prompt = job.prompts[choice]
+                if id(prompt) not in rendered:
+                    rendered[id(prompt)] = render_prompt(tokenizer, prompt)
+                rows.append(Row(job, choice, rendered[id(prompt)], stop_ids, job.model.adapter or "__base__", stops,
+                                row_generator(job, choice)))
+        return rows
+
+    def _prefill(self, slices: list[Slice]) -> None:
         from transformers import DynamicCache
 
-        logits, cache = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=positions,
-                                      past_key_values=DynamicCache())
-        new = Running(self.batch.group if self.batch else group_of(jobs[0], self.mix_adapters), rows, cache, mask, self._sample(rows, logits))
-        self.batch = new if self.batch is None else _join(self.batch, new)
+        with self.registry.lock:  # an adapter unloaded past Registry.unload's wait ends its own rows only
+            rows = [r for r in self._rows(slices) if self._still_loaded(r)]
+            if not rows:
+                return
+            ids, mask = left_pad([r.prompt for r in rows], 0, device_of(rows[0].job))
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits, cache = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=positions,
+                                          past_key_values=DynamicCache())
+        group = self.batch.group if self.batch else group_of(rows[0].job, self.mix_adapters)
+        new = Running(group, rows, cache, mask, self._sample(rows, logits))
+        self.batch = new if self.batch is None else join(self.batch, new)
         self._advance(new.rows, new.last)
 
+    def _still_loaded(self, row: Row) -> bool:
+        if loaded(row):
+            return True
+        settle(row.job.future, error=TunelabError(f"adapter {row.job.model.id!r} was unloaded while this request "
+                                                  "decoded; load it again"))
+        return False
+
     def _step(self) -> None:
-        gone = [r for r in self.batch.rows if not _loaded(r)]
-        for job in {id(r.job): r.job for r in gone}.values():
-            job.future.set_exception(TunelabError(f"adapter {job.model.id!r} was unloaded while this request decoded; load it again"))
-        if gone:
-            self._keep([i for i, r in enumerate(self.batch.rows) if _loaded(r)])
-            if self.batch is None:
-                return
-        batch = self.batch
-        mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
-        positions = mask.sum(-1, keepdim=True) - 1
-        logits, batch.cache = self._forward(batch.rows, input_ids=batch.last[:, None], attention_mask=mask,
-                                            position_ids=positions, past_key_values=batch.cache)
+        with self.registry.lock:
+            if [r for r in list(self.batch.rows) if not self._still_loaded(r)]:
+                self._keep([i for i, r in enumerate(self.batch.rows) if loaded(r)])
+                if self.batch is None:
+                    return
+            batch = self.batch
+            mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
+            positions = mask.sum(-1, keepdim=True) - 1
+            logits, batch.cache = self._forward(batch.rows, input_ids=batch.last[:, None], attention_mask=mask,
+                                                position_ids=positions, past_key_values=batch.cache)
         batch.mask = mask
         batch.last = self._sample(batch.rows, logits)
         self._advance(batch.rows, batch.last)
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
-        """Each row's next token: the argmax (greedy), else drawn at its job's temperature and top_p from the job's generator."""
+        """Each row's next token: the argmax (greedy), else drawn at its job's temperature and top_p from the row's generator."""
         chosen = logits.argmax(-1)
         for i, row in enumerate(rows):
             settings = row.job.settings
@@ -250,11 +212,14 @@ class ContinuousScheduler(Scheduler):
                 ordered, order = probs.sort(descending=True)
                 outside = ordered.cumsum(-1) - ordered > settings.top_p  # keep the smallest set reaching top_p
                 probs = probs.scatter(0, order, ordered.masked_fill(outside, 0.0))
-            chosen[i] = torch.multinomial(probs, 1, generator=self.generators[id(row.job)]).item()
+            chosen[i] = torch.multinomial(probs, 1, generator=row.generator).item()
         return chosen
 
     def _advance(self, rows: list[Row], tokens: torch.Tensor) -> None:
-        """Append each row's new token, send streamed text, finish the rows that ended and the jobs all of whose rows did."""
+        """Append each row's new token, send streamed text, finish the rows that ended and the jobs all of whose rows did.
+
+        Stop strings: the row's tail is decoded once and searched for all its stop strings in one pass.
+        """
         for row, token in zip(rows, tokens.tolist()):
             row.out.append(token)
             settings, tokenizer = row.job.settings, row.job.model.tokenizer
@@ -262,8 +227,7 @@ class ContinuousScheduler(Scheduler):
                 row.finish = "cancelled"
             elif token in row.stop_ids:
                 row.finish = "stop"
-            elif settings.stop and any(s in tokenizer.decode(row.out[-(longest_stop(settings.stop) + 4):], skip_special_tokens=True)
-                                       for s in settings.stop):
+            elif row.stops and row.stops.find(tokenizer.decode(row.out[-row.stops.window:], skip_special_tokens=True)) >= 0:
                 row.finish = "stop"
             elif len(row.out) >= settings.max_new_tokens:
                 row.finish = "length"
@@ -275,70 +239,26 @@ class ContinuousScheduler(Scheduler):
 
     def _send(self, row: Row) -> None:
         ids = row.out[:-1] if row.out[-1] in row.stop_ids else row.out
-        text, hit = cut_at_stop(row.job.model.tokenizer.decode(ids, skip_special_tokens=True), row.job.settings.stop)
-        safe = len(text) if (hit or row.finish) else safe_length(text, row.job.settings.stop)
+        text, hit = row.stops.cut(row.job.model.tokenizer.decode(ids, skip_special_tokens=True))
+        safe = len(text) if (hit or row.finish) else row.stops.safe_length(text)
         if safe > row.sent:
             row.job.on_delta(text[row.sent:safe])
             row.sent = safe
 
     def _finish(self, ended: list[Row]) -> None:
-        for job in {id(r.job): r.job for r in ended}.values():
-            if job.cancelled:
-                if not job.future.done():
-                    job.future.set_result([])
-                continue
-            mine = [r for r in self.batch.rows if r.job is job]
-            if all(r.finish for r in mine) and not job.future.done():
-                self.generators.pop(id(job), None)
-                job.future.set_result([] if job.on_delta is not None else [self._answer(r) for r in sorted(mine, key=lambda r: r.choice)])
-
-    def _answer(self, row: Row) -> Completion:
-        return completion_of(row.job.model.tokenizer, row.out, row.stop_ids, row.job.settings.stop, len(row.prompt))
+        """Hand each ended row's completion to its job; the job's future resolves once all its rows have one."""
+        for row in ended:
+            job = row.job
+            if job.cancelled or job.on_delta is not None:
+                settle(job.future, [])  # a client gone away, or a stream whose text went out as deltas
+            else:
+                job.record(row.choice, [completion_of(job.model.tokenizer, row.out, row.stop_ids, row.stops, len(row.prompt))])
 
     def _keep(self, keep: list[int]) -> None:
-        """Only rows ``keep`` stay in the batch (and the cache); columns every row pads are dropped."""
-        batch = self.batch
+        """Only rows ``keep`` stay in the batch (and the cache); an empty batch ends."""
         if not keep:
             self.batch = None
             with self.cond:
                 self.cond.notify_all()
             return
-        if len(keep) < len(batch.rows):
-            index = torch.tensor(keep, device=batch.mask.device)
-            batch.rows = [batch.rows[i] for i in keep]
-            batch.mask, batch.last = batch.mask[index], batch.last[index]
-            for layer in batch.cache.layers:
-                layer.keys, layer.values = layer.keys[index], layer.values[index]
-        unused = int((batch.mask.sum(0) == 0).long().cumprod(0).sum())
-        if unused:
-            batch.mask = batch.mask[:, unused:]
-            for layer in batch.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
-
-
-def _loaded(row: Row) -> bool:
-    """Whether the row's adapter is still loaded (an unload between steps ends its request)."""
-    backbone = row.job.model.backbone
-    return backbone is None or row.adapter == "__base__" or row.adapter in backbone.adapters
-
-
-def _device(job: Job) -> torch.device:
-    served = job.model
-    module = served.model if served.backbone is None else served.backbone.base
-    return next(module.parameters()).device
-
-
-def _join(a: Running, b: Running) -> Running:
-    """One batch of ``a``'s rows then ``b``'s: the shorter cache padded on the left to the longer one's length."""
-    width = max(a.mask.shape[1], b.mask.shape[1])
-    for run in (a, b):
-        missing = width - run.mask.shape[1]
-        if missing:
-            run.mask = torch.nn.functional.pad(run.mask, (missing, 0))
-            for layer in run.cache.layers:
-                layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, missing, 0))
-                layer.values = torch.nn.functional.pad(layer.values, (0, 0, missing, 0))
-    for mine, theirs in zip(a.cache.layers, b.cache.layers):
-        mine.keys, mine.values = torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values])
-    return Running(a.group, a.rows + b.rows, a.cache, torch.cat([a.mask, b.mask]), torch.cat([a.last, b.last]))
-
+        keep_rows(self.batch, keep)

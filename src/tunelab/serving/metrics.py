@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+UNMATCHED = "unmatched"  # the endpoint label of every request that matched no route (404s of any path)
+
 
 class Metrics:
     """Requests, tokens, latency, batch sizes, queue depth and loaded adapters of one server.
@@ -17,6 +19,7 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
+        # ``endpoint`` is a route template (or UNMATCHED), never the raw path: clients must not grow the series.
         self.requests = Counter("tunelab_requests", "Requests answered, by endpoint, model and status code",
                                 ["endpoint", "model", "status"], registry=self.registry)
         self.prompt_tokens = Counter("tunelab_prompt_tokens", "Prompt tokens processed", ["model"], registry=self.registry)

@@ -9,7 +9,10 @@ served as its own model. Each adapter keeps the tokenizer saved with its run, so
 template it was trained with, as ``tunelab eval`` does.
 
 Every change of the loaded set and every decode happens under :attr:`Registry.lock`, so a batch never
-sees an adapter half loaded or its active adapter switched under it.
+sees an adapter half loaded or its active adapter switched under it. A queued request holds its model
+(:meth:`Registry.retain`): unloading takes the name away at once (new requests get 404) but removes the
+weights only once the requests already admitted for it have been answered, so a batch that mixes
+adapters never loses one under another adapter's rows.
 """
 
 from __future__ import annotations
@@ -110,6 +113,9 @@ class Registry:
 
         self.lock = threading.RLock()
         self.models: dict[str, ServedModel] = {}
+        self._uses: dict[str, int] = {}  # requests admitted and not answered, per model id
+        self._draining: set[str] = set()  # names being unloaded (waiting for their requests)
+        self._idle = threading.Condition()  # guards the two above; notified when a request is answered
         self.backbones: list[Backbone] = []
         run = open_run(base)
         spec = run.base_model if run is not None else base
@@ -148,6 +154,9 @@ class Registry:
         with self.lock:
             if name in self.models:
                 raise TunelabError(f"adapter name {name!r} is already loaded; unload it first or choose another name")
+            if name in self._draining:
+                raise TunelabError(f"adapter name {name!r} is being unloaded (its last requests are decoding); "
+                                   "load it again once the unload has returned, or choose another name")
             try:
                 served = self._load(name, Path(path))
             except TunelabError:
@@ -230,8 +239,33 @@ class Registry:
         backbone.adapters.add(name)
         return ServedModel(name, root, self.base_id, tokenizer, context_length(backbone.base), backbone, name)
 
-    def unload(self, name: str) -> None:
+    def retain(self, served: ServedModel) -> bool:
+        """Count one more request for ``served`` (until :meth:`release`); False if it is no longer served (an
+        entry of that name loaded since from elsewhere is not the same)."""
+        with self._idle:
+            now = self.models.get(served.id)
+            if now is None or not (now is served or (now.backbone is served.backbone and now.adapter == served.adapter
+                                                     and now.model is served.model)):
+                return False
+            self._uses[served.id] = self._uses.get(served.id, 0) + 1
+            return True
+
+    def release(self, served: ServedModel) -> None:
+        """One request for ``served`` was answered (or failed, or was cancelled)."""
+        with self._idle:
+            left = self._uses.get(served.id, 0) - 1
+            if left > 0:
+                self._uses[served.id] = left
+            else:
+                self._uses.pop(served.id, None)
+            self._idle.notify_all()
+
+    def unload(self, name: str, wait: float | None = 600) -> None:
         """Remove the adapter ``name``; the base cannot be unloaded.
+
+        The name stops being served at once; its weights go once the requests already admitted for it are
+        answered (at most ``wait`` seconds: after that they are removed anyway, and the scheduler ends those
+        requests with an error, never another adapter's).
 
         Raises:
             TunelabError: ``name`` is not loaded, or it is the base.
@@ -242,16 +276,28 @@ class Registry:
                 raise TunelabError(f"adapter {name!r} is not loaded; GET /v1/models lists what is")
             if name == self.base_id:
                 raise TunelabError(f"{name!r} is the base model; only adapters can be unloaded")
-            del self.models[name]
-            backbone = served.backbone
-            if backbone is not None and served.adapter is not None:
-                backbone.adapters.discard(name)
-                if backbone.adapters:
-                    backbone.peft.set_adapter(next(iter(backbone.adapters)))  # peft warns when the active one goes
-                    backbone.peft.delete_adapter(name)
-                else:  # peft keeps no PeftModel without an adapter: take its layers out of the base again
-                    backbone.base = backbone.peft.unload()
-                    backbone.peft, backbone.peft_type = None, None
+            with self._idle:
+                del self.models[name]
+                self._draining.add(name)
+        try:
+            with self._idle:
+                self._idle.wait_for(lambda: not self._uses.get(name), timeout=wait)
+            with self.lock:
+                self._remove_weights(name, served)
+        finally:
+            with self._idle:
+                self._draining.discard(name)
+
+    def _remove_weights(self, name: str, served: ServedModel) -> None:
+        backbone = served.backbone
+        if backbone is not None and served.adapter is not None:
+            backbone.adapters.discard(name)
+            if backbone.adapters:
+                backbone.peft.set_adapter(next(iter(backbone.adapters)))  # peft warns when the active one goes
+                backbone.peft.delete_adapter(name)
+            else:  # peft keeps no PeftModel without an adapter: take its layers out of the base again
+                backbone.base = backbone.peft.unload()
+                backbone.peft, backbone.peft_type = None, None
 
     def adapter_count(self) -> int:
         return sum(1 for m in self.models.values() if m.id != self.base_id)

@@ -3,18 +3,24 @@
 Only the fields this server acts on are declared; other fields clients send are ignored, as OpenAI-compatible
 servers do. Request bodies are checked by pydantic (wrong types answer 422); what pydantic cannot see
 (message order, an unknown model, a prompt plus ``max_tokens`` beyond the context) raises :class:`APIError`.
+Bounds that keep one request from stalling the server (``stop`` strings, ``seed``'s range, ``n``) are declared
+here; the others are in ``serving.limits``.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from tunelab.errors import TunelabError
 from tunelab.generation import Completion, SamplingSettings
+
+MAX_STOP = 4  # OpenAI's bound: each stop string is searched for after every generated token
+MAX_STOP_CHARS = 512
+INT64 = 2**63  # seeds are 64-bit, as torch's generators and vLLM take them
 
 
 class APIError(Exception):
@@ -59,10 +65,21 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, stop: Union[str, list[str], None]) -> Union[str, list[str], None]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"{len(stops)} stop strings were sent; at most {MAX_STOP} are allowed")
+        longest = max(map(len, stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string has {longest} characters; at most {MAX_STOP_CHARS} are allowed")
+        return stop
 
     def wants_usage_in_stream(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -126,6 +143,37 @@ class LoadLoraRequest(BaseModel):
 class UnloadLoraRequest(BaseModel):
     lora_name: str
     lora_int_id: int | None = None
+
+
+def require_text(body: BaseModel) -> None:
+    """Refuse a body holding a string that is not valid Unicode text: JSON can carry a lone surrogate
+    (``"\\ud800"``), which no tokenizer or UTF-8 encoder takes.
+
+    Raises:
+        APIError: 400 naming the field (``messages.0.content``).
+    """
+    where = _bad_text(body.model_dump(), "")
+    if where is not None:
+        raise APIError(400, f"{where or 'body'}: the text holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is "
+                            "not valid Unicode; send well-formed text (pair the surrogate or remove it)", param=where or None)
+
+
+def _bad_text(value: Any, path: str) -> str | None:
+    """The dotted path of the first string in ``value`` (keys included) that UTF-8 cannot encode, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and _bad_text(key, where) is not None:
+            return where.encode("utf-8", "backslashreplace").decode()  # the key itself cannot be echoed as it is
+        if (found := _bad_text(item, where)) is not None:
+            return found
+    return None
 
 
 def new_id(prefix: str) -> str:

@@ -12,23 +12,46 @@ this queue and these limits and admits requests into the running batch between d
 
 A sampled request with a seed is decoded alone, so its answer depends on its seed only. A streamed request
 is decoded alone through ``tunelab.generation.stream``; if its reader goes away it stops at the next token.
+
+The bounds hold for a single job too: a job of more rows or tokens than one batch takes (a request of 400
+prompts with ``n`` 16) is decoded a slice of rows at a time, and its answer is put together, in order, once
+every row has one. ``stop(timeout)`` drains until its deadline, then fails what is still waiting or decoding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from tunelab.errors import TunelabError
 from tunelab.generation import Completion, SamplingSettings, generate, stream
 from tunelab.serving.models import Registry, ServedModel
 
 
 class QueueFull(Exception):
     """The queue holds ``max_pending`` jobs; the request should be retried later."""
+
+
+class ShutDown(TunelabError):
+    """The server stopped (its drain deadline passed) before this request was answered."""
+
+
+def settle(future: Future, result: Any = None, error: BaseException | None = None) -> bool:
+    """Give ``future`` its result (or ``error``); False when it was already done (cancelled, or failed by
+    :meth:`Scheduler.stop` at its deadline while the worker still decoded it)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+        return True
+    except InvalidStateError:
+        return False
 
 
 @dataclass(eq=False)
@@ -51,11 +74,35 @@ class Job:
     future: Future = field(default_factory=Future)
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
+    taken: int = 0  # rows handed to a batch so far (a job larger than one batch is taken a slice at a time)
+    results: dict[int, Completion] = field(default_factory=dict)  # row index -> its completion
 
     def key(self) -> tuple:
         """Jobs with equal keys may share a batch."""
         alone = self.on_delta is not None or (not self.settings.greedy and self.settings.seed is not None)
         return (self.model.id, self.settings, id(self) if alone else None)
+
+    @property
+    def row_tokens(self) -> int:
+        """Tokens one row counts against ``max_batch_tokens``: the job's count spread over its rows."""
+        return max(1, -(-self.tokens // max(1, len(self.prompts))))
+
+    def rows_that_fit(self, rows: int, tokens: int, max_rows: int, max_tokens: int) -> int:
+        """How many of the rows not taken yet fit beside ``rows`` rows of ``tokens`` tokens; at least one
+        in an empty batch (a row larger than ``max_tokens`` still runs, alone)."""
+        fit = min(len(self.prompts) - self.taken, max_rows - rows, (max_tokens - tokens) // self.row_tokens)
+        return max(fit, 0 if rows else 1)
+
+    def record(self, first: int, completions: list[Completion]) -> None:
+        """Keep the completions of rows ``first``, ``first + 1``...; once every row has one the future gets
+        them all, in row order (prompt-major, as OpenAI numbers a request's choices)."""
+        for i, completion in enumerate(completions):
+            self.results[first + i] = completion
+        if len(self.results) == len(self.prompts):
+            settle(self.future, [self.results[i] for i in range(len(self.prompts))])
+
+
+Slice = tuple[Job, int, int]  # a job and the rows [start, stop) of it that a batch decodes
 
 
 class Scheduler:
@@ -64,8 +111,9 @@ class Scheduler:
     Args:
         registry: The loaded models; its lock is held while a batch decodes.
         max_pending: Jobs waiting or decoding at most; one more is refused with :class:`QueueFull`.
-        max_batch_rows: Prompts per batch at most.
-        max_batch_tokens: Prompt plus completion tokens per batch at most (a single larger job still runs alone).
+        max_batch_rows: Prompts per batch at most (a larger job is decoded in several batches).
+        max_batch_tokens: Prompt plus completion tokens per batch at most (a larger job is split likewise;
+            a single row larger than this still runs, alone).
         on_batch: Called as ``on_batch(rows, seconds)`` after each batch (metrics).
     """
 
@@ -75,9 +123,10 @@ class Scheduler:
         self.max_batch_rows, self.max_batch_tokens = max_batch_rows, max_batch_tokens
         self.on_batch = on_batch or (lambda rows, seconds: None)
         self.pending: deque[Job] = deque()
-        self.running = 0
+        self.live: set[Job] = set()  # submitted and not answered yet (waiting, or some rows decoding)
         self.cond = threading.Condition()
         self.stopping = False
+        self.aborted = False  # the drain deadline passed: the worker drops what it holds and ends
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -85,20 +134,40 @@ class Scheduler:
         self.thread.start()
 
     def stop(self, timeout: float | None = 60) -> None:
-        """Finish every admitted job, then end the worker."""
+        """Refuse new jobs, finish the admitted ones until ``timeout`` seconds have passed (None: no deadline),
+        then fail those still waiting or decoding with :class:`ShutDown` and end the worker."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout)
+        if self.thread is None or self.thread.is_alive():
+            self._abort()
+            if self.thread is not None:
+                self.thread.join(1.0)  # the worker notices at its next token; it is a daemon either way
+
+    def _abort(self) -> None:
+        """Fail every job not answered yet (first, so no half-decoded answer is handed out), then tell the worker."""
+        with self.cond:
+            for job in list(self.live):
+                settle(job.future, error=ShutDown("the server shut down before this request was answered "
+                                                  "(its drain deadline passed); send it again once it is back"))
+                job.cancelled = True
+            self.pending.clear()
+            self.aborted = True
+            self.cond.notify_all()
 
     @property
     def depth(self) -> int:
         """Jobs waiting or decoding."""
-        return len(self.pending) + self.running
+        return len(self.live)
 
     def submit(self, job: Job) -> Future:
         """Queue ``job``; its future gets the list of completions (empty for a streamed job).
+
+        A job for a model that was unloaded since it was looked up fails at once (its future raises a
+        :class:`TunelabError`); a queued job keeps its model loaded until it is answered (``Registry.unload``
+        waits for it).
 
         Raises:
             QueueFull: ``max_pending`` jobs are already admitted, or the server is shutting down.
@@ -106,59 +175,72 @@ class Scheduler:
         with self.cond:
             if self.stopping or self.depth >= self.max_pending:
                 raise QueueFull(f"{self.depth} requests are queued (the limit is {self.max_pending})")
+            if not self.registry.retain(job.model):
+                settle(job.future, error=TunelabError(f"model {job.model.id!r} was unloaded before this request "
+                                                      "started; load it again (POST /v1/load_lora_adapter) or use another"))
+                return job.future
+            self.live.add(job)
+            job.future.add_done_callback(lambda _: (self.live.discard(job), self.registry.release(job.model)))
             self.pending.append(job)
             self.cond.notify()
         return job.future
 
-    def _take(self) -> list[Job] | None:
-        """The next batch: the oldest live job and the waiting jobs that can join it; None to stop."""
+    def _drop_dead(self) -> None:
+        """Take cancelled jobs (the client went away) and failed ones (a slice of them failed) off the queue."""
+        for job in [j for j in self.pending if j.cancelled or j.future.done()]:
+            self.pending.remove(job)
+            job.future.cancel()
+
+    def _take(self) -> list[Slice] | None:
+        """The next batch: rows of the oldest live job and of the waiting jobs that can join it; None to stop."""
         with self.cond:
             while True:
-                while self.pending and self.pending[0].cancelled:
-                    self.pending.popleft().future.cancel()
-                if self.pending:
+                self._drop_dead()
+                if self.pending and not self.aborted:
                     break
-                if self.stopping:
+                if self.stopping or self.aborted:
                     return None
                 self.cond.wait()
-            first = self.pending.popleft()
-            batch, rows, tokens = [first], len(first.prompts), first.tokens
-            if first.key()[2] is None:
-                for job in list(self.pending):
-                    fits = rows + len(job.prompts) <= self.max_batch_rows and tokens + job.tokens <= self.max_batch_tokens
-                    if job.key() == first.key() and not job.cancelled and fits:
+            first = self.pending[0]
+            batch: list[Slice] = []
+            rows = tokens = 0
+            for job in list(self.pending) if first.key()[2] is None else [first]:
+                if job.key() != first.key():
+                    continue
+                take = job.rows_that_fit(rows, tokens, self.max_batch_rows, self.max_batch_tokens)
+                if take:
+                    batch.append((job, job.taken, job.taken + take))
+                    job.taken += take
+                    rows, tokens = rows + take, tokens + take * job.row_tokens
+                    if job.taken == len(job.prompts):
                         self.pending.remove(job)
-                        batch.append(job)
-                        rows, tokens = rows + len(job.prompts), tokens + job.tokens
-            self.running = len(batch)
             return batch
 
     def _work(self) -> None:
         while (batch := self._take()) is not None:
             started = time.monotonic()
             try:
-                if batch[0].on_delta is not None:
-                    self._stream(batch[0])
+                if batch[0][0].on_delta is not None:
+                    self._stream(batch[0][0])
                 else:
                     self._decode(batch)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting requests, the worker goes on
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                for job, _, _ in batch:
+                    settle(job.future, error=exc)
             finally:
-                with self.cond:
-                    self.running = 0
-                self.on_batch(sum(len(j.prompts) for j in batch), time.monotonic() - started)
+                self.on_batch(sum(stop - start for _, start, stop in batch), time.monotonic() - started)
 
-    def _decode(self, batch: list[Job]) -> None:
-        prompts = [p for job in batch for p in job.prompts]
-        model = batch[0].model
+    def _decode(self, batch: list[Slice]) -> None:
+        prompts = [p for job, start, stop in batch for p in job.prompts[start:stop]]
+        model, settings = batch[0][0].model, batch[0][0].settings
+        if settings.seed is not None and batch[0][1]:  # a later slice of a seeded job: its own draws, still seeded
+            settings = dataclasses.replace(settings, seed=settings.seed + batch[0][1])
         with self.registry.lock, model.active() as module:
-            completions: list[Completion] = generate(module, model.tokenizer, prompts, batch[0].settings,
-                                                     batch_size=len(prompts))
-        for job in batch:
-            job.future.set_result(completions[: len(job.prompts)])
-            completions = completions[len(job.prompts):]
+            completions: list[Completion] = generate(module, model.tokenizer, prompts, settings, batch_size=len(prompts),
+                                                     should_stop=lambda: self.aborted)
+        for job, start, stop in batch:
+            job.record(start, completions[: stop - start])
+            completions = completions[stop - start:]
 
     def _stream(self, job: Job) -> None:
         with self.registry.lock, job.model.active() as module:
@@ -170,4 +252,4 @@ class Scheduler:
                     job.on_delta(delta)
             finally:
                 deltas.close()
-        job.future.set_result([])
+        settle(job.future, [])
