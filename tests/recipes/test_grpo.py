@@ -1,5 +1,6 @@
 """``recipe: grpo`` on a tiny model: the mean reward rises, a broken reward function stops the run before training
-naming itself, samples are written, and a SIGKILLed run resumes to the same adapter as an uninterrupted one."""
+naming itself, one that hangs or exits in training fails the run naming itself, samples are written, and a
+SIGKILLed run resumes to the same adapter as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,30 @@ def short(completions, prompts, **fields):
 
 def wrong_count(completions, prompts, **fields):
     return [0.0]
+
+
+def _in_training(completions):
+    return len(completions) > 2  # the dry run before training scores 2 completions
+
+
+def hangs(completions, prompts, **fields):
+    if _in_training(completions):
+        import time
+        time.sleep(3600)
+    return [0.0] * len(completions)
+
+
+def exits_0(completions, prompts, **fields):
+    if _in_training(completions):
+        import os
+        os._exit(0)
+    return [0.0] * len(completions)
+
+
+def sys_exit_3(completions, prompts, **fields):
+    if _in_training(completions):
+        raise SystemExit(3)
+    return [0.0] * len(completions)
 '''
 
 
@@ -70,6 +96,39 @@ def test_a_reward_returning_the_wrong_count_stops_before_training(grpo_setup, ti
     with pytest.raises(TunelabError, match="wrong_count"):
         grpo.main(config)
     assert not (tmp_path / "bad").exists()
+
+
+def _failed_without_artifact(run_dir: Path) -> bool:
+    return json.loads((run_dir / "manifest.json").read_text())["status"] == "failed" and not (run_dir / "adapter").exists()
+
+
+@pytest.mark.parametrize(("fn", "message"), [
+    ("hangs", r"did not return within 1 s, so it was stopped; make it faster, or raise recipe.reward_timeout"),
+    ("sys_exit_3", r"raised SystemExit: sys.exit\(3\) was called"),
+])
+def test_a_reward_that_hangs_or_exits_in_training_fails_the_run_naming_itself(grpo_setup, tiny_llama, fn, message):
+    tmp_path, prompts = grpo_setup
+    config = _config(tmp_path, prompts, tiny_llama, "train.max_steps=2", "recipe.reward_timeout=1", output=fn)
+    config.recipe.rewards = [{"fn": f"grpo_test_rewards:{fn}"}]
+    started = time.monotonic()
+    with pytest.raises(TunelabError, match=f"reward 'grpo_test_rewards:{fn}' {message}"):
+        grpo.main(config)
+    assert time.monotonic() - started < 60
+    assert _failed_without_artifact(tmp_path / fn)
+
+
+def test_os_exit_in_a_reward_exits_2_with_one_line_and_no_artifact(grpo_setup, tiny_llama):
+    tmp_path, prompts = grpo_setup
+    path = tmp_path / "exits.yaml"
+    path.write_text(f"recipe: {{name: grpo, num_generations: 4, max_completion_length: 8, rewards: [{{fn: 'grpo_test_rewards:exits_0'}}]}}\n"
+                    f"model: {tiny_llama}\nmethod: {{name: lora, r: 4}}\ndata: {{train: {prompts}}}\n"
+                    f"train: {{max_steps: 2, batch_size: 2}}\neval: {{probe: false, before: false}}\noutput_dir: {tmp_path / 'exits'}\n")
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{tmp_path}"}
+    done = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "reward 'grpo_test_rewards:exits_0' ended its process (exit status 0) instead of returning" in done.stderr
+    assert "Traceback" not in done.stderr and _failed_without_artifact(tmp_path / "exits")
 
 
 def test_sigkill_then_resume_is_bit_identical(grpo_setup, tiny_llama):

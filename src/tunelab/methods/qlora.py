@@ -4,7 +4,9 @@ The frozen base is stored in 4-bit NormalFloat (optionally with double quantisat
 8-bit, and dequantized block by block in ``compute_dtype`` during the forward pass; the LoRA matrices stay
 in full precision and are the only trained weights. The artifact is an ordinary PEFT LoRA adapter.
 bitsandbytes runs on CUDA and (from 0.45) on CPU; where it is missing or cannot run, ``base_load_kwargs``
-fails before anything loads, with the fix.
+fails before anything loads, with the fix. On CPU the 4-bit layers are kept off bitsandbytes' inference-only
+repacking, so an evaluation before or during training leaves the gradients exact
+(:func:`tunelab.models.load.keep_bnb_weights_trainable`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod
 from tunelab.methods.footprint import Footprint, ShapeLike
 from tunelab.methods.lora import LoraOptions, lora_config, lora_footprint
+from tunelab.models.load import keep_bnb_weights_trainable
 
 
 class QLoraOptions(LoraOptions):
@@ -73,6 +76,7 @@ class QLoRA(PeftMethod):
 
         if not getattr(model, "is_quantized", False):
             raise TunelabError("method qlora: the base model was not loaded quantized (load it with base_load_kwargs)")
+        keep_bnb_weights_trainable(model)  # a base loaded elsewhere and evaluated may have been repacked for inference
         checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -75,20 +75,28 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, 
     except (OSError, ValueError) as exc:
         raise _hub_error(path, exc) from None
     if "quantization_config" in extra:
-        _guard_bnb_cpu_packing(model)
+        keep_bnb_weights_trainable(model)
     return model
 
 
-def _guard_bnb_cpu_packing(model) -> None:
-    """Keep bitsandbytes off its AVX512-BF16 CPU inference path for 4-bit layers it cannot repack.
+def keep_bnb_weights_trainable(model) -> None:
+    """Keep every bitsandbytes 4-bit layer of ``model`` on its differentiable kernel (idempotent).
 
-    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight on the first no-grad forward; that
-    needs ``out_features`` divisible by 32 and ``in_features`` by the quantisation block (64), and
-    crashes otherwise (``shape '[32, 0]' is invalid``). Such layers keep the generic kernel.
+    On CPUs with AVX512-BF16, bitsandbytes (0.45 to at least 0.50) repacks a 4-bit weight in place on the
+    first forward in eval mode without grad (an evaluation) and from then on computes the layer with an
+    inference kernel that has no backward, in training too: gradients stop at such layers (silently, with
+    a PyTorch warning only), and a layer with a bias crashes (``a view of a leaf Variable ... in-place``).
+    Repacking also needs ``out_features`` divisible by 32 and ``in_features`` by the block size, and crashes
+    otherwise. Since one loaded model is both evaluated and trained, the repacking is switched off for every
+    layer; a layer found repacked already is unpacked with bitsandbytes' own inverse (which re-quantizes the
+    block scales it had rounded to bfloat16, so such a layer is within that rounding of a fresh load).
     """
     for module in model.modules():
-        if not getattr(module, "support_avx512bf16_for_cpu", False):
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
             continue
-        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", None) or 64
-        if module.out_features % 32 or module.in_features % blocksize:
-            module.support_avx512bf16_for_cpu = False
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)

@@ -103,7 +103,7 @@ def build_tiny_model(arch: str = "llama", vocab_size: int = 320, seed: int = 0, 
 
 
 def save_tiny_model(directory: str | Path, arch: str = "llama", chat_template: str | None = CHATML_TEMPLATE, chatml_tokens: bool = True,
-                    layers: int = 2) -> Path:
+                    layers: int = 2, hidden: int = 32) -> Path:
     """Build a tiny model and tokenizer and save them as a plain HF directory (safetensors).
 
     Returns:
@@ -111,7 +111,7 @@ def save_tiny_model(directory: str | Path, arch: str = "llama", chat_template: s
     """
     directory = Path(directory)
     tok = build_tiny_tokenizer(chat_template=chat_template, chatml_tokens=chatml_tokens)
-    model = build_tiny_model(arch, vocab_size=len(tok), layers=layers)
+    model = build_tiny_model(arch, vocab_size=len(tok), layers=layers, hidden=hidden)
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -10,8 +10,9 @@ trick), ``dr_grpo`` (Liu et al. 2025: a constant normaliser) or ``grpo`` (per-se
 Data: ``data.train`` prompt records (``tunelab.data.prompts``: instruction data's final answer becomes the
 field ``reference``); ``data.eval`` instruction examples scored with ``eval.metric`` before and after, with
 the forgetting probe, as every recipe. Rewards: ``recipe.rewards: [{fn, weight, ...options}]``, each
-checked on a dry sample before training (``tunelab.rewards.functions``). ``init_from`` an SFT run is the
-normal start.
+checked on a dry sample before training (``tunelab.rewards.functions``); a ``module:function`` reward runs in a
+worker process, each call stopped after ``recipe.reward_timeout`` seconds (``tunelab.rewards.guard``).
+``init_from`` an SFT run is the normal start.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.run import LoadedModel
 from tunelab.evaluation.summary import eval_summary
 from tunelab.recipes import Recipe, TrainResult, register_recipe
-from tunelab.rewards.functions import RewardSet
+from tunelab.rewards.functions import DEFAULT_TIMEOUT, RewardSet
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, continues_parent, load_base
 from tunelab.stages.optimize import save_state
@@ -58,6 +59,8 @@ class GrpoOptions(BaseModel):
     beta: float = Field(0.0, ge=0, description="weight of the KL to the reference (the method switched off); 0 = none")
     generation_batch_size: int = Field(32, gt=0, description="rows per generate call")
     samples_every: int = Field(5, ge=0, description="write sample completions with rewards to samples.jsonl every N steps")
+    reward_timeout: float = Field(DEFAULT_TIMEOUT, gt=0, description="seconds one call of a 'module:function' reward "
+                                  "(a whole round of completions) may take before the run stops with an error")
 
 
 def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
@@ -69,7 +72,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     # 1. Validate the prompts, the task examples, the reward functions, the run directory and the method.
     prompts = load_prompts(config.data.train_files(), system_prompt=config.data.system_prompt)
     task = Examples([], load_examples(config.data.eval_files(), system_prompt=config.data.system_prompt) if config.data.eval_files() else [])
-    rewards = RewardSet(options.rewards)
+    rewards = RewardSet(options.rewards, timeout=options.reward_timeout)
     rewards.dry_run(["a dry-run completion"] * 2, [list(p.messages) for p in prompts[:2]], [p.fields for p in prompts[:2]])
     env = check_environment(config, resume=resume, force=force, task=task)
     model_path, tokenizer, added = load_prepared_tokenizer(config)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:  # torch stays unimported here: the reward worker (rewards.guard) starts without it
+    import torch
 
 __all__ = ["RewardModel", "load"]
 
@@ -29,9 +30,14 @@ class RewardModel:
     tokenizer: Any
     max_length: int = 1024
 
-    @torch.no_grad()
     def score(self, prompts: list[str | list[dict]], completions: list[str], *, batch_size: int = 8) -> list[float]:
         """One float per (prompt, completion); higher is preferred."""
+        import torch
+
+        with torch.no_grad():
+            return self._score(prompts, completions, batch_size)
+
+    def _score(self, prompts: list[str | list[dict]], completions: list[str], batch_size: int) -> list[float]:
         from tunelab.data import collate
         from tunelab.data.records import Example
         from tunelab.data.tokenize import tokenize_examples

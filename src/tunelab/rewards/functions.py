@@ -18,6 +18,11 @@ Config: ``grpo.rewards: [{fn: NAME or 'package.module:function', weight: 1.0, **
 the option ``reference`` (default ``answer``). Each is a thin adapter over ``tunelab.evaluation.metrics``, so
 a reward means exactly what the metric of the same name reports in evaluation.
 
+A ``module:function`` runs in a worker process (:mod:`tunelab.rewards.guard`), each call limited to
+``timeout`` seconds (``recipe.reward_timeout``): one that hangs, exits (``sys.exit``, ``os._exit``) or crashes
+stops the run with an error naming it, like one that raises. Built-ins, and :class:`Reward` objects built in
+Python, run in-process.
+
 Every value is checked (:meth:`RewardSet.check`): a function that raises, returns a scalar, the wrong number
 of values, ``None``, a non-number, NaN or inf stops with a :class:`TunelabError` naming the function and the
 example, never a silent broadcast (TRL #6533) or a keyword TypeError from an undocumented call (TRL #4939).
@@ -31,6 +36,7 @@ import importlib
 import inspect
 import math
 import numbers
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,9 +44,12 @@ from typing import Any
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.rewards.guard import Worker, WorkerStopped
 
 RewardFn = Callable[..., Sequence[float]]
 Fields = Mapping[str, Sequence] | Sequence[Mapping[str, Any]] | None  # {name: N values} or N records
+Invoke = Callable[[tuple, dict], Any]  # (args, kwargs) -> what the function returned
+DEFAULT_TIMEOUT = 120.0  # seconds per call (one call scores a whole round of completions)
 _REGISTRY: dict[str, RewardFn] = {}
 
 
@@ -74,12 +83,15 @@ class Reward:
         fn: The function (the contract in the module docstring).
         weight: Its weight in the total reward.
         options: The entry's other keys, passed to every call.
+        target: ``'module:function'`` for a user function, which then runs in the worker process; None runs
+            ``fn`` in-process (built-ins).
     """
 
     name: str
     fn: RewardFn
     weight: float = 1.0
     options: dict = field(default_factory=dict)
+    target: str | None = None
 
     @property
     def parameters(self) -> dict[str, inspect.Parameter] | None:
@@ -150,7 +162,7 @@ def load_reward(spec: Mapping[str, Any]) -> Reward:
     else:
         raise TunelabError(f"unknown reward {name!r}; built-in rewards: {', '.join(reward_names())}, or your own "
                            "function written as 'package.module:function'")
-    reward = Reward(name, fn, float(weight), options)
+    reward = Reward(name, fn, float(weight), options, target=name if ":" in name else None)
     _check_options(reward)
     return reward
 
@@ -209,43 +221,70 @@ def _arguments(reward: Reward, completions: list, prompts: list, fields: dict) -
     return (completions, prompts), kwargs
 
 
-def _first_failing(reward: Reward, completions: list, prompts: list, fields: dict) -> int | None:
+def _first_failing(reward: Reward, invoke: Invoke, completions: list, prompts: list, fields: dict) -> int | None:
     """The first example on which the function raises by itself (to name it), or None."""
     for i in range(len(completions)):
         one = {k: v[i:i + 1] for k, v in fields.items()}
-        args, kwargs = _arguments(reward, completions[i:i + 1], prompts[i:i + 1], one)
         try:
-            reward.fn(*args, **kwargs)
+            invoke(*_arguments(reward, completions[i:i + 1], prompts[i:i + 1], one))
+        except WorkerStopped:
+            raise
         except Exception:  # noqa: BLE001 - we are looking for the example that makes it raise
             return i
     return None
 
 
-def _call(reward: Reward, label: str, completions: list, prompts: list, fields: dict) -> list[float]:
+def _raised(reward: Reward, label: str, e: Exception, invoke: Invoke, completions: list, prompts: list,
+            fields: dict) -> TunelabError:
+    """The error for a function that raised ``e``, naming the example it raises on when there is one."""
+    try:
+        i = _first_failing(reward, invoke, completions, prompts, fields)
+    except WorkerStopped as stop:
+        return _stopped(label, stop)
+    where = (f"on example {i} (completion {_snippet(completions[i])}, prompt {_snippet(prompts[i])})" if i is not None
+             else f"on the batch of {len(completions)} completions (though on no single one)")
+    kind = getattr(e, "kind", type(e).__name__)  # a WorkerError carries the type's name from the worker
+    return TunelabError(f"reward {label} raised {kind}: {e} {where}; fix the function, its options or the data")
+
+
+def _stopped(label: str, stop: WorkerStopped) -> TunelabError:
+    fix = ("make it faster, or raise recipe.reward_timeout" if stop.timed_out
+           else "return a list of numbers (raise an exception to report a problem)")
+    return TunelabError(f"reward {label} {stop}; {fix}")
+
+
+def _call(reward: Reward, label: str, invoke: Invoke, completions: list, prompts: list, fields: dict) -> list[float]:
     args, kwargs = _arguments(reward, completions, prompts, fields)
     try:
-        out = reward.fn(*args, **kwargs)
+        out = invoke(args, kwargs)
+    except WorkerStopped as stop:  # hung or ended: no per-example retry
+        raise _stopped(label, stop) from None
     except TunelabError as e:  # already says what to fix (a missing db, a failing gold query): no per-example retry,
         raise TunelabError(f"reward {label}: {e}") from e  # which would reload a reward model N times
     except Exception as e:  # noqa: BLE001 - a failing reward function is reported, with the example, to its author
-        i = _first_failing(reward, completions, prompts, fields)
-        where = (f"on example {i} (completion {_snippet(completions[i])}, prompt {_snippet(prompts[i])})" if i is not None
-                 else f"on the batch of {len(completions)} completions (though on no single one)")
-        raise TunelabError(f"reward {label} raised {type(e).__name__}: {e} {where}; fix the function, its options "
-                           "or the data") from e
+        raise _raised(reward, label, e, invoke, completions, prompts, fields) from e
     return _values(label, out, completions)
 
 
 class RewardSet:
     """The reward functions of a run, weighted, every value checked.
 
+    User ``module:function`` rewards share one worker process, started on the first call and stopped by
+    :meth:`close` (or when the set is garbage-collected, or at exit).
+
     Args:
         specs: ``grpo.rewards`` entries (see :func:`load_reward`), or :class:`Reward` objects.
+        timeout: Seconds one call of a user function may take before it is stopped (``recipe.reward_timeout``).
     """
 
-    def __init__(self, specs: Sequence[Mapping[str, Any] | Reward]):
+    def __init__(self, specs: Sequence[Mapping[str, Any] | Reward], *, timeout: float = DEFAULT_TIMEOUT):
         if not specs:
             raise TunelabError("grpo.rewards is empty; give at least one reward, e.g. [{fn: exact_match}]")
+        if not timeout > 0:
+            raise TunelabError(f"reward timeout {timeout!r}: set recipe.reward_timeout to a positive number of seconds")
+        self.timeout = float(timeout)
+        self._worker = Worker()
+        self._finalizer = weakref.finalize(self, self._worker.close)
         self.rewards = [s if isinstance(s, Reward) else load_reward(s) for s in specs]
         seen: dict[str, int] = {}
         self.names: list[str] = []  # unique labels for logs: a repeated fn gets "#2", "#3"
@@ -253,6 +292,15 @@ class RewardSet:
             seen[reward.name] = seen.get(reward.name, 0) + 1
             self.names.append(reward.name if seen[reward.name] == 1 else f"{reward.name}#{seen[reward.name]}")
         self.weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)  # (F,)
+
+    def close(self) -> None:
+        """Stop the worker process of the user functions (a later call starts a new one)."""
+        self._worker.close()
+
+    def _invoke(self, reward: Reward) -> Invoke:
+        if reward.target is None:
+            return lambda args, kwargs: reward.fn(*args, **kwargs)
+        return lambda args, kwargs: self._worker.call(reward.target, args, kwargs, self.timeout)
 
     @staticmethod
     def _columns(fields: Fields, n: int) -> dict[str, list]:
@@ -297,7 +345,7 @@ class RewardSet:
         """
         fields = self._columns(fields, len(completions))
         self._check_inputs(completions, prompts, fields)
-        return {label: _call(r, repr(label), list(completions), list(prompts), fields)
+        return {label: _call(r, repr(label), self._invoke(r), list(completions), list(prompts), fields)
                 for r, label in zip(self.rewards, self.names)}
 
     def score(self, completions: list[str], prompts: list, fields: Fields = None) -> tuple[torch.Tensor, torch.Tensor]:
