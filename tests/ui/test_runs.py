@@ -26,7 +26,7 @@ def test_runs_are_found_with_their_status(roots):
     roots, made = roots
     found = R.find_runs(roots)
     assert sorted(found) == sorted(made.values())
-    statuses = {p.name if p.name != "run" else "running": R.status_of(R.open_run(p)) for p in found}
+    statuses = {p.name if p.name != "run" else "running": R.status_of(R.open_in(roots, p)) for p in found}
     assert statuses == {"sql-lora": "finished", "running": "running", "old-run": "interrupted", "diverged": "failed"}
 
 
@@ -45,10 +45,10 @@ def test_ids_map_back_and_nothing_outside_the_roots(roots, tmp_path):
 
 def test_predictions_pair_untuned_and_tuned_answers(roots):
     roots, made = roots
-    rows = R.predictions(R.open_run(made["finished"]))
+    rows = R.predictions(R.open_in(roots, made["finished"]))
     assert [(r["untuned_right"], r["tuned_right"]) for r in rows] == [(False, True), (True, True), (False, True), (False, False)]
     assert rows[0]["untuned"] == "wrong" and rows[0]["tuned"] == "answer 1" and rows[0]["reference"] == "answer 1"
-    assert R.probe_changes(R.open_run(made["finished"]))["lost"][0]["id"] == "snow"
+    assert R.probe_changes(R.open_in(roots, made["finished"]))["lost"][0]["id"] == "snow"
 
 
 def test_pages_and_api(roots):
@@ -57,7 +57,7 @@ def test_pages_and_api(roots):
     from tunelab.ui.app import create_app
 
     roots, made = roots
-    client = TestClient(create_app(list(roots.paths)))
+    client = TestClient(create_app(list(roots.paths)), base_url="http://127.0.0.1")
     index = client.get("/")
     assert index.status_code == 200 and index.text.count('class="run"') == 4
     listed = {r["id"]: r for r in client.get("/api/runs").json()}
@@ -74,7 +74,7 @@ def test_pages_and_api(roots):
 def test_the_pages_never_import_torch(roots):
     roots, _ = roots
     code = ("import sys; from fastapi.testclient import TestClient; from tunelab.ui.app import create_app; "
-            f"c = TestClient(create_app([{str(roots.paths[0])!r}])); "
+            f"c = TestClient(create_app([{str(roots.paths[0])!r}]), base_url='http://127.0.0.1'); "
             "assert c.get('/').status_code == 200 and c.get('/run/0/sql-lora').status_code == 200; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
@@ -116,7 +116,7 @@ def test_pipeline_and_compare_reports(roots):
     roots, _ = roots
     _reports(roots.paths[0])
     assert [(k, p.name) for k, p in reports.find_reports(roots)] == [("compare", "compare-sql"), ("pipeline", "pipe")]
-    client = TestClient(create_app(list(roots.paths)))
+    client = TestClient(create_app(list(roots.paths)), base_url="http://127.0.0.1")
     assert client.get("/reports").text.count('class="report"') == 2
     pipeline = client.get("/report/0/pipe")
     assert pipeline.status_code == 200 and pipeline.text.count('class="stage"') == 2 and "0.800" in pipeline.text

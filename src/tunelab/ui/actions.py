@@ -8,11 +8,13 @@ from pathlib import Path
 from tunelab.ui.pages import page
 
 
-def presets(folder: Path = Path("configs")) -> list[str]:
-    """The run configs shipped beside the working directory (``configs/**/*.yaml``), pipelines left out."""
+def presets(workdir: Path = Path(".")) -> list[str]:
+    """The run configs shipped in the working directory (``configs/**/*.yaml``, as relative paths), pipelines left
+    out: the presets ``ui.launchrules`` lets the page launch."""
+    folder = Path(workdir) / "configs"
     if not folder.is_dir():
         return []
-    return sorted(str(p) for p in folder.rglob("*.yaml") if not p.name.startswith("pipeline"))
+    return sorted(p.relative_to(workdir).as_posix() for p in folder.rglob("*.yaml") if not p.name.startswith("pipeline"))
 
 
 def launch_page(preset_paths: list[str]) -> str:

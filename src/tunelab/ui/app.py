@@ -4,25 +4,31 @@ Routes: ``/`` (runs), ``/run/{id}`` (one run), ``/api/runs`` (the runs table as 
 (the metrics records past the first N, and the run's status, which the run page polls while it trains),
 ``/launch`` with ``POST /api/plan``, ``POST /api/jobs``, ``GET /api/jobs``, ``POST /api/jobs/{n}/cancel`` (the
 queue of ``ui.jobs``), ``/chat`` with ``POST /api/chat`` (``ui.chat``), ``/static/*``. An id that does not name a run inside the roots is a 404, whatever it holds (``..`` included).
+
+Every request passes ``webguard.HostGuardMiddleware`` first: a ``Host`` other than an IP address, ``localhost``, the
+bound name or an ``--allowed-host`` name is a 400 (DNS rebinding), and a POST whose ``Origin`` is not the dashboard
+itself is a 403 (the page's own scripts send its Origin). What a launch may run: ``ui.launchrules``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import shlex
+from pathlib import Path
+from typing import Iterable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tunelab.errors import TunelabError
 from tunelab.ui import actions, pages
 from tunelab.ui import runs as R
+from tunelab.ui.launchrules import LaunchRules
+from tunelab.webguard import HostGuard, HostGuardMiddleware
 
 
 class LaunchRequest(BaseModel):
-    preset: str | None = None
-    config_text: str | None = None
-    overrides: str = ""
+    preset: str | None = Field(None, max_length=4096)
+    config_text: str | None = Field(None, max_length=1 << 20)  # the shared YAML loader's limit (safeyaml)
+    overrides: str = Field("", max_length=1 << 16)
 
 
 class DataRequest(BaseModel):
@@ -47,17 +53,28 @@ def _fastapi():
     return fastapi, StaticFiles
 
 
-def create_app(folders: list[str | Path]):
-    """The app over the run directories found under ``folders`` (read on every request: new runs appear)."""
+def create_app(folders: list[str | Path], host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
+               allow_code: bool = False, workdir: str | Path | None = None):
+    """The app over the run directories found under ``folders`` (read on every request: new runs appear).
+
+    Args:
+        folders: The ``--runs`` folders.
+        host: The address or name the dashboard is bound to (allowed as ``Host``).
+        allowed_hosts: Further ``Host`` names to serve (``--allowed-host``).
+        allow_code: Let launched configs name code (``--allow-code``; ``ui.launchrules``).
+        workdir: Where presets are listed from (``configs/``) and jobs run; default the current directory.
+    """
     fastapi, StaticFiles = _fastapi()
     from fastapi.responses import HTMLResponse
 
     roots = R.Roots.of(folders)
+    rules = LaunchRules(roots.paths, Path(workdir or Path.cwd()).resolve(), allow_code)
     app = fastapi.FastAPI(title="tunelab ui", docs_url=None, redoc_url=None)
+    app.add_middleware(HostGuardMiddleware, guard=HostGuard(host, allowed_hosts))
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
 
     def rows():
-        found = [(path, R.open_run(path)) for path in R.find_runs(roots)]
+        found = [(path, R.open_in(roots, path)) for path in R.find_runs(roots)]
         return [R.summary(run, roots.run_id(path)) for path, run in found if run is not None]
 
     def one(run_id: str):
@@ -81,10 +98,10 @@ def create_app(folders: list[str | Path]):
     @app.get("/api/metrics/{run_id:path}")
     def api_metrics(run_id: str, after: int = 0) -> dict:
         run = one(run_id)
-        return {"status": R.status_of(run), "records": R.read_metrics(run.path, max(after, 0))}
+        return {"status": R.status_of(run), "records": R.read_metrics(roots, run.path, max(after, 0))}
 
     _reports(app, fastapi, roots)
-    _actions(app, fastapi, roots)
+    _actions(app, fastapi, roots, rules)
     return app
 
 
@@ -117,12 +134,12 @@ def _refused(fastapi, error: Exception):
     return fastapi.HTTPException(400, str(error))
 
 
-def _actions(app, fastapi, roots: R.Roots) -> None:
+def _actions(app, fastapi, roots: R.Roots, rules: LaunchRules) -> None:
     """The pages that act: launch (``ui.jobs``), and the chat and data pages, which load models (``ui.chat``)."""
     from tunelab.ui.chat import Chat
     from tunelab.ui.jobs import JobQueue
 
-    _launch(app, fastapi, roots, JobQueue(roots.paths[0]))
+    _launch(app, fastapi, roots, JobQueue(rules))
     _models(app, fastapi, roots, Chat(roots))
 
 
@@ -144,12 +161,15 @@ def _launch(app, fastapi, roots: R.Roots, queue) -> None:
 
     @app.get("/launch", response_class=HTMLResponse)
     def launch_page() -> str:
-        return actions.launch_page(actions.presets())
+        return actions.launch_page(actions.presets(queue.rules.workdir))
 
     @app.post("/api/plan")
     def api_plan(request: LaunchRequest) -> dict:
         config, overrides = launched(request)
-        ok, text = queue.plan(config, queue.with_output(overrides))
+        try:
+            ok, text = queue.plan(config, overrides)
+        except TunelabError as error:
+            raise _refused(fastapi, error) from None
         return {"ok": ok, "text": text}
 
     @app.post("/api/jobs")

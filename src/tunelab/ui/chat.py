@@ -27,7 +27,7 @@ class Chat:
         """``[{"id": "run:0/sql-lora" | "model:SPEC", "label": ...}]``: finished runs, then the base models they name."""
         runs, bases = [], {}
         for path in R.find_runs(self.roots):
-            run = R.open_run(path)
+            run = R.open_in(self.roots, path)
             if run is None or run.status != "finished":
                 continue
             runs.append({"id": f"run:{self.roots.run_id(path)}", "label": f"run {self.roots.run_id(path)[2:]} ({run.method_name})"})

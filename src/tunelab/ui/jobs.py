@@ -10,12 +10,18 @@ run stops at a step boundary; then SIGTERM after ``GRACE_SECONDS``). A pasted co
 (the README's first command) with the overrides given, checked with ``tunelab plan`` on the demo's job as a config.
 A running job reports its phase and, once training, its optimizer step of the run's total (``manifest.json``'s
 ``total_steps``, the last ``metrics.jsonl`` row) for the page's progress bar.
+
+What may be launched is confined by :class:`~tunelab.ui.launchrules.LaunchRules` (presets, ``output_dir`` inside the
+folders, no code without ``--allow-code``), checked on the config as loaded by the shared loader before ``plan``.
+Every subprocess runs ``python -P`` with ``PYTHONSAFEPATH=1`` in the dashboard's working directory: neither that
+directory nor any folder a config names is put on the job's import path.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -25,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.ui.launchrules import DEMO, LaunchRules
 
 GRACE_SECONDS = 20
-DEMO = "demo"  # the preset that runs `tunelab demo` (it builds its database itself); checked with its job as a config
 DEMO_CONFIG = "configs/smollm2-135m-instruct/sft_lora_sql.yaml"
 
 
@@ -93,12 +99,21 @@ def last_step(metrics: Path) -> int:
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tunelab", *args]
+    """``python -P -m tunelab ARGS``: -P keeps the working directory off the import path."""
+    return [sys.executable, "-P", "-m", "tunelab", *args]
+
+
+def job_env() -> dict[str, str]:
+    """The dashboard's environment with ``PYTHONSAFEPATH=1`` (as -P, for any Python the job starts in turn)."""
+    return {**os.environ, "PYTHONSAFEPATH": "1"}
 
 
 class JobQueue:
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    """Jobs run one at a time, in submission order, under ``rules`` (runs go to the first of ``rules.roots``)."""
+
+    def __init__(self, rules: LaunchRules):
+        self.rules = rules
+        self.root = rules.roots[0]
         self.jobs: list[Job] = []
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
@@ -106,7 +121,7 @@ class JobQueue:
         threading.Thread(target=self._work, daemon=True, name="tunelab-ui-jobs").start()
 
     def config_file(self, preset: str | None, text: str | None) -> str:
-        """The config to run: a preset path as given, or pasted YAML written to ``.ui-configs``."""
+        """The config to run: a preset the rules allow, or pasted YAML written to ``.ui-configs``."""
         if text and text.strip():
             folder = self.root / ".ui-configs"
             folder.mkdir(parents=True, exist_ok=True)
@@ -115,11 +130,7 @@ class JobQueue:
             return str(path)
         if not preset:
             raise TunelabError("choose a preset or paste a config")
-        if preset == DEMO:
-            return DEMO
-        if not Path(preset).is_file():
-            raise TunelabError(f"{preset}: no such config file")
-        return preset
+        return self.rules.preset(preset)
 
     def with_output(self, overrides: list[str]) -> list[str]:
         if any(o.startswith("output_dir=") for o in overrides):
@@ -127,17 +138,25 @@ class JobQueue:
         return [*overrides, f"output_dir={self.root / ('ui-' + time.strftime('%Y%m%d-%H%M%S'))}"]
 
     def plan(self, config: str, overrides: list[str]) -> tuple[bool, str]:
-        """(whether the config validates and plans, what ``tunelab plan`` printed)."""
+        """(whether the config validates and plans, what ``tunelab plan`` printed); a TunelabError, before any
+        subprocess, for a config the loader or the rules refuse. A config other than the demo gets an ``output_dir``
+        (``with_output``)."""
         if config == DEMO:
-            config, overrides = DEMO_CONFIG, [o for o in overrides if not o.startswith("output_dir=")]
-        done = subprocess.run(command("plan", config, *overrides), capture_output=True, text=True, timeout=300)
+            if any(o.startswith("output_dir=") for o in overrides):
+                raise TunelabError("the demo names its own run directory (demo-STAMP in the dashboard's first folder): "
+                                   "drop the output_dir override")
+            self.rules.check(None, ["data.train=demo.jsonl", f"output_dir={self.root / 'demo-STAMP'}", *overrides])
+            config = DEMO_CONFIG
+        else:
+            overrides = self.with_output(overrides)
+            self.rules.check(config, overrides)
+        done = subprocess.run(command("plan", config, *overrides), capture_output=True, text=True, timeout=300,
+                              cwd=self.rules.workdir, env=job_env())
         return done.returncode == 0, (done.stdout + done.stderr).strip()
 
     def submit(self, config: str, overrides: list[str]) -> Job:
-        """Queue a job once ``tunelab plan`` accepts it; the demo gets no ``output_dir`` (it names its own run)."""
-        if config == DEMO and any(o.startswith("output_dir=") for o in overrides):
-            raise TunelabError("the demo names its own run directory (demo-STAMP in the dashboard's first folder): "
-                               "drop the output_dir override")
+        """Queue a job once the rules and ``tunelab plan`` accept it; the demo gets no ``output_dir`` (it names its
+        own run)."""
         overrides = overrides if config == DEMO else self.with_output(overrides)
         ok, text = self.plan(config, overrides)
         if not ok:
@@ -183,7 +202,8 @@ class JobQueue:
             with job.log.open("w", encoding="utf-8") as log, self.lock:
                 job.status, job.started = "running", time.time()
                 args = ("demo", "--output-root", job.output_dir, *job.overrides) if job.config == DEMO else ("train", job.config, *job.overrides)
-                job.process = subprocess.Popen(command(*args), stdout=log, stderr=subprocess.STDOUT)
+                job.process = subprocess.Popen(command(*args), stdout=log, stderr=subprocess.STDOUT,
+                                               cwd=self.rules.workdir, env=job_env())
             job.returncode = job.process.wait()
             with self.lock:
                 if job.status != "cancelled":

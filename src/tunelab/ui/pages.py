@@ -102,7 +102,7 @@ def run_page(run: Run, run_id: str) -> str:
     live = "true" if row["status"] == "running" else "false"
     curves = (f"<div id=\"curves\" data-run=\"{escape(run_id)}\" data-live=\"{live}\"><select id=\"series\" aria-label=\"series\">"
               "</select><svg id=\"chart\" viewBox=\"0 0 640 240\" role=\"img\" aria-label=\"training curve\"></svg></div>")
-    files = "".join(f"<tr><td>{escape(name)}</td><td>{mb:.2f}</td></tr>" for name, mb in R.artifacts(run))
+    files = "".join(f"<tr><td>{escape(name)}</td><td>{'–' if mb is None else f'{mb:.2f}'}</td></tr>" for name, mb in R.artifacts(run))
     config = escape(yaml.safe_dump(run.config, sort_keys=False)) if run.config else "(no config.yaml)"
     body = (f"<h1>{escape(row['name'])}</h1>{_facts(row, run)}<h2>Curves</h2>{curves}"
             f"<h2>Predictions</h2>{_predictions(R.predictions(run))}<h2>Forgetting probe</h2>{_probe(R.probe_changes(run))}"

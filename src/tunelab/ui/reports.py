@@ -2,7 +2,8 @@
 
 A pipeline folder holds ``pipeline_report.json`` (one row per stage); a compare sweep holds ``report.json``
 with ``candidates`` and a ``report-plots/`` folder of SVGs, shown as images (an SVG in ``<img>`` runs no script).
-Ids are paths relative to a root, as for runs (``ui.runs.Roots``).
+Ids are paths relative to a root, as for runs (``ui.runs.Roots``); a report file or plot linked outside the roots is
+not read (``Roots.readable``).
 """
 
 from __future__ import annotations
@@ -22,23 +23,23 @@ CANDIDATE_COLUMNS = ("name", "kind", "status", "score", "retention", "probe", "p
                      "train_seconds")
 
 
-def _kind(folder: Path) -> str | None:
-    if (folder / PIPELINE).is_file():
+def _kind(roots: R.Roots, folder: Path) -> str | None:
+    if roots.readable(folder / PIPELINE):
         return "pipeline"
-    if (folder / COMPARE).is_file() and (folder / "sweep.yaml").is_file():
+    if roots.readable(folder / COMPARE) and (folder / "sweep.yaml").is_file():
         return "compare"
     return None
 
 
 def find_reports(roots: R.Roots) -> list[tuple[str, Path]]:
     """(kind, folder) of every pipeline and compare sweep under the roots (links not followed)."""
-    return [(kind, folder) for folder in R.folders(roots) if (kind := _kind(folder))]
+    return [(kind, folder) for folder in R.folders(roots) if (kind := _kind(roots, folder))]
 
 
 def resolve(roots: R.Roots, report_id: str) -> Path | None:
     """The report folder ``report_id`` names inside the roots, or None."""
     path = roots.folder(report_id)
-    return path if path is not None and _kind(path) else None
+    return path if path is not None and _kind(roots, path) else None
 
 
 def _cell(value: Any) -> str:
@@ -56,7 +57,7 @@ def list_page(roots: R.Roots) -> str:
 
 
 def report_page(roots: R.Roots, report_id: str, folder: Path) -> str:
-    if _kind(folder) == "pipeline":
+    if _kind(roots, folder) == "pipeline":
         stages = json.loads((folder / PIPELINE).read_text(encoding="utf-8"))
         head = "".join(f"<th>{c}</th>" for c in STAGE_COLUMNS)
         body = "".join("<tr class=\"stage\">" + "".join(f"<td>{_cell(s.get(c))}</td>" for c in STAGE_COLUMNS) + "</tr>" for s in stages)
@@ -68,10 +69,18 @@ def report_page(roots: R.Roots, report_id: str, folder: Path) -> str:
                    + "</tr>" for c in report.get("candidates", []))
     plots = "".join(f"<figure><img src=\"/file/{quote(report_id)}/report-plots/{quote(p.name)}\" alt=\"{escape(p.stem)}\">"
                     f"<figcaption>{escape(p.stem.replace('_', ' '))}</figcaption></figure>"
-                    for p in sorted((folder / "report-plots").glob("*.svg")))
+                    for p in _plots(roots, folder))
     verdict = escape((report.get("recommendation") or {}).get("text") or "")
     return page(folder.name, f"<h1>Compare {escape(folder.name)}</h1><p class=\"verdict\">{verdict}</p>"
                              f"<table id=\"candidates\"><tr>{head}</tr>{body}</table>{plots}")
+
+
+def _plots(roots: R.Roots, folder: Path) -> list[Path]:
+    """The sweep's ``report-plots/*.svg`` that lie inside the roots (none when the folder links outside)."""
+    plots = folder / "report-plots"
+    if not plots.is_dir() or not roots.holds(plots):
+        return []
+    return sorted(p for p in plots.glob("*.svg") if roots.readable(p))
 
 
 def plot_file(roots: R.Roots, report_id: str, name: str) -> Path | None:
@@ -80,4 +89,4 @@ def plot_file(roots: R.Roots, report_id: str, name: str) -> Path | None:
     if folder is None or "/" in name or not name.endswith(".svg"):
         return None
     path = folder / "report-plots" / name
-    return path if path.is_file() and path.resolve().parent == (folder / "report-plots").resolve() else None
+    return path if roots.readable(path) and path.resolve().parent == (folder / "report-plots").resolve() else None
