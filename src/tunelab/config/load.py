@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tunelab import safeyaml
 from tunelab.config.schema import RESUME_SAFE_KEYS, RESUME_SAFE_PREFIXES, RunConfig
 from tunelab.errors import ConfigError
 
@@ -37,7 +38,7 @@ def _override_value(raw: str) -> Any:
     if not raw.strip():
         return raw
     try:
-        value = yaml.safe_load(raw)
+        value = safeyaml.load(raw, source="overrides")
     except yaml.YAMLError:
         return raw
     if "#" in raw and "#" not in json.dumps(value, default=str):
@@ -62,8 +63,12 @@ def _apply_override(tree: dict, path: list[str], value: Any) -> None:
 _SHORTHAND_KEYS = {"model": "path", "method": "name", "recipe": "name"}
 
 
-def key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Every mapping key path and sequence item (by index) of a YAML document -> its 1-based line number."""
+def key_lines(text: str, source: str = "config") -> dict[tuple[str, ...], int]:
+    """Every mapping key path and sequence item (by index) of a YAML document -> its 1-based line number.
+
+    Raises:
+        ConfigError: If the document is one :func:`tunelab.safeyaml.load` refuses (an alias bomb).
+    """
     lines: dict[tuple[str, ...], int] = {}
 
     def walk(node: Any, prefix: tuple[str, ...]) -> None:
@@ -78,7 +83,7 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
                 walk(item, prefix + (str(index),))
 
     try:
-        walk(yaml.compose(text), ())
+        walk(safeyaml.compose(text, source), ())
     except yaml.YAMLError:
         pass
     return lines
@@ -121,10 +126,10 @@ def _format_pydantic_errors(err: ValidationError, prefix: str, lines: dict, sour
 
 
 def _read_text(path: str | Path, source: str) -> str:
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ConfigError([f"config file {path} not found (give the path of a YAML run configuration)"], source=source)
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return safeyaml.read_text(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read {path}: {exc}"], source=source) from None
 
@@ -142,7 +147,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     source = str(path) if path else "config"
     text = _read_text(path, source) if path is not None else ""
     try:
-        tree = yaml.safe_load(text) if text else {}
+        tree = safeyaml.load(text, source) if text else {}
     except yaml.YAMLError as exc:
         raise ConfigError([f"invalid YAML: {exc}"], source=source) from None
     if tree is None:
@@ -151,7 +156,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(["the file must be a YAML mapping of keys (model, method, data, train, output_dir)"], source=source)
     for key_path, value in parse_overrides(overrides or []):
         _apply_override(tree, key_path, value)
-    lines = key_lines(text)
+    lines = key_lines(text, source)
 
     problems: list[str] = []
     config = None

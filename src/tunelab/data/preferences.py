@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from tunelab.data.collate import collate
-from tunelab.data.readers import describe_type, read_file
+from tunelab.data.readers import JsonValueError, describe_type, parse_json, read_file
 from tunelab.data.records import ROLES, Example
 from tunelab.data.tokenize import IGNORE_INDEX, TOO_LONG, TokenizedExample, render_example, tokenize_examples
 from tunelab.errors import DataError, TunelabError
@@ -162,9 +162,12 @@ def _context_messages(value: Any, errors: list[str], text_cells: bool) -> list[d
     """Validate the ``messages`` context: well-formed messages, system first, ending with a user turn."""
     if isinstance(value, str) and text_cells:
         try:
-            value = json.loads(value)
+            value = parse_json(value)
         except json.JSONDecodeError as e:
             errors.append(f"field 'messages' is text but not valid JSON: {e}")
+            return None
+        except JsonValueError as e:
+            errors.append(f"field 'messages': {e}")
             return None
     if not isinstance(value, list) or not value:
         got = "an empty list" if value == [] else describe_type(value)

@@ -11,13 +11,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from tunelab.safeyaml import UnreadableFileError, open_regular
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+MAX_LINE_BYTES = 16 << 20
+"""Longest JSONL line read; a longer one is reported, and skipped in bounded chunks, never held whole."""
 _BOM = b"\xef\xbb\xbf"
 _UTF8_HINT = "re-save the file as UTF-8"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -60,21 +68,72 @@ def read_file(path: str) -> RawFile:
             "or a folder written by datasets.save_to_disk"
         )
         return raw
-    if suffix == ".parquet":
-        _read_parquet(raw)
-        return raw
     try:
-        data = p.read_bytes()
+        # Only regular files: a link to /dev/zero would be read forever, a FIFO waited on.
+        with open_regular(p) as stream:
+            if suffix in (".jsonl", ".parquet"):
+                (_read_jsonl if suffix == ".jsonl" else _read_parquet)(raw, stream)
+                return raw
+            data = stream.read()
+    except UnreadableFileError as e:
+        raw.bad(0, f"{e} (check data.train / data.eval)")
+        return raw
     except OSError as e:
         raw.bad(0, f"{path}: cannot read the file: {e.strerror or e}")
         return raw
-    if suffix == ".jsonl":
-        _read_jsonl(raw, data)
-    else:
-        text = _decode_whole(raw, data)
-        if text is not None:
-            (_read_json if suffix == ".json" else _read_csv)(raw, text)
+    text = _decode_whole(raw, data)
+    if text is not None:
+        (_read_json if suffix == ".json" else _read_csv)(raw, text)
     return raw
+
+
+class JsonValueError(ValueError):
+    """JSON that parses (or would, without Python's limits) into a value tunelab cannot use; ``str()`` says why."""
+
+
+def parse_json(text: str, *, surrogates: bool = True) -> Any:
+    """``json.loads``, turning what it crashes on or lets through unusable into :class:`JsonValueError`.
+
+    Raises:
+        json.JSONDecodeError: If ``text`` is not JSON.
+        JsonValueError: For nesting deeper than Python's recursion allows, an integer longer than Python's
+            ``int`` digit limit, or a lone UTF-16 surrogate (``"\\ud800"``: valid JSON, not a character, so
+            it fails later when the text is encoded), unless ``surrogates`` is False (the caller checks).
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise JsonValueError("the value is nested too deeply to read (past Python's recursion limit); flatten it") from None
+    except ValueError as e:
+        if "digits" in str(e):
+            raise JsonValueError(f"the value has an integer with more than {sys.get_int_max_str_digits():,} digits; "
+                                 "write it as a string") from None
+        raise JsonValueError(str(e)) from None
+    if surrogates and _SURROGATE_ESCAPE.search(text) and surrogate_in(value):
+        raise JsonValueError(_SURROGATE_MESSAGE)
+    return value
+
+
+_SURROGATE_MESSAGE = ("the value contains a lone UTF-16 surrogate (an escape like \\ud800 that is half of a character); "
+                      "fix the escape or remove it")
+
+
+def surrogate_in(value: Any) -> bool:
+    """Whether a string (a key or a value) anywhere in the parsed JSON ``value`` holds a surrogate code point."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _decode_whole(raw: RawFile, data: bytes) -> str | None:
@@ -89,11 +148,26 @@ def _decode_whole(raw: RawFile, data: bytes) -> str | None:
         return None
 
 
-def _read_jsonl(raw: RawFile, data: bytes) -> None:
+def _lines(raw: RawFile, stream: IO[bytes]) -> Any:
+    """``(number, line)`` of a binary stream, each read with a bounded ``readline``; an over-long line is
+    reported and skipped in chunks, so memory stays within :data:`MAX_LINE_BYTES`."""
+    limit = MAX_LINE_BYTES
+    number = 0
+    while line := stream.readline(limit + 1):
+        number += 1
+        if number == 1 and line.startswith(_BOM):
+            line = line[len(_BOM) :]
+        if len(line) > limit and not line.endswith(b"\n"):
+            raw.bad(number, f"{raw.path}:{number}: line longer than {limit:,} bytes; split the record or check the file")
+            while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            continue
+        yield number, line.rstrip(b"\n")
+
+
+def _read_jsonl(raw: RawFile, stream: IO[bytes]) -> None:
     """One JSON value per line; blank lines are skipped; each line is decoded on its own."""
-    if data.startswith(_BOM):
-        data = data[len(_BOM) :]
-    for number, line in enumerate(data.split(b"\n"), start=1):
+    for number, line in _lines(raw, stream):
         if not line.strip():
             continue
         where = f"{raw.path}:{number}"
@@ -106,17 +180,22 @@ def _read_jsonl(raw: RawFile, data: bytes) -> None:
             )
             continue
         try:
-            raw.records.append((number, where, json.loads(text)))
+            raw.records.append((number, where, parse_json(text)))
         except json.JSONDecodeError as e:
             raw.bad(number, f"{where}: invalid JSON: {e}")
+        except JsonValueError as e:
+            raw.bad(number, f"{where}: {e}")
 
 
 def _read_json(raw: RawFile, text: str) -> None:
     """A JSON array of records, or an object whose single value is that array."""
     try:
-        value = json.loads(text)
+        value = parse_json(text, surrogates=False)  # reported by record, below
     except json.JSONDecodeError as e:
         raw.bad(e.lineno, f"{raw.path}:{e.lineno}: invalid JSON: {e}")
+        return
+    except JsonValueError as e:
+        raw.bad(0, f"{raw.path}: {e}")
         return
     if isinstance(value, dict):
         lists = [v for v in value.values() if isinstance(v, list)]
@@ -132,7 +211,11 @@ def _read_json(raw: RawFile, text: str) -> None:
     if not isinstance(value, list):
         raw.bad(1, f"{raw.path}:1: expected a JSON array of records, got {describe_type(value)}")
         return
-    raw.records.extend((i, f"{raw.path}:record {i}", rec) for i, rec in enumerate(value, start=1))
+    for i, rec in enumerate(value, start=1):
+        if surrogate_in(rec):
+            raw.bad(i, f"{raw.path}:record {i}: {_SURROGATE_MESSAGE}")
+        else:
+            raw.records.append((i, f"{raw.path}:record {i}", rec))
 
 
 def _read_csv(raw: RawFile, text: str) -> None:
@@ -161,12 +244,12 @@ def _read_csv(raw: RawFile, text: str) -> None:
         raw.bad(reader.line_num, f"{raw.path}:{reader.line_num}: invalid CSV: {e}")
 
 
-def _read_parquet(raw: RawFile) -> None:
+def _read_parquet(raw: RawFile, stream: IO[bytes]) -> None:
     """Rows of a parquet file, as plain Python values (nulls become None)."""
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(raw.path).to_pylist()
+        rows = pq.read_table(stream).to_pylist()
     except Exception as e:  # pyarrow raises several unrelated types for corrupt files
         raw.bad(0, f"{raw.path}: not a readable parquet file: {e}")
         return

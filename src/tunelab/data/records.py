@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import SandboxedEnvironment
 
-from tunelab.data.readers import describe_type, read_file
+from tunelab.data.readers import JsonValueError, describe_type, parse_json, read_file
+from tunelab.data.sandbox import BoundedSandbox, TemplateLimitError
 from tunelab.errors import ConfigError, DataError, TunelabError
+from tunelab.safeyaml import UnreadableFileError, open_regular
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "raw")
@@ -188,9 +189,11 @@ def _from_messages(record: dict) -> tuple[list[dict[str, str]], list[str]]:
     if isinstance(value, str):
         # CSV cells and some parquet exports hold the list as a JSON string.
         try:
-            value = json.loads(value)
+            value = parse_json(value)
         except json.JSONDecodeError as e:
             return [], [f"field 'messages' is a string but not valid JSON: {e}"]
+        except JsonValueError as e:
+            return [], [f"field 'messages': {e}"]
     if value is None:
         return [], ["field 'messages' is missing or null"]
     if not isinstance(value, list):
@@ -249,7 +252,7 @@ def _compile_template(template: dict) -> dict[str, jinja2.Template | None]:
     """Compile the raw-format templates once; undefined variables are errors, not empty strings."""
     if not isinstance(template, dict):
         raise TunelabError("data.template must be a mapping with 'prompt', 'response' and optional 'system'")
-    env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env = BoundedSandbox(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     compiled: dict[str, jinja2.Template | None] = {}
     problems = []
     for key in ("prompt", "response", "system"):
@@ -274,7 +277,9 @@ def _from_template(record: dict, compiled: dict) -> tuple[list[dict[str, str]], 
         if tmpl is None:
             continue
         try:
-            rendered[key] = tmpl.render(**{str(k): v for k, v in record.items()})
+            rendered[key] = tmpl.environment.render(tmpl, {str(k): v for k, v in record.items()})
+        except TemplateLimitError as e:
+            errors.append(f"data.template.{key}: {e}")
         except jinja2.UndefinedError as e:
             errors.append(
                 f"data.template.{key} uses a field this record lacks ({e.message}); "
@@ -332,7 +337,11 @@ def data_fingerprint(paths: list[str]) -> str:
                 digest.update(len(name).to_bytes(8, "big") + name)
             # Length prefixes keep (a, bc) and (ab, c) from hashing alike.
             digest.update(f.stat().st_size.to_bytes(8, "big"))
-            with f.open("rb") as stream:
+            try:
+                stream = open_regular(f)  # a link to /dev/zero or a FIFO would be read forever
+            except UnreadableFileError as e:
+                raise DataError([str(e)], what=", ".join(paths)) from None
+            with stream:
                 # Chunks, because training files can be larger than memory allows reading at once.
                 while chunk := stream.read(1 << 20):
                     digest.update(chunk)

@@ -15,6 +15,7 @@ import jinja2
 
 from tunelab.errors import TunelabError
 from tunelab.models.tiny import CHATML_TEMPLATE
+from tunelab.safeyaml import read_text
 
 # Gemma's turn format. The assistant role is called "model"; Gemma has no system role, so a leading system
 # message is folded into the first user turn (separated by a blank line). The system text is emitted while
@@ -134,7 +135,7 @@ def _resolve(choice: str, own: str | None, tokenizer) -> tuple[str, bool]:
     path = template_file(choice) or Path(choice)
     if choice.endswith(".jinja") or template_file(choice):
         try:
-            return path.read_text(encoding="utf-8"), False
+            return read_text(path), False  # a regular file of at most 1 MiB: not a link to /dev/zero
         except (OSError, UnicodeDecodeError) as e:
             raise TunelabError(f"data.chat_template: cannot read template file {choice}: {e}") from e
     if "{%" in choice or "{{" in choice:

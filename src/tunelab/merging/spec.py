@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tunelab import safeyaml
 from tunelab.config.load import Problems, key_lines
 from tunelab.errors import ConfigError
 
@@ -126,16 +127,16 @@ def load_merge_spec(path: str | Path) -> MergeSection:
     """
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = safeyaml.read_text(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read {path}: {exc} (give the path of a merge YAML file)"], source=source) from None
     try:
-        tree = yaml.safe_load(text)
+        tree = safeyaml.load(text, source)
     except yaml.YAMLError as exc:
         raise ConfigError([f"invalid YAML: {exc}"], source=source) from None
     if not isinstance(tree, dict):
         raise ConfigError(["the file must be a YAML mapping with one key, merge: {method, base, models, lambda, seed}"], source=source)
-    problems = Problems(source, key_lines(text))
+    problems = Problems(source, key_lines(text, source))
     try:
         section = MergeFile.model_validate(tree).merge
     except ValidationError as err:

@@ -38,6 +38,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tunelab import safeyaml
 from tunelab.config.load import Problems, key_lines
 from tunelab.errors import ConfigError
 
@@ -149,13 +150,13 @@ def load_pipeline(path: str | Path) -> PipelineFile:
     """
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-        tree = yaml.safe_load(text)
-    except OSError as error:
-        raise ConfigError([f"cannot read the pipeline file ({error.strerror or error})"], source=source) from None
+        text = safeyaml.read_text(path)
+        tree = safeyaml.load(text, source)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError([f"cannot read the pipeline file ({getattr(error, 'strerror', None) or error})"], source=source) from None
     except yaml.YAMLError as error:
         raise ConfigError([f"not valid YAML ({error})"], source=source) from None
-    problems = Problems(source, key_lines(text))
+    problems = Problems(source, key_lines(text, source))
     tree = tree if isinstance(tree, dict) else {}
     raw_stages = tree.get("stages")
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from tunelab import safeyaml
 from tunelab.errors import TunelabError
 
 
@@ -35,8 +36,8 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        return safeyaml.load(safeyaml.read_text(path), str(path)) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
         raise TunelabError(f"{path} is corrupt ({exc}); the run directory was changed by hand") from None
 
 
