@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.clikit import console, friendly as _friendly, metric_options
+from tunelab.clikit import console, friendly as _friendly, metric_options, print_error
 from tunelab.errors import TunelabError
 
 app = typer.Typer(help="Fine-tune language models and prove what they learned.", no_args_is_help=True, add_completion=False)
@@ -50,8 +50,7 @@ def train(
 
         args = [str(config), *(overrides or []), *(["--resume"] if resume else []), *(["--force"] if force else [])]
         if (status := launch(nproc, args)) != 0:
-            console.print(f"[bold red]error:[/] training on {nproc} processes failed (status {status}); the failing "
-                          "process's error is above")
+            print_error(f"training on {nproc} processes failed (status {status}); the failing process's error is above")
             raise typer.Exit(status if status != 1 else 2)
         return
     out = console if os.environ.get("RANK", "0") == "0" else Console(stderr=True, quiet=True)  # rank 0 speaks for all
@@ -59,7 +58,7 @@ def train(
     if out is not console:
         return
     loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
-    console.print(f"Done in {result.train_seconds:.1f} s: {result.steps} steps, final train loss {loss}. Run: {result.run_dir}")
+    console.print(f"Done in {result.train_seconds:.1f} s: {result.steps} steps, final train loss {loss}. Run: {result.run_dir}", markup=False)
 
 
 @data_app.command("inspect")
@@ -238,7 +237,7 @@ def eval_command(
         table.add_column(column)
     table.add_row(report["model"], f"{report['score']:.4f}")
     Console().print(table)
-    console.print(f"Report: {out}")
+    console.print(f"Report: {out}", markup=False)
 
 
 def _run_data_format(model: Path) -> dict:

@@ -1,5 +1,8 @@
-"""What every ``tunelab`` command shares: the stderr console and the decorator that turns user errors into a
-message and exit status 2 (bugs keep their traceback).
+"""What every ``tunelab`` command shares: the stderr console and the decorator that turns user errors (and a full
+disk) into a one-line message and exit status 2 (bugs keep their traceback).
+
+Messages are printed as plain text, never as rich markup: a hint like ``pip install 'tunelab[export]'`` or a path
+like ``runs/[a]`` must reach the terminal as written.
 
 Commands defined beside the code they drive (``merging/cli.py``, ``serving/cli.py``, ...) import these,
 never ``tunelab.cli`` (which imports them).
@@ -7,12 +10,16 @@ never ``tunelab.cli`` (which imports them).
 
 from __future__ import annotations
 
+import inspect
 import os
 from functools import wraps
 
+import click
 import typer
 from rich.console import Console
+from rich.text import Text
 
+from tunelab.atomic import describe_disk_full, disk_full
 from tunelab.errors import TunelabError
 
 console = Console(stderr=True)
@@ -32,8 +39,19 @@ def quiet_libraries() -> None:
         pass
 
 
+def print_error(message: str) -> None:
+    """``error: MESSAGE`` on stderr, the message as plain text (no markup), prefixed with the rank in a distributed run."""
+    rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    console.print(Text.assemble(("error:", "bold red"), " ", rank, message), highlight=False, soft_wrap=True)
+
+
 def friendly(fn):
-    """Turn user errors into a message and exit status 2; let bugs keep their traceback."""
+    """Turn user errors and a full disk into a message and exit status 2; let bugs keep their traceback.
+
+    A full disk (``ENOSPC``/``EDQUOT`` anywhere behind the exception) says which file and, for a command with
+    ``--resume``, to resume; the run's manifest was already marked failed by the recipe (``stages.run``).
+    """
+    resumable = "resume" in inspect.signature(fn).parameters
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -41,12 +59,19 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except TunelabError as err:
-            rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-            console.print(f"[bold red]error:[/] {rank}{err}", markup=True, highlight=False, soft_wrap=True)
+            print_error(str(err))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]; resume a training run with --resume")
+            console.print(Text.assemble(("interrupted", "yellow"), "; resume a training run with --resume"))
             raise typer.Exit(130) from None
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as err:
+            full = disk_full(err)
+            if full is None:
+                raise
+            print_error(f"{describe_disk_full(full)}: free space and rerun{' with --resume' if resumable else ''}")
+            raise typer.Exit(2) from None
 
     return wrapper
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from tunelab.clikit import console, friendly
 
@@ -32,16 +33,16 @@ def export_command(
     """
     from tunelab.export import export_model
 
-    with console.status(f"exporting {source} as {format} ..."):
+    with console.status(f"exporting {escape(str(source))} as {escape(format)} ..."):
         report = export_model(source, format, quant, out, force=force, prompts=prompts, new_tokens=new_tokens)
     check = report.get("verification") or {}
     if check.get("checked"):
         task = check.get("task") or {}
         score = f", task {task['metric']} {task['hf']:.1%} → {task['gguf']:.1%}" if "hf" in task else ""
-        console.print(f"Exported {source} to [bold]{report['output']}[/] ({report.get('file')}, {report['seconds']:.0f} s): "
+        console.print(f"Exported {escape(str(source))} to [bold]{escape(report['output'])}[/] ({escape(str(report.get('file')))}, {report['seconds']:.0f} s): "
                       f"greedy agreement {check['greedy_agreement']:.0%} on {check['n_prompts']} prompts, perplexity "
                       f"{check['perplexity_increase']:+.2%}{score}{'; FORCED past a failed check' if check['forced'] else ''}. "
-                      f"Report: {Path(report['output']) / 'export_report.json'}", soft_wrap=True)
+                      f"Report: {escape(str(Path(report['output']) / 'export_report.json'))}", soft_wrap=True)
     else:
-        console.print(f"Exported {source} to [bold]{report['output']}[/] in {report['seconds']:.0f} s "
+        console.print(f"Exported {escape(str(source))} to [bold]{escape(report['output'])}[/] in {report['seconds']:.0f} s "
                       f"{'(NOT checked in llama.cpp)' if check else ''}", soft_wrap=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from tunelab.clikit import console, friendly
 from tunelab.errors import TunelabError
@@ -61,21 +62,21 @@ def _fold(run: Path, out: Path, force: bool, prompts: int) -> None:
         report = merge_run(run, out, force=force, prompts=prompts)
     check = report["verification"]
     agree = check["n_prompts"] - len(check["answers_differ"])
-    console.print(f"Merged {run} ({report['method']}) into [bold]{out}[/] in {report['seconds']:.0f} s: max |Δ logit| "
+    console.print(f"Merged {escape(str(run))} ({report['method']}) into [bold]{escape(str(out))}[/] in {report['seconds']:.0f} s: max |Δ logit| "
                   f"{check['max_abs_logit_diff']:.2g} (tolerance {check['tolerance']:g}) and {agree} of {check['n_prompts']} "
                   f"greedy answers equal on {check['prompts']}{'; FORCED past a failed check' if report['forced'] else ''}. "
-                  f"Report: {Path(out) / 'merge_report.json'}", soft_wrap=True)
+                  f"Report: {escape(str(Path(out) / 'merge_report.json'))}", soft_wrap=True)
 
 
 def _checked(report: dict[str, Any], out: Path) -> str:
     check = report["verification"]
-    return (f"written to [bold]{out}[/] in {report['seconds']:.0f} s; as reloaded from disk: max |Δ logit| "
+    return (f"written to [bold]{escape(str(out))}[/] in {report['seconds']:.0f} s; as reloaded from disk: max |Δ logit| "
             f"{check['max_abs_logit_diff']:.2g}, {check['answers_agree']} of {check['n_prompts']} greedy answers equal"
-            f"{'; FORCED past a failed check' if report['forced'] else ''}. Report: {out / 'merge_report.json'}")
+            f"{'; FORCED past a failed check' if report['forced'] else ''}. Report: {escape(str(out / 'merge_report.json'))}")
 
 
 def _say(message: str) -> None:
-    console.print(f"[dim]{message}[/]", soft_wrap=True)  # progress lines stay: scoring takes minutes, the figures matter
+    console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)  # progress lines stay: scoring takes minutes, the figures matter
 
 
 def _merge_many(path: Path, out: Path, force: bool, prompts: int, limit: int | None) -> None:
@@ -89,15 +90,15 @@ def _merge_many(path: Path, out: Path, force: bool, prompts: int, limit: int | N
     table = Table(title=f"{report['method']} merge: each run's task (its metric) and probe retention against the base")
     table.add_column("model")
     for task in report["tasks"]:
-        table.add_column(f"{task['name']} ({task['metric']})", justify="right")
+        table.add_column(escape(f"{task['name']} ({task['metric']})"), justify="right")
     table.add_column("probe retention", justify="right")
     for row in report["scores"]:
         probe = row["probe"]
-        table.add_row(row["model"], *(f"{row['tasks'][t['name']]['score']:.3f}" for t in report["tasks"]),
+        table.add_row(escape(str(row["model"])), *(f"{row['tasks'][t['name']]['score']:.3f}" for t in report["tasks"]),
                       _pct(probe["retention"]) if probe else "–", style="bold" if row["role"] == "merge" else None)
     console.print(table)
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(str(warning))}", soft_wrap=True)
     console.print("Merge " + _checked(report, out), soft_wrap=True)
 
 
@@ -111,7 +112,7 @@ def _interpolate(run: Path, out: Path, blends: str, pick: str | None, min_retent
     ts = parse_blends(blends)
     report = interpolate_run(run, ts, out, pick=pick, min_retention=min_retention, force=force, prompts=prompts,
                              limit=limit, say=_say)
-    table = Table(title=f"Blends base + t·(tuned − base) of {run}: {report['metric'] or 'no task'} on {report['examples']} "
+    table = Table(title=f"Blends base + t·(tuned − base) of {escape(str(run))}: {report['metric'] or 'no task'} on {report['examples']} "
                         f"eval examples, probe of {report['probe_items']} items")
     for name in ("t", "task score", "probe right", "probe retention"):
         table.add_column(name, justify="right")

@@ -8,6 +8,7 @@ a resume all see them, and prints why. A resumed run reads the same data and cho
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 
 from tunelab.config.schema import Replay, RunConfig
 from tunelab.data.token_cache import cached_tokenize
@@ -59,7 +60,7 @@ def choose_defaults(config: RunConfig, examples: Examples, tokenizer, model_path
     if choices:
         console.print(f"Defaults from the data ({facts.examples} examples, {facts.trained_tokens:,} trained tokens, "
                       f"width {facts.hidden_size}; set a key to keep your own value, train.defaults=fixed for none):\n  "
-                      + "\n  ".join(describe(choices)), soft_wrap=True, highlight=False)
+                      + escape("\n  ".join(describe(choices))), soft_wrap=True, highlight=False)
     if any(c.key == "data.replay" for c in choices):
         resolve_self_replay(config, console)
         examples = read_examples(config)  # the task's examples again, with the replay's

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tunelab.atomic import write_text_atomic
@@ -206,7 +207,7 @@ def evaluate_before(config: RunConfig, loaded: LoadedModel, examples: Examples, 
         return {}
     plan = plan_before(config, examples, run_dir)
     if plan.todo and plan.why:
-        console.print(f"[yellow]{plan.source}[/] cannot be reused as it is: {'; '.join(plan.why)}. "
+        console.print(f"[yellow]{escape(str(plan.source))}[/] cannot be reused as it is: {escape('; '.join(plan.why))}. "
                       f"Evaluating the untuned model again: {', '.join(plan.todo)}.", soft_wrap=True)
     result, todo = dict(plan.kept), set(plan.todo)
     task_examples = _eval_examples(config, examples)
@@ -287,7 +288,8 @@ def print_comparison(report: dict[str, Any], console: Console) -> None:
         table.add_row("probe retention", describe_retention(forgetting))
     console.print(table)
     if forgetting and forgetting["lost"]:
-        console.print("Lost probe items: " + ", ".join(f"{item['id']} ({item['after'][:30]!r})" for item in forgetting["lost"]))
+        console.print("Lost probe items: " + ", ".join(f"{item['id']} ({item['after'][:30]!r})" for item in forgetting["lost"]),
+                      markup=False)
     if forgetting and forgetting.get("unpaired"):
         console.print("[yellow]Not counted[/] (asked only before or only after training, or as another question): "
-                      + ", ".join(forgetting["unpaired"]))
+                      + escape(", ".join(forgetting["unpaired"])))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from tunelab.config.load import method_options
@@ -70,7 +71,7 @@ def checkpointed_blocks(config: RunConfig, train_examples: list, console: Consol
         shape, device = load_shape(config), resolve_device("current")
         blocks = planned(config, shape, device, profile_examples(config, train_examples))
     except Exception as exc:  # noqa: BLE001 - a model the planner cannot read (e.g. no intermediate_size) must still train
-        console.print(f"[yellow]warning:[/] no memory plan for this model ({type(exc).__name__}: {exc}); "
+        console.print(f"[yellow]warning:[/] no memory plan for this model ({type(exc).__name__}: {escape(str(exc))}); "
                       "train.gradient_checkpointing=auto leaves checkpointing off (set true to force it)", soft_wrap=True)
         return 0
     if blocks:

@@ -1,17 +1,21 @@
 """The optimisation state of a run: step plan, optimizer, restored checkpoint, device placement, checkpoint saves.
 
-A checkpoint holds weights, optimizer, RNG states, the step and the seconds spent; the step plan
-(``training.plan``) is a pure function of the config, so nothing else is needed to continue exactly.
+A checkpoint holds weights, optimizer, RNG states, the step and the seconds spent (``train_seconds``: optimizer
+steps only, what ``train.max_seconds`` budgets; ``wall_seconds``: the training loops' wall time, summed over the
+invocations that led to it, what the manifest reports); the step plan (``training.plan``) is a pure function of
+the config, so nothing else is needed to continue exactly.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from tunelab.training.best import BestKeeper
 from tunelab.config.schema import RunConfig
@@ -37,6 +41,12 @@ class Optimization:
     whole: torch.nn.Module | None = None  # FSDP: an unsharded CPU copy the trained shards are gathered into at the end
     sources: tuple[tuple[int, ...], tuple[str, ...]] | None = None  # a mixture: each example's source, the source names
     best: BestKeeper | None = None  # train.keep_best / train.early_stopping
+    wall_seconds: float = 0.0  # the training loops' wall time before this invocation (from the checkpoint resumed)
+    loop_started: float | None = None  # time.time() when this invocation's loop started
+
+    def wall_seconds_now(self) -> float:
+        """The training loops' wall time so far, this invocation's included."""
+        return self.wall_seconds + (time.time() - self.loop_started if self.loop_started is not None else 0.0)
 
     @property
     def finished(self) -> bool:
@@ -72,22 +82,23 @@ def prepare_optimization(config: RunConfig, tuned: TunedModel, accelerator, plan
         shards = dict(tuned.model.named_parameters())
         tuned.params = {name: shards[name] for name in tuned.params}
     optimizer = adamw(list(tuned.params.values()), lr=config.train.lr, weight_decay=config.train.weight_decay)
-    start_step, scaler_state, seconds = 0, None, 0.0
+    start_step, scaler_state, seconds, wall = 0, None, 0.0, 0.0
     restored = None
     if checkpoints is not None:
         def skipped(path: Path, reason: str) -> None:
-            console.print(f"[yellow]warning:[/] checkpoint {path} cannot be read ({reason}); trying the one before it", soft_wrap=True)
+            console.print(f"[yellow]warning:[/] checkpoint {escape(str(path))} cannot be read ({escape(reason)}); trying the one before it", soft_wrap=True)
 
         restored = load_latest_checkpoint(checkpoints, tuned.params, optimizer, on_skip=skipped)
     if checkpoints is not None and restored is None:
-        console.print(f"No readable checkpoint in {config.output_dir} yet: starting again from step 0.")
+        console.print(f"No readable checkpoint in {escape(str(config.output_dir))} yet: starting again from step 0.")
     if restored is not None:
         if restored.step > plan.total:
             raise TunelabError(f"--resume: the newest checkpoint is at step {restored.step}, beyond this config's {plan.total} "
                                "steps; raise train.max_steps/train.epochs or start a new run")
-        console.print(f"Resuming from {restored.path} (step {restored.step}).")
+        console.print(f"Resuming from {escape(str(restored.path))} (step {restored.step}).")
         state = restored.state
         start_step, scaler_state, seconds = restored.step, state.get("grad_scaler"), state.get("train_seconds", 0.0)
+        wall = state.get("wall_seconds", seconds)  # a checkpoint of an earlier tunelab: its step time at least
     if fsdp:
         model, optimizer = tuned.model, accelerator.prepare(optimizer)
     else:
@@ -101,7 +112,8 @@ def prepare_optimization(config: RunConfig, tuned: TunedModel, accelerator, plan
                                "use ddp, or leave them out")
         best = BestKeeper.open(config.output_dir, patience=config.train.early_stopping, keep=config.train.keep_best,
                                start_step=start_step)
-    return Optimization(model, optimizer, tuned.params, accelerator, plan, start_step, seconds, whole, best=best)
+    return Optimization(model, optimizer, tuned.params, accelerator, plan, start_step, seconds, whole, best=best,
+                        wall_seconds=wall)
 
 
 def trained_model(opt: Optimization) -> torch.nn.Module:
@@ -121,7 +133,7 @@ def save_state(opt: Optimization, run_dir: Path, done: int, seconds_spent: float
     """Checkpoint step ``done`` (with the time spent and the fp16 grad-scaler state, if any). With several
     processes every rank calls it (FSDP shards are gathered), rank 0 writes, and the others wait for it."""
     scaler = opt.accelerator.scaler
-    extra = {"epoch": opt.plan.epoch_of(done - 1), "train_seconds": seconds_spent,
+    extra = {"epoch": opt.plan.epoch_of(done - 1), "train_seconds": seconds_spent, "wall_seconds": opt.wall_seconds_now(),
              **({"grad_scaler": scaler.state_dict()} if scaler else {})}
     if not distributed.world().distributed:
         save_checkpoint(run_dir / "checkpoints", done, opt.params, opt.optimizer, extra, keep_last)

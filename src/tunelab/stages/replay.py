@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from tunelab.config.schema import GENERAL_PROMPTS, SELF_REPLAY, RunConfig
 from tunelab.errors import TunelabError
@@ -56,7 +57,7 @@ def _generate(model: str, path: Path, console: Console) -> None:
     from tunelab.generation import SamplingSettings
 
     prompts = read_prompts(str(GENERAL_PROMPTS))
-    console.print(f"data.replay self: {model} answers {len(prompts)} general prompts (once; cached in {path}) ...")
+    console.print(f"data.replay self: {escape(str(model))} answers {len(prompts)} general prompts (once; cached in {escape(str(path))}) ...")
     teacher = load_teacher(model)
     records, summary = generate_sft(teacher, prompts, SamplingSettings(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS))
     if not records:

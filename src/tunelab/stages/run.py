@@ -3,18 +3,24 @@
 Every recipe goes through the same steps, so every run directory holds the same files: ``config.yaml``
 (the fully resolved config), ``manifest.json`` (hashes, versions, precision, device, costs, status),
 ``metrics.jsonl``, ``checkpoints/``, the artifact folder and the evaluation results.
+
+The manifest's ``status`` says how the run stands: ``running`` from :func:`begin_run`, ``finished`` from
+:func:`finish_run`, and ``failed`` or ``interrupted`` (with the ``failure`` reason) when anything ends it in
+between; :func:`failures_recorded`, which every registered recipe runs inside, sees to the last two.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tunelab.atomic import atomic_dir, write_text_atomic
+from tunelab.atomic import atomic_dir, describe_disk_full, disk_full, write_text_atomic
 from tunelab.config.load import config_hash, resolved_dict
 from tunelab.config.schema import RunConfig
 from tunelab.data import data_fingerprint
@@ -24,6 +30,9 @@ from tunelab.stages.lineage import parent_inputs, read_parent
 from tunelab.training.distributed import barrier, is_main, launched_world
 from tunelab.training.manifest import write_manifest
 from tunelab.training.rundir import check_run_dir, dir_size_mb, finish_manifest, new_manifest
+
+
+_OPEN: dict[Path, dict[str, Any]] = {}  # runs this process began and has not ended: run dir -> its manifest
 
 
 @dataclass
@@ -114,26 +123,68 @@ def begin_run(start: RunStart, config: RunConfig, **fields: Any) -> dict[str, An
             manifest["mlflow_run_id"] = start_mlflow(start.run_dir, start.resolved, tags, config.tracking_uri,
                                                      (start.previous or {}).get("mlflow_run_id") if start.resume else None)
         write_manifest(start.run_dir, manifest)
+        _OPEN[start.run_dir] = manifest
     return manifest
 
 
 def _mirror(run_dir: Path, manifest: dict[str, Any], status: str) -> None:
     """End the run's MLflow mirror (``tracking: [mlflow]``), if it has one."""
     if manifest.get("mlflow_run_id"):
+        from tunelab.runs import read_run_config
         from tunelab.training.tracking import finish_mlflow
 
-        uri = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("tracking_uri")
+        uri = read_run_config(run_dir).get("tracking_uri")
         finish_mlflow(run_dir, manifest["mlflow_run_id"], uri, status)
 
 
 def train_or_fail(run_dir: Path, manifest: dict[str, Any], train: Callable[[], Any]) -> Any:
-    """Run ``train()``; a user-facing failure (divergence) marks the run failed, and is re-raised."""
+    """Run ``train()``; whatever ends it (divergence, a full disk, Ctrl-C, a bug) marks the run failed or
+    interrupted, and is re-raised."""
     try:
         return train()
-    except TunelabError:
+    except BaseException as error:
         if is_main():
-            write_manifest(run_dir, {**manifest, "status": "failed"})
-            _mirror(run_dir, manifest, "FAILED")
+            _OPEN.setdefault(run_dir, manifest)
+            record_failure(run_dir, error)
+        raise
+
+
+def failure_reason(error: BaseException) -> str:
+    """What ended a run, in one line for the manifest's ``failure``."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); continue with --resume"
+    if not isinstance(error, TunelabError) and (full := disk_full(error)) is not None:
+        return f"{describe_disk_full(full)}; free space and continue with --resume"
+    text = str(error) if isinstance(error, TunelabError) else f"{type(error).__name__}: {error}"
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """Mark ``run_dir`` ``failed`` (``interrupted`` on Ctrl-C) with the reason, if this process began it and has
+    not ended it. Best effort: a full disk may refuse this write too, and the error that ended the run is the one
+    to report, so nothing is raised from here."""
+    manifest = _OPEN.pop(run_dir, None)
+    if manifest is None:
+        return
+    interrupted = isinstance(error, KeyboardInterrupt)
+    manifest.update(status="interrupted" if interrupted else "failed", failure=failure_reason(error),
+                    ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    with contextlib.suppress(Exception):
+        write_manifest(run_dir, manifest)
+    with contextlib.suppress(Exception):
+        _mirror(run_dir, manifest, "KILLED" if interrupted else "FAILED")
+
+
+@contextlib.contextmanager
+def failures_recorded() -> Iterator[None]:
+    """Runs begun inside and not finished when an exception leaves are marked failed or interrupted
+    (:func:`record_failure`); runs begun before are left alone (a refused resume never touches a run)."""
+    before = set(_OPEN)
+    try:
+        yield
+    except BaseException as error:
+        for run_dir in [d for d in _OPEN if d not in before]:
+            record_failure(run_dir, error)
         raise
 
 
@@ -155,4 +206,5 @@ def save_artifact(run_dir: Path, name: str, save: Callable[[Path], None], tokeni
 def finish_run(run_dir: Path, manifest: dict[str, Any], **fields: Any) -> None:
     if is_main():
         write_manifest(run_dir, finish_manifest(manifest, **fields))
+        _OPEN.pop(run_dir, None)
         _mirror(run_dir, manifest, "FINISHED")

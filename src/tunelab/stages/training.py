@@ -13,6 +13,7 @@ What differs between recipes (their data, objective, loop and evaluation) stays 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
+from tunelab.atomic import recover_output
 from tunelab.config.schema import RunConfig
 from tunelab.methods import count_parameters
 from tunelab.stages.evaluation import check_eval_settings
@@ -83,7 +87,7 @@ def prepare_training(config: RunConfig, env: Environment, base, tokenizer, added
     tuned = make_trainable(config, env, base, tokenizer, added_tokens, train_examples, console)
     mixture = mixture_of(config, train_examples)
     if mixture is not None:
-        console.print(f"Training mixture: {mixture.describe()}.", soft_wrap=True)
+        console.print(f"Training mixture: {escape(mixture.describe())}.", soft_wrap=True)
     return tuned, optimize(config, env, tuned, len(train_examples), console, mixture)
 
 
@@ -118,7 +122,7 @@ def begin_training_run(config: RunConfig, env: Environment, tuned: TunedModel, o
     """Print what is about to train (one line, also in a sweep's log) and write config.yaml and the manifest (with
     the ``chosen`` data defaults, ``tunelab.training.defaults.Choice``, and why)."""
     n_trainable, n_total = count_parameters(tuned.model)
-    console.print(f"[bold]{config.method.name}[/] on {config.model.path}: {n_trainable:,} trainable of {n_total:,} parameters "
+    console.print(f"[bold]{escape(config.method.name)}[/] on {escape(str(config.model.path))}: {n_trainable:,} trainable of {n_total:,} parameters "
                   f"({100 * n_trainable / n_total:.3f}%); {what}; device {env.accelerator.device}, precision {env.precision}",
                   soft_wrap=True)
     return begin_run(env.start, config, start_step=opt.start_step, model={"spec": config.model.path, "resolved": model_path},
@@ -143,7 +147,8 @@ class TrainResult:
 
 def nothing_to_do(env: Environment, artifact: str, steps: int, console: Console) -> TrainResult:
     """The result of resuming a finished run: its recorded numbers, nothing recomputed."""
-    console.print(f"{env.run_dir} already finished ({steps} steps); nothing to do.")
+    recover_output(env.run_dir / artifact)  # a save killed mid-replace: the artifact back, its temporaries gone
+    console.print(Text(f"{env.run_dir} already finished ({steps} steps); nothing to do."))
     previous = env.start.previous or {}
     return TrainResult(env.run_dir, env.run_dir / artifact, steps, previous.get("final_train_loss"),
                        (previous.get("final_eval") or {}).get("eval_loss"), 0.0)
@@ -173,12 +178,13 @@ def train_and_save(config: RunConfig, env: Environment, opt: Optimization, tuned
     with the tokenizer and its chat template (and whatever ``save_extra(folder)`` adds, e.g. a reward head);
     costs go to the manifest when the recipe finishes the run."""
     reset_peak_memory()
-    started = time.time()
+    started = opt.loop_started = time.time()
     reporter = train_or_fail(env.run_dir, manifest, loop)
     seconds = time.time() - started
+    carry_over(reporter, env.run_dir)
     tokens = float(all_sum([reporter.tokens_total])[0])  # every rank's share
-    costs = {"train_seconds": round(seconds, 2), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-             "steps_done": reporter.done, **peak_memory()}
+    costs = {"train_seconds": round(opt.wall_seconds + seconds, 2),  # summed over invocations (resumes)
+             "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "steps_done": reporter.done, **peak_memory()}
     if opt.best is not None:
         costs.update(opt.best.record())
         if (step := opt.best.restore(opt.params)) is not None:
@@ -196,7 +202,32 @@ def train_and_save(config: RunConfig, env: Environment, opt: Optimization, tuned
 
     artifact_dir, costs["artifact_mb"] = save_artifact(env.run_dir, tuned.method.artifact, save, tokenizer)
     n_trainable, n_total = manifest["trainable_parameters"], manifest["total_parameters"]
-    console.print(f"Saved {tuned.method.artifact} to [bold]{artifact_dir}[/] ({costs['artifact_mb']:.1f} MB); "
+    console.print(f"Saved {tuned.method.artifact} to [bold]{escape(str(artifact_dir))}[/] ({costs['artifact_mb']:.1f} MB); "
                   f"trainable parameters {n_trainable:,} ({100 * n_trainable / n_total:.3f}% of {n_total:,}).", soft_wrap=True)
     model.config.use_cache = True
-    return Trained(model, reporter, artifact_dir, costs, seconds)
+    return Trained(model, reporter, artifact_dir, costs, opt.wall_seconds + seconds)
+
+
+def carry_over(reporter: StepReporter, run_dir: Path) -> None:
+    """Give ``reporter`` the last training loss and validation metrics logged before this invocation, where this one
+    logged none (a resume that found every step done, or continued without a validation): the final numbers are
+    those of the whole run, read back from ``metrics.jsonl`` (what the reporter wrote; kept up to the resumed step)."""
+    if reporter.last_loss is not None and reporter.last_eval is not None:
+        return
+    path = run_dir / "metrics.jsonl"
+    last_loss, last_eval = None, None
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] > reporter.done:
+            continue
+        if "loss" in record:
+            last_loss = record["loss"]
+        elif any(key.startswith("eval_") for key in record):  # a validation: {"step", "eval_loss", ...}
+            last_eval = {key: value for key, value in record.items() if key != "step"}
+    if reporter.last_loss is None:
+        reporter.last_loss = last_loss
+    if reporter.last_eval is None:
+        reporter.last_eval = last_eval

@@ -19,7 +19,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,12 +29,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tunelab.atomic import atomic_dir, fsync_dir
+from tunelab.atomic import atomic_dir, fsync_dir, make_temp_dir, recover_output
 from tunelab.errors import TunelabError
 from tunelab.training.distributed import local_like, relayout_optimizer_state, world
 
 _NAME = re.compile(r"^step-(\d{8})$")
-_TEMPORARY = re.compile(r"^\.step-\d{8}\.(tmp|old)-")  # names atomic_dir (and pruning) give in-flight dirs
+_TEMPORARY = re.compile(r"^\.(step-\d{8})\.(tmp|old)-")  # names atomic_dir (and pruning) give in-flight dirs
 _ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # per-parameter state shaped like the parameter
 
 
@@ -123,12 +122,12 @@ def save_checkpoint(
 
 
 def _remove_temporaries(root: Path) -> None:
-    """Remove the half-written or half-deleted checkpoint directories of a run killed mid-save."""
+    """Remove the half-written or half-deleted checkpoint directories of a run killed mid-save (those of a process
+    still running are kept), and put back a checkpoint that was killed while being replaced (``atomic.recover_output``)."""
     if not root.is_dir():
         return
-    for entry in root.iterdir():
-        if _TEMPORARY.match(entry.name) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+    for name in sorted({m.group(1) for entry in root.iterdir() if (m := _TEMPORARY.match(entry.name))}):
+        recover_output(root / name)
 
 
 def _prune(root: Path, keep: Path, keep_last: int) -> None:
@@ -141,7 +140,7 @@ def _prune(root: Path, keep: Path, keep_last: int) -> None:
     doomed = others[: max(len(others) - (max(keep_last, 1) - 1), 0)]
     moved = []
     for old in doomed:
-        hole = Path(tempfile.mkdtemp(dir=root, prefix=f".{old.name}.tmp-"))
+        hole = make_temp_dir(root, old.name, "tmp")  # "tmp", never "old": what is half-deleted must not come back
         os.replace(old, hole)  # onto the fresh empty directory: POSIX rename replaces it
         moved.append(hole)
     if moved:

@@ -54,7 +54,8 @@ def new_manifest(previous: dict | None, resumed_from_step: int | None, **fields:
     if previous is None:
         return current
     history = list(previous.get("resumed", []))
-    history.append({"at": current["created"], "from_step": resumed_from_step, "code_hash": current["code_hash"],
+    history.append({"at": current["created"], "from_step": resumed_from_step, "after": previous.get("status"),
+                    "code_hash": current["code_hash"],
                     "git_commit": current["git_commit"], "versions": current["versions"],
                     **{k: current[k] for k in ("precision", "device") if k in current}})
     kept = {k: previous[k] for k in ("created", "code_hash", "git_commit", "versions") if k in previous}
