@@ -78,14 +78,14 @@ def friendly(fn):
 
 def metric_options(items: list[str] | None, db, base: dict | None = None) -> dict:
     """``--option KEY=VALUE`` (values read as YAML) and ``--db PATH`` over ``base``: a metric's options."""
-    import yaml
+    from tunelab import safeyaml
 
     options = dict(base or {})
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise TunelabError(f"--option {item!r}: expected KEY=VALUE")
-        options[key] = yaml.safe_load(value)
+        options[key] = safeyaml.load(value, source=f"--option {key}")
     if db is not None:
         options["db"] = str(db)
     return options

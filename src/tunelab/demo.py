@@ -15,6 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from tunelab.config import load_config
 from tunelab.models.embedded import cache_root
@@ -51,5 +52,5 @@ def _print_summary(report: dict, result, seconds: float) -> None:
     out.print(f"[bold]Execution accuracy on {tuned['n']} unseen questions: {base['score']:.0%} untuned → "
               f"{tuned['score']:.0%} after LoRA[/] (training {result.train_seconds:.0f} s, whole demo {seconds:.0f} s).")
     for before, after in list(zip(base["examples"], tuned["examples"]))[:2]:
-        out.print(f"[dim]Q:[/] {before['prompt']}\n  untuned: {before['prediction'][:90]!r}\n  tuned:   {after['prediction']!r}")
+        out.print(f"[dim]Q:[/] {escape(before['prompt'])}\n  untuned: {escape(repr(before['prediction'][:90]))}\n  tuned:   {escape(repr(after['prediction']))}")
     out.print(f"Run directory: {result.run_dir} (eval.json holds every prediction; adapter/ loads with plain peft)")

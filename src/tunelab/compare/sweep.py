@@ -34,16 +34,18 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
+from tunelab import safeyaml
 from tunelab.atomic import write_text_atomic
 from tunelab.compare.report import CandidateResult, write_report
 from tunelab.config import load_config
 from tunelab.config.load import resolved_dict
-from tunelab.stages.defaults import unset_keys
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import get_method, method_names
 from tunelab.runs import read_run_config, read_run_manifest
+from tunelab.stages.defaults import unset_keys
 
 BASELINE_CANDIDATES = ("zero_shot", "few_shot", "rag")
 DEFAULT_SHOTS = 3  # k for few_shot / rag when the config does not set eval.few_shot / eval.rag
@@ -121,7 +123,7 @@ def run_compare(config_path: Path, overrides: list[str], candidates: list[str], 
         "sweep_seconds_this_invocation": round(time.time() - started, 1),
     }
     md, html = write_report(sweep_dir, results, meta)
-    console.print(f"Report: [bold]{md}[/] and [bold]{html}[/]")
+    console.print(f"Report: [bold]{escape(str(md))}[/] and [bold]{escape(str(html))}[/]")
     return sweep_dir
 
 
@@ -133,8 +135,8 @@ def _check_sweep_dir(sweep_dir: Path) -> None:
         return
     marker = sweep_dir / "sweep.yaml"
     try:
-        kind = (yaml.safe_load(marker.read_text()) or {}).get("kind") if marker.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        kind = (safeyaml.load(safeyaml.read_text(marker), str(marker)) or {}).get("kind") if marker.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TunelabError):
         kind = None
     if kind != SWEEP_KIND:
         raise TunelabError(
@@ -280,14 +282,14 @@ def _train_candidate(config: RunConfig, config_path: Path, overrides: list[str],
         try:
             for line in process.stdout:
                 log.write(line)
-                console.print(f"[dim]\\[{label}][/] {line.rstrip()}", highlight=False, markup=True, soft_wrap=True)
+                console.print(f"[dim]\\[{escape(label)}][/] {escape(line.rstrip())}", highlight=False, markup=True, soft_wrap=True)
             code = process.wait()
         except KeyboardInterrupt:
             process.terminate()
             process.wait()
             raise
     if code != 0:
-        console.print(f"[red]{name} failed (exit status {code}); its output is in {log_path}. The sweep goes on.[/]")
+        console.print(f"[red]{name} failed (exit status {code}); its output is in {escape(str(log_path))}. The sweep goes on.[/]")
         return None
     return time.time() - started
 
@@ -375,7 +377,7 @@ def _budget(config: RunConfig, sweep_dir: Path | None = None, trained: list[str]
     t = config.train
     order = f"same examples and order (seed {t.seed})"
     if sweep_dir is not None and unset_keys(config) & {"train.epochs", "train.batch_size", "train.lr"}:
-        resolved = [(n, yaml.safe_load(f.read_text())["train"]) for n in trained if (f := sweep_dir / n / "config.yaml").is_file()]
+        resolved = [(n, read_run_config(f.parent)["train"]) for n in trained if (f := sweep_dir / n / "config.yaml").is_file()]
         chosen = [f"{n} {_length(c.get('max_steps'), c['epochs'])} of batch {c['batch_size']} at lr {c['lr']:g}" for n, c in resolved]
         return f"chosen from the data by each candidate: {'; '.join(chosen) or 'none trained yet'}; {order}"
     length = _length(t.max_steps, t.epochs)

@@ -12,7 +12,6 @@ kept inside each piece (``tunelab.data.packing``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +89,9 @@ def _read_table(path: Path, field: str, documents: list[TextDocument], problems:
         else:
             import pandas as pd
 
+            from tunelab.safeyaml import open_regular
+
+            open_regular(path).close()  # a FIFO or a device is refused before pandas blocks or reads without end
             frame = pd.read_csv(path, dtype=str, keep_default_na=False) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
             first = 2 if path.suffix.lower() == ".csv" else 1
             rows = [(first + i, record) for i, record in enumerate(frame.to_dict("records"))]
@@ -105,15 +107,12 @@ def _read_table(path: Path, field: str, documents: list[TextDocument], problems:
 
 
 def _jsonl_rows(path: Path, problems: list[str]) -> list[tuple[int, dict]]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{number}: invalid JSON ({exc.msg})")
-    return rows
+    """The records of a JSONL file through the data reader (bounded lines, regular files only, checked values)."""
+    from tunelab.data.readers import read_file
+
+    raw = read_file(str(path))
+    problems.extend(message for _, message in raw.problems)
+    return [(number, value) for number, _, value in raw.records]
 
 
 def text_blocks(documents: list[TextDocument], tokenizer, block_size: int) -> list[TokenizedExample]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from tunelab.clikit import console, friendly, metric_options
 from tunelab.errors import TunelabError
@@ -70,7 +71,7 @@ def generate_command(
     cut = len(summary.truncated)
     note = "" if not cut else f"; {cut} answer(s) hit --max-new-tokens " + ("(kept)" if keep_truncated else "(left out; --keep-truncated keeps them)")
     empty = f"; {len(summary.empty)} empty answer(s) left out" if summary.empty else ""
-    console.print(f"Wrote {summary.n_written} of {summary.n_prompts} answers to [bold]{out}[/] in {summary.seconds:.0f} s{note}{empty}.",
+    console.print(f"Wrote {summary.n_written} of {summary.n_prompts} answers to [bold]{escape(str(out))}[/] in {summary.seconds:.0f} s{note}{empty}.",
                   soft_wrap=True)
 
 

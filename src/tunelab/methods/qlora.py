@@ -52,7 +52,7 @@ class QLoRA(PeftMethod):
             import bitsandbytes  # noqa: F401
             from transformers import BitsAndBytesConfig
         except ImportError:
-            raise TunelabError("method qlora needs bitsandbytes: pip install 'tunelab[qlora]' (or pip install bitsandbytes)") from None
+            raise TunelabError("method qlora needs bitsandbytes: it is one of tunelab's dependencies: pip install 'bitsandbytes>=0.45'") from None
         if options.bits == 8:
             config = BitsAndBytesConfig(load_in_8bit=True)
         else:

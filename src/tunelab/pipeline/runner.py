@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from tunelab.atomic import write_text_atomic
 from tunelab.pipeline.spec import PipelineFile, Stage, is_training
@@ -150,7 +151,7 @@ def run_pipeline(spec: PipelineFile, console: Console, *, dry_run: bool = False)
             _execute(item, outputs, console)
         outputs.update(outputs_of(item.stage, item.folder))
     write_report(Path(spec.output_dir), planned)
-    console.print(f"Pipeline report: [bold]{Path(spec.output_dir) / 'pipeline_report.md'}[/]")
+    console.print(f"Pipeline report: [bold]{escape(str(Path(spec.output_dir) / 'pipeline_report.md'))}[/]")
     return planned
 
 

@@ -117,7 +117,7 @@ def _merge(options: dict, out: Path, console: Console) -> dict[str, Any]:
     from tunelab.merging import merge_run
 
     report = merge_run(options["from_"], out, prompts=options["prompts"], force=options["force"])
-    console.print(f"Merged {options['from_']} into {out}.")
+    console.print(f"Merged {options['from_']} into {out}.", markup=False)
     check = report.get("verification") or {}
     return {"verified": check.get("passed"), "forced": report.get("forced"), "max_abs_logit_diff": check.get("max_abs_logit_diff")}
 

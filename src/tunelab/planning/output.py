@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
+
 from tunelab.planning.devices import GPUS, GiB
 from tunelab.planning.planner import Plan
 
@@ -66,7 +68,7 @@ def print_plan(plan: Plan, console) -> None:
     if plan.suggestions:
         console.print("[bold]To make it fit[/] (cumulative):")
         for line in plan.suggestions:
-            console.print(f"  {line}")
+            console.print(f"  {escape(line)}")
     console.print("[dim]Assumptions:[/]")
     for line in plan.assumptions:
-        console.print(f"[dim]  - {line}[/]")
+        console.print(f"[dim]  - {escape(line)}[/]")

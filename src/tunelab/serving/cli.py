@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from tunelab.clikit import console, friendly
 from tunelab.errors import TunelabError
@@ -108,7 +109,7 @@ def serve_command(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
     ids = ", ".join(m.id for m in registry.entries())
-    console.print(f"Serving [bold]{ids}[/] on http://{host}:{port}/v1 (OpenAI API); Ctrl-C to stop", soft_wrap=True)
+    console.print(f"Serving [bold]{escape(ids)}[/] on http://{host}:{port}/v1 (OpenAI API); Ctrl-C to stop", soft_wrap=True)
     try:
         run_server(app, host, port, drain_seconds=drain_seconds)
     finally:
@@ -138,7 +139,7 @@ def _serve_vllm(target: str, adapters: dict[str, str], host: str, port: int, api
     else:
         base = resolve_model_path(target)
     argv, env = vllm_command(base, adapters, host=host, port=port, api_key=api_key, served_name=name or target)
-    console.print("starting: " + " ".join(argv), soft_wrap=True, highlight=False)
+    console.print("starting: " + " ".join(argv), soft_wrap=True, highlight=False, markup=False)
     exec_vllm(argv, env)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from tunelab.clikit import console, friendly
 from tunelab.errors import TunelabError
@@ -105,6 +106,6 @@ def synth_command(
         summary = synthesize(docs, model, counter, settings, Outputs(out, eval_out), on_progress=update)
     split = f" and {summary['eval']} to {eval_out}" if eval_out is not None else ""
     dropped = ", ".join(f"{n} {why}" for why, n in summary["rejected"].items()) or "none"
-    console.print(f"Wrote {summary['train']} pairs to [bold]{out}[/]{split} from {summary['documents']} documents "
+    console.print(f"Wrote {summary['train']} pairs to [bold]{escape(str(out))}[/]{split} from {summary['documents']} documents "
                   f"({summary['contexts']} contexts) in {summary['seconds']:.0f} s; dropped: {dropped}; "
                   f"{summary['replies_from_cache']} replies from the cache.", soft_wrap=True)

@@ -33,8 +33,11 @@ class MetricsLog:
             pass
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:  # a full disk: name the file, as the command's one-line error shows it
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
         if self._tb is not None:
             step = record.get("step", 0)
             for key, value in record.items():
