@@ -10,10 +10,9 @@ import time
 import pytest
 
 from serving.conftest import PROMPTS
-from tunelab.errors import TunelabError
 from tunelab.generation import SamplingSettings, generate
 from tunelab.serving.continuous import ContinuousScheduler
-from tunelab.serving.scheduler import Job, Scheduler
+from tunelab.serving.scheduler import Job, ModelGone, Scheduler
 
 SCHEDULERS = {"continuous": ContinuousScheduler, "dynamic": Scheduler}
 # Rendered prompts of different lengths: a completion's prompt_tokens says which prompt it answers.
@@ -148,6 +147,22 @@ def test_unloading_an_adapter_mid_flight_leaves_the_other_adapters_requests_alon
     assert answers == expected  # red's and blue's admitted requests answered as each gives alone
     after = SCHEDULERS[kind](registry)
     after.start()
-    with pytest.raises(TunelabError, match="blue"):  # a request for the unloaded adapter gets a clear error
+    with pytest.raises(ModelGone, match="blue"):  # a request for the unloaded adapter gets a clear error
         after.submit(Job(jobs[("blue", 0)].model, [PROMPTS[0]], settings, tokens=80)).result(10)
     after.stop()
+
+
+@pytest.mark.parametrize("kind", sorted(SCHEDULERS))
+def test_a_model_unloaded_between_lookup_and_queue_is_a_404_like_an_unknown_one(registry, kind, monkeypatch):
+    """The race the soak test met: the request found its adapter, which was unloaded before the job was queued."""
+    import httpx
+
+    from tunelab.serving.app import create_app
+    from tunelab.serving.server import BackgroundServer
+
+    monkeypatch.setattr(registry, "retain", lambda served: False)  # what retain answers once the name is gone
+    with BackgroundServer(create_app(registry, batching=kind)) as url:
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                           json={"model": "blue", "messages": PROMPTS[0], "max_tokens": 2})
+    assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found", reply.text
+    assert "unloaded" in reply.json()["error"]["message"]

@@ -35,7 +35,7 @@ from tunelab.serving.models import Registry, ServedModel
 from tunelab.serving.protocol import (APIError, ChatRequest, CompletionRequest, LoadLoraRequest, SamplingFields,
                                       UnloadLoraRequest, chat_chunk, chat_response, completion_response, error_body,
                                       new_id, require_text, stream_chunk, usage_chunk)
-from tunelab.serving.scheduler import Job, QueueFull, ShutDown
+from tunelab.serving.scheduler import Job, ModelGone, QueueFull, ShutDown
 from tunelab.webguard import HostGuard, HostGuardMiddleware
 
 _DONE = object()
@@ -223,6 +223,8 @@ async def _result(job: Job, future) -> list:
     except asyncio.CancelledError:
         job.cancelled = True  # the client went away before its turn: the worker skips it
         raise
+    except ModelGone as exc:  # unloaded between the lookup and the queue: the same answer as an unknown model
+        raise APIError(404, str(exc), param="model", code="model_not_found") from None
     except ShutDown as exc:  # the drain deadline passed: the server's state, not the request, ended it
         raise APIError(503, str(exc), type="server_error", headers={"Retry-After": "5"}) from None
     except TunelabError as exc:

@@ -32,12 +32,11 @@ import time
 
 import torch
 
-from tunelab.errors import TunelabError
 from tunelab.generation.generate import completion_of, left_pad, render_prompt
 from tunelab.generation.stops import StopMatcher, end_of_turn_ids
 from tunelab.serving.batching import (Row, Running, device_of, fits_the_cache, group_of, join, keep_rows, loaded,
                                       row_generator)
-from tunelab.serving.scheduler import Job, Scheduler, Slice, settle
+from tunelab.serving.scheduler import Job, ModelGone, Scheduler, Slice, settle
 
 
 class ContinuousScheduler(Scheduler):
@@ -181,7 +180,7 @@ class ContinuousScheduler(Scheduler):
     def _still_loaded(self, row: Row) -> bool:
         if loaded(row):
             return True
-        settle(row.job.future, error=TunelabError(f"adapter {row.job.model.id!r} was unloaded while this request "
+        settle(row.job.future, error=ModelGone(f"adapter {row.job.model.id!r} was unloaded while this request "
                                                   "decoded; load it again"))
         return False
 

@@ -37,6 +37,10 @@ class QueueFull(Exception):
     """The queue holds ``max_pending`` jobs; the request should be retried later."""
 
 
+class ModelGone(TunelabError):
+    """The request's model was unloaded after the request named it (answered 404, as an unknown model is)."""
+
+
 class ShutDown(TunelabError):
     """The server stopped (its drain deadline passed) before this request was answered."""
 
@@ -166,7 +170,7 @@ class Scheduler:
         """Queue ``job``; its future gets the list of completions (empty for a streamed job).
 
         A job for a model that was unloaded since it was looked up fails at once (its future raises a
-        :class:`TunelabError`); a queued job keeps its model loaded until it is answered (``Registry.unload``
+        :class:`ModelGone`); a queued job keeps its model loaded until it is answered (``Registry.unload``
         waits for it).
 
         Raises:
@@ -176,7 +180,7 @@ class Scheduler:
             if self.stopping or self.depth >= self.max_pending:
                 raise QueueFull(f"{self.depth} requests are queued (the limit is {self.max_pending})")
             if not self.registry.retain(job.model):
-                settle(job.future, error=TunelabError(f"model {job.model.id!r} was unloaded before this request "
+                settle(job.future, error=ModelGone(f"model {job.model.id!r} was unloaded before this request "
                                                       "started; load it again (POST /v1/load_lora_adapter) or use another"))
                 return job.future
             self.live.add(job)
