@@ -21,7 +21,7 @@ from tunelab.methods import method_names
 ROOT = Path(tunelab.__file__).parent
 UPPER = ("tunelab.stages", "tunelab.planning", "tunelab.recipes", "tunelab.compare", "tunelab.pipeline", "tunelab.cli", "tunelab.demo")
 COMPONENTS = ("training", "data", "evaluation", "generation", "models", "methods", "runs", "merging", "export", "serving", "datagen", "synth", "ui", "rewards",
-              "atomic.py", "errors.py", "clikit.py", "webguard.py", "safeyaml.py",
+              "atomic.py", "errors.py", "clikit.py", "webguard.py", "safeyaml.py", "registry.py",
               "examples")
 FORBIDDEN = {
     **{component: UPPER for component in COMPONENTS},
