@@ -112,19 +112,22 @@ def load_object(spec: str, *, what: str = "object") -> Any:
         what: What it should be, in messages (``"metric function"``, ``"reward function"``).
 
     Raises:
-        TunelabError: the string has no ``:``, the module cannot be imported, or it has no such name.
+        TunelabError: the string has no ``:``, the module cannot be imported (whatever its import raised), or it
+            has no such name.
     """
-    module_name, sep, attribute = str(spec).partition(":")
-    if not sep or not module_name.strip() or not attribute.strip():
-        raise TunelabError(f"{what} {spec!r}: write it as package.module:name (for example my_metrics:exact)")
+    module_name, sep, attribute = (part.strip() for part in str(spec).partition(":"))
+    if not sep or not module_name or not attribute:
+        raise TunelabError(f"{what} {spec!r}: write it as 'package.module:name' (for example my_metrics:exact)")
     try:
-        module = importlib.import_module(module_name.strip())
-    except ImportError as exc:
-        raise TunelabError(f"{what} {spec!r}: cannot import module {module_name!r} ({exc}); put it on PYTHONPATH "
-                           "or install it") from None
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any failure while importing user code is the user's to fix
+        raise TunelabError(f"{what} {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); make "
+                           "sure it is installed or on PYTHONPATH (the directory you run tunelab from is not searched "
+                           f"unless it is) and defines {attribute!r}") from exc
     found: Any = module
-    for part in attribute.strip().split("."):
+    for part in attribute.split("."):
         if not hasattr(found, part):
-            raise TunelabError(f"{what} {spec!r}: module {module_name!r} has no {attribute!r}")
+            raise TunelabError(f"{what} {spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no "
+                               f"attribute {attribute!r}; check the spelling of 'module:name'")
         found = getattr(found, part)
     return found
