@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.models.tiny import save_tiny_model
 
 

@@ -40,7 +40,7 @@ def train(
     """Train a model as CONFIG says (recipe: sft by default, or pretrain, ...); the result lands in output_dir."""
     import os
 
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
     from tunelab.recipes import get_recipe
 
     cfg = load_config(config, overrides or [])  # a bad config fails here, once, before N processes start
@@ -65,7 +65,7 @@ def train(
 @_friendly
 def data_inspect(config: ConfigArg, overrides: OverridesArg = None, example: int = typer.Option(0, help="index of the example to render")) -> None:
     """Validate the data, print statistics and render one example with its trained tokens marked."""
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
     from tunelab.recipes import get_recipe
 
     cfg = load_config(config, overrides or [])
@@ -135,7 +135,7 @@ def plan_command(
     strategy: str = typer.Option(None, "--strategy", help="with --gpus: only this strategy (ddp, zero1, zero2, fsdp)"),
 ) -> None:
     """Predict a config's peak memory and training time before running it (from the model's config.json only)."""
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
     from tunelab.planning import plan, print_plan
 
     if strategy is not None and gpus is None:

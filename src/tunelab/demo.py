@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.models.embedded import cache_root
 from tunelab.recipes import sft
 

@@ -72,7 +72,7 @@ def test_a_failing_candidate_is_reported_and_the_sweep_goes_on(sweep_config, tmp
 
 
 def test_candidate_configs_are_comparable(sweep_config, tmp_path):
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
 
     config = load_config(sweep_config, ["train.lr=5e-4"])
     lora = candidate_tree(config, "lora", tmp_path / "l", tmp_path / "b.json")
@@ -82,7 +82,7 @@ def test_candidate_configs_are_comparable(sweep_config, tmp_path):
     adapter = candidate_tree(config, "adapter", tmp_path / "a", tmp_path / "b.json")
     assert qlora["method"]["r"] == 4 and "r" not in full["method"]  # options carried where the method extends lora's
     assert adapter["method"] == {"name": "adapter"}  # lora's target_modules mean something else there
-    from tunelab.config.load import validate_method_options
+    from tunelab.resolve import validate_method_options
 
     for tree in (lora, full, qlora, adapter):
         assert validate_method_options(tree["method"]) == []
@@ -102,7 +102,7 @@ def test_time_budget_gives_every_candidate_the_same_seconds(sweep_config, tmp_pa
 
     from tunelab import cli
     from tunelab.compare import sweep as sweep_module
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
 
     calls = []
     monkeypatch.setattr(sweep_module, "run_compare", lambda *args, **kwargs: calls.append(args))
@@ -162,7 +162,7 @@ def test_only_an_attempt_the_trainer_began_is_cleared(tmp_path):
 
 def test_run_features_a_method_cannot_take_come_from_its_own_flag(sweep_config, tmp_path, monkeypatch):
     from tunelab.compare import sweep as sweep_module
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
     from tunelab.methods import get_method
 
     config = load_config(sweep_config, ["train.packing=true", "train.gradient_checkpointing=true"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.errors import ConfigError
 from tunelab.planning.distributed import per_rank
 from tunelab.planning.memory import MemoryEstimate

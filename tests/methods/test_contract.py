@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import pytest
 
-from tunelab.config.load import method_options
 from tunelab.data import collate
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.methods import get_method, method_names, trainable_parameters
@@ -30,7 +29,7 @@ METHODS = method_names()
 def _setup(make_config, name: str, model_dir):
     config = make_config(*TINY_OPTIONS.get(name, []), method=name, model=model_dir)
     method = get_method(name)
-    options = method_options(config)
+    options = config.method
     torch.manual_seed(0)
     base = load_model(str(model_dir), "float32", **method.base_load_kwargs(options))
     return method, options, base

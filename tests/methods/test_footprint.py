@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from tunelab.config.load import method_options
 from tunelab.methods import get_method, method_names, trainable_parameters
 from tunelab.methods.footprint import Footprint, Plannable
 from tunelab.models.load import load_model
@@ -35,7 +34,7 @@ def test_importing_the_methods_does_not_import_the_planner():
 ])
 def test_footprint_counts_what_apply_trains(make_config, tiny_llama, name, overrides):
     config = make_config(*overrides, method=name)
-    options = method_options(config)
+    options = config.method
     footprint = get_method(name).footprint(options, load_shape(config))
     assert isinstance(footprint, Footprint)
     table = load_shape(config).parameter_table()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunelab.config.load import load_config
+from tunelab.resolve import load_config
 from tunelab.errors import ConfigError
 
 _BASE = ["data.train=/nonexistent/train.jsonl"]

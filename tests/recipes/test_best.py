@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.errors import ConfigError
 from tunelab.recipes import sft
 from tunelab.stages.setup import read_examples

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from tests.conftest import chat_records, write_jsonl
 from tunelab.compare.sweep import candidate_tree
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.recipes import sft
 from tunelab.stages.defaults import unset_keys
 from tunelab.stages.setup import read_examples, split_validation

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.errors import ConfigError, DataError
 from tunelab.recipes import dpo, sft
 

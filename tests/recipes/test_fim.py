@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tunelab.cli import app
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.data.fim import RESERVED, FimTokens, fim_documents, fim_tokens, pieces, to_fim
 from tunelab.data.text import TextDocument, read_texts
 from tunelab.errors import ConfigError

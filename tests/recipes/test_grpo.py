@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.errors import TunelabError
 from tunelab.recipes import grpo
 

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import chat_records, write_jsonl
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.recipes import dpo, sft
 from tunelab.training.schedule import mixture_batches, mixture_counts
@@ -143,7 +143,7 @@ def test_the_kls_untuned_model_is_the_lora_model_switched_off(make_config, sourc
     from rich.console import Console
     from transformers import AutoModelForCausalLM
 
-    from tunelab.config.load import method_options
+
     from tunelab.methods import get_method
     from tunelab.stages.replay import replay_kl_loss
     from tunelab.training.distill import distill_loss_sum
@@ -155,7 +155,7 @@ def test_the_kls_untuned_model_is_the_lora_model_switched_off(make_config, sourc
     frozen = copy.deepcopy(base).eval()
     loss = replay_kl_loss(config, base, lambda model: model, Console(file=said))["replay"]
     assert "switched off: no copy" in said.getvalue()
-    tuned = get_method(config.method.name).apply(base, method_options(config)).train()
+    tuned = get_method(config.method.name).apply(base, config.method).train()
     torch.manual_seed(0)
     with torch.no_grad():
         for p in tuned.parameters():

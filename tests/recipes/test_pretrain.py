@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.data.text import read_texts, split_holdout, text_blocks
 from tunelab.errors import ConfigError, DataError
 from tunelab.models.tiny import build_tiny_tokenizer

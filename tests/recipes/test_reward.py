@@ -9,7 +9,7 @@ import pytest
 from test_dpo import pair_records, write_jsonl  # noqa: F401 - the same pairs as the DPO tests
 
 from tunelab import rewards
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.errors import TunelabError
 from tunelab.recipes import reward, sft
 

@@ -158,7 +158,7 @@ def test_model_without_chat_template_falls_back_to_chatml(tmp_path, chat_data):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
     from tunelab.models.tiny import save_tiny_model
 
     base_dir = save_tiny_model(tmp_path / "base", "llama", chat_template=None, chatml_tokens=False)
@@ -333,7 +333,7 @@ def test_liger_kernels_are_refused_where_they_cannot_run(make_config, monkeypatc
     with pytest.raises(TunelabError, match="needs a CUDA GPU"):
         sft.main(cfg)
     assert not Path(cfg.output_dir).exists()
-    from tunelab.training.kernels import check_kernels
+    from tunelab.training.device import check_kernels
 
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
@@ -347,7 +347,7 @@ def test_liger_kernels_are_applied_to_the_base_model(monkeypatch):
     import types
 
     from tunelab.models.tiny import build_tiny_model
-    from tunelab.training.kernels import apply_kernels
+    from tunelab.training.device import apply_kernels
 
     calls = []
     fake = types.ModuleType("liger_kernel.transformers")

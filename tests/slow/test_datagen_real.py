@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tunelab.cli import app
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.data import load_examples, tokenize_examples
 from tunelab.data.preferences import load_preferences, tokenize_preferences
 from tunelab.recipes import sft

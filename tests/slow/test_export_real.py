@@ -34,7 +34,7 @@ def test_smollm2_f16_gguf_answers_like_transformers(tmp_path):
 
 
 def test_few_step_lora_run_of_smollm2_exported_merged(tmp_path, chat_data):
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
     from tunelab.export import export_model
     from tunelab.recipes import sft
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.merging import interpolate_run, load_merge_spec, merge_models
 from tunelab.recipes import sft
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.recipes import get_recipe
 
 pytestmark = pytest.mark.slow

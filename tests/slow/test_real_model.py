@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.recipes import sft
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.config import config_hash, load_config, resolved_dict
+from tunelab.config import config_hash, resolved_dict
+from tunelab.resolve import load_config
 from tunelab.errors import ConfigError
 
 

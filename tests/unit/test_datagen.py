@@ -41,7 +41,7 @@ def _invoke(*args: str):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_llama):
     """A LoRA run of a few steps on the tiny llama, with a recorded eval split."""
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
     from tunelab.recipes import sft
 
     root = tmp_path_factory.mktemp("datagen-run")

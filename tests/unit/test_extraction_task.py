@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.data import load_examples
 from tunelab.evaluation.metrics import score
 from tunelab.examples.extraction.task import FIELDS, HERE, make_splits, test_only_values, write_splits

@@ -20,7 +20,7 @@ import pytest
 _CHILD = textwrap.dedent("""
     import json, sys
     import tunelab.cli, tunelab.methods, tunelab.stages.model, tunelab.stages.setup, tunelab.stages.training
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
     from tunelab.methods import get_method
     from tunelab.models.load import load_model
     from tunelab.recipes import sft

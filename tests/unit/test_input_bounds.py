@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tunelab.config.load import load_config
+from tunelab.resolve import load_config
 from tunelab.data import load_examples
 from tunelab.data import readers
 from tunelab.data.preferences import load_preferences
@@ -192,7 +192,7 @@ resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))
 from tunelab.data import load_examples
 from tunelab.data.templates import prepare_tokenizer
 from tunelab.data.records import data_fingerprint
-from tunelab.config.load import load_config
+from tunelab.resolve import load_config
 
 class Tok:
     chat_template = None

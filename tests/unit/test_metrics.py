@@ -416,7 +416,7 @@ def test_custom_metric(tmp_path, monkeypatch):
     assert score("mymetrics_pkg.scoring:is_upper", ["ABC", "abc"], ["", ""]).per_example == [1.0, 0.0]
     with pytest.raises(TunelabError, match="'score' key"):
         score("mymetrics_pkg.scoring:broken", ["a"], ["a"])
-    with pytest.raises(TunelabError, match=r"mymetrics_pkg\.scoring.*no function 'missing'"):
+    with pytest.raises(TunelabError, match=r"mymetrics_pkg\.scoring.*no attribute 'missing'"):
         score("mymetrics_pkg.scoring:missing", ["a"], ["a"])
     with pytest.raises(TunelabError, match=r"cannot import module 'no_such_pkg\.mod'.*fn"):
         score("no_such_pkg.mod:fn", ["a"], ["a"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.planning import plan
 
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from tunelab.config.load import load_config, method_options
+from tunelab.resolve import load_config
 from tunelab.errors import TunelabError
 from tunelab.methods import count_parameters, get_method, trainable_parameters
 from tunelab.planning import (
-    GPUS, Device, GiB, ModelShape, checkpointed_blocks, load_shape, plan, print_plan, profile_data, resolve_device,
+    GPUS, Device, GiB, ModelShape, checkpointed_blocks, load_shape, plan, print_plan, resolve_device,
 )
 from tunelab.recipes.sft import adamw
+from tunelab.stages.profile import profile_data
 from tunelab.training.recompute import enable_checkpointing, limit_checkpointing
 
 SMOLLM2 = Path("/tmp/tlcache/models/smollm2-135m-instruct")
@@ -114,7 +115,7 @@ def test_qwen3_shape_counts_qk_norms():
 ])
 def test_trainable_count_equals_the_applied_method(tiny_llama, method, options):
     config = _config(tiny_llama, f"method.name={method}", *options)
-    model = get_method(method).apply(_load(tiny_llama), method_options(config))
+    model = get_method(method).apply(_load(tiny_llama), config.method)
     expected = sum(p.numel() for p in trainable_parameters(model).values())
     assert plan(config, "cpu").trainable_params == expected
 
@@ -177,7 +178,7 @@ def _measured_cpu_peak(path: Path, config, blocks: int | None = None) -> int:
         blocks = checkpointed_blocks(config, load_shape(config), resolve_device("cpu"))
     enable_checkpointing(model, blocks)
     model.config.use_cache = False
-    model = get_method(config.method.name).apply(model, method_options(config))
+    model = get_method(config.method.name).apply(model, config.method)
     assert limit_checkpointing(model, blocks) == blocks
     params = list(trainable_parameters(model).values())
     optimizer = adamw(params)  # the training loop's optimizer
@@ -349,13 +350,6 @@ def test_the_planner_holds_no_method_names():
         named = [n for n in method_names() if f'"{n}"' in text or f"'{n}'" in text]
         assert not named, f"{source.name} decides by method name {named}: ask the method (its footprint) instead"
         assert not re.search(r"^\s*(from|import) tunelab\.recipes", text, re.M), f"{source.name} imports recipes"
-
-
-def test_grpo_defaults_the_planner_assumes_are_the_recipes():
-    from tunelab.planning.recipes import GRPO_DEFAULTS
-    from tunelab.recipes.grpo import GrpoOptions
-
-    assert {k: GrpoOptions.model_fields[k].default for k in GRPO_DEFAULTS} == GRPO_DEFAULTS
 
 
 def test_grpo_plans_its_groups_and_the_generation_phase(anchor_dirs, tiny_llama):

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.rewards import builtins, functions
+from tunelab.registry import Registry
+from tunelab.rewards import builtins, catalog
 from tunelab.rewards.functions import RewardSet, load_reward, register_reward, reward_names
 
 
@@ -312,7 +313,10 @@ def test_fields_as_records_match_fields_as_columns():
 
 
 def test_registering_a_builtin(monkeypatch):
-    monkeypatch.setattr(functions, "_REGISTRY", dict(functions._REGISTRY))
+    copy = Registry("reward")
+    for name, fn in catalog.REWARDS.items():
+        copy.register(name, fn)
+    monkeypatch.setattr(catalog, "REWARDS", copy)
 
     @register_reward("always_one")
     def always_one(completions, prompts, **fields):

@@ -90,7 +90,7 @@ def test_a_full_disk_while_training_is_one_line_and_marks_the_run_failed(tmp_pat
 
 
 def test_a_disk_too_full_to_record_the_failure_still_gives_the_one_line_error(tmp_path, tiny_llama, chat_data, monkeypatch):
-    import tunelab.training.manifest as manifest_module
+    import tunelab.runs.manifest as manifest_module
 
     write = manifest_module.write_text_atomic
     broken = []
@@ -167,7 +167,7 @@ def test_a_resumed_run_counts_every_invocation_and_keeps_its_final_numbers(tmp_p
                                                                           slow_steps):
     """Stopped after step 4 of 6 (4 steps of >= 0.4 s), resumed for the last 2 quick ones."""
     cfg = _config(tmp_path, tiny_llama, chat_data)
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
 
     config = load_config(cfg, [])
     monkeypatch.setenv("TUNELAB_TEST_FAIL_AT_STEP", "0:4")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.config import load_config
+from tunelab.resolve import load_config
 from tunelab.data import load_examples
 from tunelab.evaluation.metrics import score
 from tunelab.examples.toolcall import task

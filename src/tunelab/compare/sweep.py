@@ -39,11 +39,11 @@ from rich.markup import escape
 from tunelab import safeyaml
 from tunelab.atomic import write_text_atomic
 from tunelab.compare.report import CandidateResult, write_report
-from tunelab.config import load_config
 from tunelab.config.load import resolved_dict
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import get_method, method_names
+from tunelab.resolve import load_config, resolve_tree
 from tunelab.runs import read_run_config, read_run_manifest
 from tunelab.stages.defaults import unset_keys
 
@@ -298,7 +298,7 @@ def _check_same_candidate(run_dir: Path, manifest: dict, tree: dict) -> None:
     """A candidate already in the sweep directory must have been made from the same config."""
     from tunelab.config.load import config_differences, config_hash
 
-    resolved, recorded = resolved_dict(RunConfig.model_validate(tree)), read_run_config(run_dir)
+    resolved, recorded = resolved_dict(resolve_tree(tree)), read_run_config(run_dir)
     for key in manifest.get("defaults_chosen", {}):  # left to the data: the run's choice, as its config.yaml holds it
         section, option = key.split(".")
         if option in (recorded.get(section) or {}):

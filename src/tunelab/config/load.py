@@ -1,6 +1,7 @@
-"""Load a run configuration from YAML plus ``key.sub=value`` overrides, reporting every problem at once.
+"""Read a run configuration from YAML plus ``key.sub=value`` overrides and validate it, reporting every problem at once.
 
-Problems name the config key and, where the key came from the YAML file, its line
+``config/`` imports nothing above it, so the registries of methods and recipes are the caller's: the resolver
+(``tunelab.resolve.load_config``) passes them to :func:`validate_tree`. Problems name the config key and, where the key came from the YAML file, its line
 (``train.yaml:12: train.lr: ...``), and say how to fix them.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from tunelab import safeyaml
 from tunelab.config.schema import RESUME_SAFE_KEYS, RESUME_SAFE_PREFIXES, RunConfig
+from tunelab.config.sections import MethodConfig, RecipeConfig, section_class
 from tunelab.errors import ConfigError
 
 
@@ -134,15 +137,11 @@ def _read_text(path: str | Path, source: str) -> str:
         raise ConfigError([f"cannot read {path}: {exc}"], source=source) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a run configuration.
-
-    Args:
-        path: YAML file, or None to start from an empty mapping (overrides only).
-        overrides: ``key.sub=value`` strings applied on top of the file.
+def read_tree(path: str | Path | None, overrides: list[str] | None = None) -> tuple[dict, dict, str]:
+    """The YAML mapping of ``path`` with ``overrides`` applied, its keys' lines, and its name for messages.
 
     Raises:
-        ConfigError: with every problem found (unreadable YAML, unknown keys, bad values, bad method or recipe options).
+        ConfigError: the file is missing, unreadable, not YAML or not a mapping, or an override is malformed.
     """
     source = str(path) if path else "config"
     text = _read_text(path, source) if path is not None else ""
@@ -156,79 +155,62 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(["the file must be a YAML mapping of keys (model, method, data, train, output_dir)"], source=source)
     for key_path, value in parse_overrides(overrides or []):
         _apply_override(tree, key_path, value)
-    lines = key_lines(text, source)
+    return tree, key_lines(text, source), source
 
-    problems: list[str] = []
+
+# Finds the options class of a registered entry by name (the resolver passes the registry's); KeyError with the
+# message for a name that is not registered.
+OptionsOf = Callable[[str], type[BaseModel]]
+_SECTIONS = {"method": ("lora", MethodConfig), "recipe": ("sft", RecipeConfig)}
+
+
+def validate_tree(tree: dict, lines: dict, source: str, options_of: dict[str, OptionsOf]) -> tuple[RunConfig | None, list[str]]:
+    """Validate a run config tree, its ``method`` and ``recipe`` by the options class ``options_of`` gives for
+    their name; returns the config (None when anything is wrong) and every problem, as ``file:line: key: message``."""
+    tree, problems = dict(tree), []
+    for section, (default, base) in _SECTIONS.items():
+        value = tree.get(section, {})
+        if isinstance(value, str):
+            value = {"name": value}
+        if isinstance(value, dict):  # anything else is left to RunConfig, which says what the section must be
+            tree[section], found = _validate_section(section, default, base, options_of[section], value, lines, source)
+            problems += found
     config = None
     try:
         config = RunConfig.model_validate(tree)
     except ValidationError as err:
         problems += _format_pydantic_errors(err, "", lines, source)
-    for section, validate in (("method", validate_method_options), ("recipe", validate_recipe_options)):
-        subtree = tree.get(section, {})
-        if isinstance(subtree, str):
-            subtree = {"name": subtree}
-        if isinstance(subtree, dict):
-            problems += validate(subtree, lines, source)
-    if problems:
-        raise ConfigError(problems, source=source)
-    assert config is not None
-    if config.train.lr is None:
-        from tunelab.methods import get_method
-
-        config.train.lr = get_method(config.method.name).default_lr
-    return config
+    return (None if problems else config), problems
 
 
-def validate_method_options(method_tree: dict, lines: dict | None = None, source: str = "config") -> list[str]:
-    """Check ``method`` against the registered method's options class; return problems (empty if fine)."""
-    from tunelab.methods import get_method, method_names
-
-    return _validate_section("method", "lora", get_method, method_names, method_tree, lines or {}, source)
-
-
-def validate_recipe_options(recipe_tree: dict, lines: dict | None = None, source: str = "config") -> list[str]:
-    """Check ``recipe`` against the registered recipe's options class; return problems (empty if fine)."""
-    from tunelab.recipes import get_recipe, recipe_names
-
-    return _validate_section("recipe", "sft", get_recipe, recipe_names, recipe_tree, lines or {}, source)
-
-
-def _validate_section(section: str, default: str, get, names, tree: dict, lines: dict, source: str) -> list[str]:
-    """A registry-backed section (``name`` picks the entry, the other keys are validated by its ``options_class``)."""
-    name = tree.get("name", default)
+def _validate_section(section: str, default: str, base: type[BaseModel], options_of: OptionsOf, tree: dict,
+                      lines: dict, source: str) -> tuple[BaseModel, list[str]]:
+    """The typed section (``name`` picks the entry, its options class takes the other keys), or a bare one and the
+    problems."""
+    name = str(tree.get("name", default))
     try:
-        entry = get(str(name))
-    except KeyError:
+        cls = section_class(options_of(name), base)
+    except KeyError as exc:
         line = lines.get((section, "name")) or lines.get((section,))
         where = f"{source}:{line}: " if line else ""
-        return [f"{where}{section}.name: unknown {section} {name!r}; choose one of: {', '.join(names())}"]
+        return base(name=name), [f"{where}{section}.name: {exc.args[0] if exc.args else exc}"]
     try:
-        entry.options_class.model_validate({k: v for k, v in tree.items() if k != "name"})
+        return cls.model_validate({**tree, "name": name}), []
     except ValidationError as err:
-        return _format_pydantic_errors(err, section, lines, source)
-    return []
+        return base(name=name), _format_pydantic_errors(err, section, lines, source)
 
 
-def recipe_options(config: RunConfig) -> BaseModel:
-    """The validated options object of the configured recipe (defaults filled in)."""
-    from tunelab.recipes import get_recipe
-
-    return get_recipe(config.recipe.name).options_class.model_validate(config.recipe.options())
-
-
-def method_options(config: RunConfig) -> BaseModel:
-    """The validated options object of the configured method (defaults filled in)."""
-    from tunelab.methods import get_method
-
-    return get_method(config.method.name).options_class.model_validate(config.method.options())
+def problem_at(lines: dict, source: str, key: str, message: str) -> str:
+    """``file:line: key: message`` for a problem found after validation (``key`` dotted, e.g. ``data.format``)."""
+    line = lines.get(tuple(key.split(".")))
+    return f"{source}:{line}: {key}: {message}" if line else f"{key}: {message}"
 
 
 def resolved_dict(config: RunConfig) -> dict[str, Any]:
-    """The fully resolved configuration, method defaults included, as plain data."""
+    """The fully resolved configuration, method and recipe defaults included, as plain data."""
     tree = config.model_dump(mode="json")
-    tree["method"] = {"name": config.method.name, **method_options(config).model_dump(mode="json")}
-    tree["recipe"] = {"name": config.recipe.name, **recipe_options(config).model_dump(mode="json")}
+    tree["method"] = {"name": config.method.name, **config.method.model_dump(mode="json")}
+    tree["recipe"] = {"name": config.recipe.name, **config.recipe.model_dump(mode="json")}
     return tree
 
 

@@ -1,8 +1,9 @@
 """The typed run configuration.
 
 Every section is a pydantic model with ``extra="forbid"`` so a misspelt key is an error, not a silent
-default. Method options are validated by the method's own options class (see ``tunelab.methods``), so
-adding a method never touches this file.
+default. The ``method`` and ``recipe`` sections are the registered entry's own options class
+(``tunelab.config.sections``), chosen by the resolver (``tunelab.resolve``), so adding a method or a recipe
+never touches this file.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
+
+from tunelab.config.sections import MethodConfig, RecipeConfig
 
 
 class _Section(BaseModel):
@@ -27,30 +30,6 @@ class ModelConfig(_Section):
     path: str = "smollm2-135m-instruct"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
-
-
-class MethodConfig(BaseModel):
-    """``name`` picks a registered tuning method; the other keys are that method's options."""
-
-    model_config = ConfigDict(extra="allow")
-
-    name: str = "lora"
-
-    def options(self) -> dict[str, Any]:
-        """The method options, without ``name``."""
-        return dict(self.model_extra or {})
-
-
-class RecipeConfig(BaseModel):
-    """``name`` picks a registered recipe (``sft`` by default, ``pretrain``, ...); the other keys are its options."""
-
-    model_config = ConfigDict(extra="allow")
-
-    name: str = "sft"
-
-    def options(self) -> dict[str, Any]:
-        """The recipe options, without ``name``."""
-        return dict(self.model_extra or {})
 
 
 def _expand_user(value: Any) -> Any:
@@ -279,9 +258,9 @@ class EvalConfig(BaseModel):
 class RunConfig(_Section):
     """The whole ``tunelab train`` configuration."""
 
-    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+    recipe: SerializeAsAny[RecipeConfig] = Field(default_factory=RecipeConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=MethodConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -305,12 +284,6 @@ class RunConfig(_Section):
                              "(e.g. 0.1) to hold out a share of the train examples")
         if isinstance(data.validation, float) and data.validation >= 1:
             raise ValueError(f"data.validation: {data.validation} is a share (below 1) or a count (an integer)")
-        return self
-
-    @model_validator(mode="after")
-    def _fim_is_pretraining(self) -> "RunConfig":
-        if self.data.format == "fim" and self.recipe.name != "pretrain":
-            raise ValueError(f"data.format fim trains on code files with recipe pretrain (this is recipe {self.recipe.name})")
         return self
 
     @field_validator("recipe", mode="before")

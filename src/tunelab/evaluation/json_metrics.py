@@ -15,20 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.evaluation.scoring import import_for_metric, per_example, register_metric, strip_fence
 
 
 def _parse_json(prediction: str) -> tuple[Any, str | None]:
-    from tunelab.evaluation.metrics import strip_fence
-
     try:
         return json.loads(strip_fence(prediction)), None
     except json.JSONDecodeError as e:
         return None, str(e)
 
 
+@register_metric("json_valid")
 def json_valid(name: str, preds: list[str], refs: list[list[str]], opts: dict):
-    from tunelab.evaluation.metrics import per_example
-
     def one(pred: str, ref: str) -> tuple[float, dict]:
         _, error = _parse_json(pred)
         return (0.0, {"error": error}) if error else (1.0, {})
@@ -51,9 +49,8 @@ def _load_schema(schema: Any) -> dict:
     return schema
 
 
+@register_metric("json_schema", options=("schema",), required=("schema",), hint="schema=<dict or path of a .json schema>")
 def json_schema(name: str, preds: list[str], refs: list[list[str]], opts: dict):
-    from tunelab.evaluation.metrics import import_for_metric, per_example
-
     jsonschema = import_for_metric("jsonschema", "jsonschema", name)
     schema = _load_schema(opts["schema"])
     cls = jsonschema.validators.validator_for(schema)
@@ -87,9 +84,8 @@ def same_value(predicted: Any, reference: Any) -> bool:
     return type(predicted) is type(reference) and predicted == reference
 
 
+@register_metric("json_fields", options=("fields",))
 def json_fields(name: str, preds: list[str], refs: list[list[str]], opts: dict):
-    from tunelab.evaluation.metrics import per_example
-
     wanted = opts.get("fields")
     if wanted is not None and (not isinstance(wanted, list) or not all(isinstance(f, str) for f in wanted)):
         raise TunelabError(f"json_fields metric: option fields must be a list of field names, got {wanted!r}")

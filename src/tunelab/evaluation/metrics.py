@@ -20,6 +20,9 @@ Multiple references: per-example scores are always the maximum over the accepted
 chrF corpus scores pass every reference as its own sacrebleu reference stream (padded with ``None`` where
 examples have fewer references), which is sacrebleu's own multi-reference scoring.
 
+Built-in metrics register with ``@register_metric`` (``evaluation.scoring``), declaring the options they take;
+the JSON metrics live in ``json_metrics`` and SQL execution in ``sql_exec``, registered the same way.
+
 Custom metrics: a metric name of the form ``package.module:function`` imports ``function`` and calls it
 as ``fn(prediction, reference, **options)`` per example; it returns a float, a bool or a dict with a
 ``"score"`` key (the other keys become details). The corpus score is the mean.
@@ -27,79 +30,18 @@ as ``fn(prediction, reference, **options)`` per example; it returns a float, a b
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.evaluation.json_metrics import json_fields, json_schema, json_valid
+from tunelab.evaluation.scoring import (METRICS, MetricResult, import_for_metric, mean, per_example, register_metric,
+                                        strip_fence)
+from tunelab.registry import load_object
+
+__all__ = ["MetricResult", "metric_names", "normalize_text", "parse_label", "per_example", "score", "strip_fence"]
 
 Reference = str | list[str]
-
-
-@dataclass
-class MetricResult:
-    """The score of one metric over a set of examples.
-
-    Attributes:
-        name: The metric name as requested.
-        score: Corpus-level score in [0, 1] (BLEU and chrF are divided by 100).
-        per_example: One value per example, in input order.
-        details: Per-example extra information (e.g. ``{"error": ...}``); may be empty dicts.
-    """
-
-    name: str
-    score: float
-    per_example: list[float] = field(default_factory=list)
-    details: list[dict] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _Metric:
-    fn: Callable[[str, list[str], list[list[str]], dict], MetricResult]
-    options: frozenset[str] = frozenset()
-    required: frozenset[str] = frozenset()
-    hint: str = ""  # what a required option should be, for the error message
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-def import_for_metric(module: str, package: str, metric: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise TunelabError(
-            f"metric {metric!r} needs the Python package {package!r}, which is not installed ({e}). "
-            f"Install it with `pip install {package}`."
-        ) from e
-
-
-def per_example(name: str, preds: list[str], refs: list[list[str]],
-                 fn: Callable[[str, str], tuple[float, dict]]) -> MetricResult:
-    """Apply ``fn(prediction, reference) -> (score, details)``; keep the best reference per example."""
-    scores, details = [], []
-    for pred, accepted in zip(preds, refs):
-        best = max((fn(pred, ref) for ref in accepted), key=lambda sd: sd[0])
-        scores.append(float(best[0]))
-        details.append(best[1])
-    return MetricResult(name, _mean(scores), scores, details)
-
-
-_FENCE = re.compile(r"^```[ \t]*(\w+)?[ \t]*\n?(.*?)\n?[ \t]*```$", re.DOTALL)
-
-
-def strip_fence(text: str) -> str:
-    """Return the body of a Markdown code fence (```lang ... ```) if the whole text is one, else the text."""
-    text = text.strip()
-    match = _FENCE.match(text)
-    return match.group(2).strip() if match else text
 
 
 def normalize_text(text: str) -> str:
@@ -110,11 +52,13 @@ def normalize_text(text: str) -> str:
 # ---------------------------------------------------------------------------------- string metrics
 
 
+@register_metric("exact_match", options=("normalize",))
 def _exact_match(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
     norm = normalize_text if opts.get("normalize", True) else (lambda s: s)
     return per_example(name, preds, refs, lambda p, r: (float(norm(p) == norm(r)), {}))
 
 
+@register_metric("contains", options=("normalize",))
 def _contains(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
     norm = normalize_text if opts.get("normalize", True) else (lambda s: s)
     return per_example(name, preds, refs, lambda p, r: (float(norm(r) in norm(p)), {}))
@@ -135,6 +79,7 @@ def _regex_flags(flags: str | int) -> int:
     return value
 
 
+@register_metric("regex", options=("flags",))
 def _regex(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
     flags = _regex_flags(opts.get("flags", 0))
     compiled: dict[str, re.Pattern] = {}
@@ -149,6 +94,7 @@ def _regex(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> Me
     return per_example(name, preds, refs, lambda p, r: (float(compiled[r].search(p) is not None), {}))
 
 
+@register_metric("rouge_l")
 def _rouge_l(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
     rouge_scorer = import_for_metric("rouge_score.rouge_scorer", "rouge-score", name)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -169,10 +115,12 @@ def _sacrebleu(name: str, preds: list[str], refs: list[list[str]], corpus_fn: st
     return result
 
 
+@register_metric("bleu")
 def _bleu(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
     return _sacrebleu(name, preds, refs, "corpus_bleu", "sentence_bleu")
 
 
+@register_metric("chrf")
 def _chrf(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
     return _sacrebleu(name, preds, refs, "corpus_chrf", "sentence_chrf")
 
@@ -206,6 +154,7 @@ def parse_label(prediction: str, labels: list[str] | None = None) -> str:
     return best[2] if best else ""
 
 
+@register_metric("accuracy", options=("labels",))
 def _accuracy(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
     labels = opts.get("labels")
     if labels is not None and (not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels)):
@@ -218,48 +167,20 @@ def _accuracy(name: str, preds: list[str], refs: list[list[str]], opts: dict) ->
     return per_example(name, preds, refs, one)
 
 
-def _sql_exec(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
-    """Execution accuracy on a SQLite database; see :func:`tunelab.evaluation.sql_exec.sql_exec`."""
-    from tunelab.evaluation.sql_exec import sql_exec
-
-    return sql_exec(name, preds, refs, opts)
-
-
-# -------------------------------------------------------------------------------------------- registry
-
-_REGISTRY: dict[str, _Metric] = {
-    "exact_match": _Metric(_exact_match, frozenset({"normalize"})),
-    "contains": _Metric(_contains, frozenset({"normalize"})),
-    "regex": _Metric(_regex, frozenset({"flags"})),
-    "rouge_l": _Metric(_rouge_l),
-    "bleu": _Metric(_bleu),
-    "chrf": _Metric(_chrf),
-    "accuracy": _Metric(_accuracy, frozenset({"labels"})),
-    "json_valid": _Metric(json_valid),
-    "json_schema": _Metric(json_schema, frozenset({"schema"}), frozenset({"schema"}), "schema=<dict or path of a .json schema>"),
-    "json_fields": _Metric(json_fields, frozenset({"fields"})),
-    "sql_exec": _Metric(_sql_exec, frozenset({"db", "timeout_s", "max_rows", "max_bytes"}), frozenset({"db"}), "db=<path of a SQLite database file>"),
-}
+# ---------------------------------------------------------------------------------------------- lookup
 
 
 def metric_names() -> list[str]:
     """The built-in metric names (custom ``package.module:function`` metrics are not listed)."""
-    return sorted(_REGISTRY)
+    return METRICS.names()
 
 
 def _load_custom(metric: str) -> Callable[..., Any]:
-    module_name, _, fn_name = metric.partition(":")
-    if not module_name or not fn_name:
-        raise TunelabError(f"custom metric {metric!r} must have the form 'package.module:function'.")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - any failure while importing user code is the user's to fix
-        raise TunelabError(f"custom metric {metric!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
-                           f"make sure it is installed or on PYTHONPATH and defines {fn_name}().") from e
-    fn = getattr(module, fn_name, None)
+    fn = load_object(metric, what="custom metric")
     if not callable(fn):
-        raise TunelabError(f"custom metric {metric!r}: module {module_name!r} has no function {fn_name!r}; "
-                           "check the spelling of the 'module:function' name.")
+        module_name, _, fn_name = metric.partition(":")
+        raise TunelabError(f"custom metric {metric!r}: module {module_name!r} has no function {fn_name!r} (it is a "
+                           f"{type(fn).__name__}); check the spelling of the 'module:function' name.")
     return fn
 
 
@@ -280,7 +201,7 @@ def _custom(metric: str, preds: list[str], refs: list[Reference], opts: dict) ->
                                "return a float, a bool or a dict with a 'score' key.")
         scores.append(float(value))
         details.append(extra)
-    return MetricResult(metric, _mean(scores), scores, details)
+    return MetricResult(metric, mean(scores), scores, details)
 
 
 def _check_inputs(metric: str, predictions: list[str], references: list[Reference]) -> list[list[str]]:
@@ -308,7 +229,7 @@ def score(metric: str, predictions: list[str], references: list[Reference], **op
         references: One reference per example: a string or a list of accepted strings (the per-example
             score is the best over them).
         **options: Metric options, e.g. ``normalize``, ``flags``, ``labels``, ``schema``, ``db``, ``timeout_s``,
-            ``max_rows``, ``max_bytes`` (the last four: see :func:`_sql_exec`).
+            ``max_rows``, ``max_bytes`` (the last four: see :func:`tunelab.evaluation.sql_exec.sql_exec`).
 
     Returns:
         The corpus score, per-example scores and per-example details.
@@ -319,15 +240,15 @@ def score(metric: str, predictions: list[str], references: list[Reference], **op
     refs = _check_inputs(metric, predictions, references)
     if ":" in metric:
         return _custom(metric, list(predictions), list(references), options)
-    spec = _REGISTRY.get(metric)
-    if spec is None:
-        raise TunelabError(f"unknown metric {metric!r}; known metrics: {', '.join(metric_names())}, "
-                           "or a custom one written as 'package.module:function'.")
-    unknown = sorted(set(options) - spec.options)
+    fn = METRICS.find(metric)
+    if fn is None:
+        raise TunelabError(f"{METRICS.unknown(metric)}, or a custom one written as 'package.module:function'.")
+    declared = METRICS.capabilities(metric)
+    unknown = sorted(set(options) - declared["options"])
     if unknown:
         raise TunelabError(f"metric {metric!r} does not take option(s) {', '.join(unknown)}; "
-                           f"it takes: {', '.join(sorted(spec.options)) or 'no options'}.")
-    missing = sorted(k for k in spec.required if options.get(k) is None)
+                           f"it takes: {', '.join(sorted(declared['options'])) or 'no options'}.")
+    missing = sorted(k for k in declared["required"] if options.get(k) is None)
     if missing:
-        raise TunelabError(f"metric {metric!r} needs option(s) {', '.join(missing)}; pass {spec.hint}.")
-    return spec.fn(metric, list(predictions), refs, options)
+        raise TunelabError(f"metric {metric!r} needs option(s) {', '.join(missing)}; pass {declared['hint']}.")
+    return fn(metric, list(predictions), refs, options)

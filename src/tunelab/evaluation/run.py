@@ -117,7 +117,7 @@ def _generation_report(loaded, examples, metric, max_new_tokens, batch_size, opt
 def _loss_report(loaded, examples, batch_size) -> dict[str, Any]:
     import torch
 
-    from tunelab.training.validation import validation_loss
+    from tunelab.training.loss import validation_loss
 
     tokenized, _ = tokenize_examples(examples, loaded.tokenizer, loss_on="last_turn", max_length=4096, too_long="truncate")
     device = next(loaded.model.parameters()).device

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.evaluation.metrics import MetricResult, per_example, strip_fence
+from tunelab.evaluation.scoring import MetricResult, per_example, register_metric, strip_fence
 
 def _mask_sql(sql: str, parens: bool) -> str:
     """Replace string literals, quoted identifiers and comments (and, if ``parens``, everything inside
@@ -236,6 +236,8 @@ class SqlProcess:
             proc.stdout.close()
 
 
+@register_metric("sql_exec", options=("db", "timeout_s", "max_rows", "max_bytes"), required=("db",),
+                 hint="db=<path of a SQLite database file>")
 def sql_exec(name: str, preds: list[str], refs: list[list[str]], opts: dict) -> MetricResult:
     """Execution accuracy: run each predicted and gold query on ``db``; equal results score 1.
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.export.formats import register_exporter
 
 _PREFIX = "base_model.model."
 
@@ -101,11 +102,12 @@ def write_lora_gguf(path: Path, artifact: Path, model_config: Any, name: str) ->
     return {"rank": rank, "alpha": alpha, "gguf_alpha": written_alpha, "tensors": len(tensors)}
 
 
+@register_exporter("gguf-lora", summary="a run's LoRA adapter as a GGUF adapter for llama.cpp's --lora")
 def export_lora(source: Any, tmp: Path, quant: str, force: bool, prompts: int, new_tokens: int | None) -> dict[str, Any]:
     """The ``gguf-lora`` export of a LoRA run into ``tmp``: the adapter file, checked on a base GGUF in llama.cpp."""
     from tunelab.evaluation.run import load_for_eval
     from tunelab.export.gguf_model import write_gguf
-    from tunelab.export.pipeline import verify_gguf
+    from tunelab.export.verify import verify_gguf
     from tunelab.models.load import load_model
 
     if quant != "f16":

@@ -15,10 +15,10 @@ from typing import Any
 
 from tunelab.atomic import atomic_dir, check_replaceable
 from tunelab.errors import TunelabError
-from tunelab.export.checks import THRESHOLDS, compare_runtime, judge
-from tunelab.export.source import REPORT_FILE, Source, held_new_tokens, held_prompts, open_source, task_scores
-
-FORMATS = ("hf", "gguf", "gguf-lora")
+from tunelab.export.checks import THRESHOLDS
+from tunelab.export.formats import EXPORTERS, register_exporter
+from tunelab.export.source import REPORT_FILE, Source, open_source
+from tunelab.export.verify import verify_gguf
 
 
 def default_out(source: Source, fmt: str, quant: str) -> Path:
@@ -76,8 +76,9 @@ def export_model(path: str | Path, fmt: str = "gguf", quant: str = "f16", out: s
         TunelabError: Bad input (see :func:`tunelab.export.source.open_source`), an unsupported architecture or
             tokenizer, or a failed check without ``force``; nothing is written then.
     """
-    if fmt not in FORMATS:
-        raise TunelabError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    exporter = EXPORTERS.find(fmt)
+    if exporter is None:
+        raise TunelabError(f"--format {fmt!r}: use one of {', '.join(EXPORTERS.names())}")
     if quant not in THRESHOLDS:
         raise TunelabError(f"--quant {quant!r}: use one of {', '.join(THRESHOLDS)}")
     started = time.time()
@@ -85,14 +86,7 @@ def export_model(path: str | Path, fmt: str = "gguf", quant: str = "f16", out: s
     target = Path(out) if out is not None else default_out(source, fmt, quant)
     _check_out(source, target)
     with atomic_dir(target) as tmp:
-        if fmt == "hf":
-            report = _export_hf(source, tmp, prompts)
-        elif fmt == "gguf":
-            report = _export_gguf(source, tmp, quant, force, prompts, new_tokens)
-        else:
-            from tunelab.export.gguf_lora import export_lora
-
-            report = export_lora(source, tmp, quant, force, prompts, new_tokens)
+        report = exporter(source, tmp, quant, force, prompts, new_tokens)
         report.update(source=str(source.path), output=str(target), format=fmt, seconds=round(time.time() - started, 2))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for item in tmp.iterdir():
@@ -100,7 +94,8 @@ def export_model(path: str | Path, fmt: str = "gguf", quant: str = "f16", out: s
     return report
 
 
-def _export_hf(source: Source, tmp: Path, prompts: int) -> dict[str, Any]:
+@register_exporter("hf", summary="the merged model as safetensors")
+def _export_hf(source: Source, tmp: Path, quant: str, force: bool, prompts: int, new_tokens: int | None) -> dict[str, Any]:
     """The merged run (its merge_report.json and model card included), or a model directory re-saved as safetensors."""
     if source.run is None:
         model, tokenizer = _load_hf(source.path)
@@ -114,45 +109,7 @@ def _export_hf(source: Source, tmp: Path, prompts: int) -> dict[str, Any]:
     return {"merge": {"verification": report["verification"]}}
 
 
-def verify_gguf(gguf: Path, model: Any, tokenizer: Any, source: Source, quant: str, force: bool, prompts: int,
-            new_tokens: int | None, lora: Path | None = None) -> dict[str, Any]:
-    """Run the llama.cpp checks on ``gguf`` (with the ``lora`` adapter file) and judge them for ``quant``.
-
-    Raises:
-        TunelabError: A failed check, or no llama-cpp-python to check with, unless ``force``.
-    """
-    from tunelab.export.llamacpp import EXTRA, Runtime, llama_cpp_version
-
-    if llama_cpp_version() is None:
-        if not force:
-            raise TunelabError(f"checking a GGUF export needs llama-cpp-python (llama.cpp's Python binding): {EXTRA}; "
-                               "or pass --force to write the file unchecked (recorded in export_report.json)")
-        return {"runtime": None, "checked": False, "failed": ["not checked: llama-cpp-python is not installed"],
-                "forced": True}
-    held = held_prompts(source, prompts)
-    new_tokens = new_tokens or held_new_tokens(source, held)
-    from tunelab.generation import render_prompt
-
-    longest = max(len(render_prompt(tokenizer, c)) for c in held.conversations)
-    answers = max((len(tokenizer(r)["input_ids"]) for r in held.references), default=0)
-    runtime = Runtime(gguf, n_ctx=longest + max(new_tokens, answers) + 16, lora=lora)
-    try:
-        figures = compare_runtime(model, tokenizer, runtime, held, new_tokens)
-    finally:
-        runtime.close()
-    failed = judge(figures, quant)
-    figures.update(runtime=f"llama-cpp-python {llama_cpp_version()}", checked=True, thresholds=THRESHOLDS[quant],
-                   failed=failed, forced=bool(failed and force),
-                   task=task_scores(source, held, {"hf": figures["hf_answers"], "gguf": figures["gguf_answers"]}))
-    if failed and not force:
-        example = figures["differing"][:1]
-        shown = f"; e.g. {example[0]['prompt'][:80]!r}: HF {example[0]['hf'][:60]!r}, GGUF {example[0]['gguf'][:60]!r}" if example else ""
-        raise TunelabError(f"GGUF export of {source.path} ({quant}) failed its llama.cpp check on {figures['n_prompts']} "
-                           f"held prompts: {'; '.join(failed)}{shown}. Nothing was written. Try a larger quantization "
-                           "(f16, q8_0), or pass --force to publish it anyway (recorded in export_report.json).")
-    return figures
-
-
+@register_exporter("gguf", summary="one GGUF file plus an Ollama Modelfile")
 def _export_gguf(source: Source, tmp: Path, quant: str, force: bool, prompts: int, new_tokens: int | None) -> dict[str, Any]:
     from tunelab.export.card import model_card
     from tunelab.export.gguf_model import write_gguf

@@ -1,6 +1,7 @@
 """Merge rules for models of one family, on plain state dicts of tensors, behind one registry.
 
-Each rule is a function registered by name with :func:`register_merge_rule`; it receives the base
+Each rule is a function registered by name with :func:`register_merge_rule` (in a
+:class:`~tunelab.registry.Registry`, declaring whether it needs the base and uses densities); it receives the base
 model's state dict (``None`` where a rule does not need one), the models to merge (each a
 :class:`MergeInput`: its state dict, ``weight`` and ``density``), ``lambda_`` (the scale of the merged
 task vector) and ``seed`` (for the random drops of DARE). A *task vector* is a model's weights minus the
@@ -23,6 +24,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.merging.checks import check_state_dicts
+from tunelab.registry import Registry
 
 StateDict = dict[str, torch.Tensor]
 
@@ -52,25 +54,34 @@ TensorRule = Callable[[torch.Tensor | None, list[torch.Tensor], list[MergeInput]
 
 @dataclass(frozen=True)
 class MergeRule:
-    """A registered rule: its per-tensor function, whether it needs the base model, and its one-line summary."""
+    """A registered rule: its per-tensor function, its one-line summary and what it declared.
+
+    Attributes:
+        needs_base: It merges task vectors, so it needs the base model.
+        uses_density: It drops task-vector entries by each model's ``density`` (others would ignore one).
+        averages: It is a weighted average of whole weights: no task vector for ``lambda_`` to scale, and
+            the weights must not sum to 0.
+    """
 
     name: str
     function: TensorRule
     needs_base: bool
     summary: str
+    uses_density: bool = False
+    averages: bool = False
 
 
-_RULES: dict[str, MergeRule] = {}
+MERGE_RULES: Registry[MergeRule] = Registry("merge method")
 
 
-def register_merge_rule(name: str, *, needs_base: bool = True) -> Callable[[TensorRule], TensorRule]:
+def register_merge_rule(name: str, *, needs_base: bool = True, uses_density: bool = False,
+                        averages: bool = False) -> Callable[[TensorRule], TensorRule]:
     """Function decorator: register a per-tensor merge rule under ``name`` (its docstring's first line is its summary)."""
 
     def register(function: TensorRule) -> TensorRule:
-        if name in _RULES:
-            raise ValueError(f"merge rule {name!r} is registered twice")
         summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
-        _RULES[name] = MergeRule(name, function, needs_base, summary)
+        MERGE_RULES.register(name, MergeRule(name, function, needs_base, summary, uses_density, averages),
+                             needs_base=needs_base, uses_density=uses_density, averages=averages)
         return function
 
     return register
@@ -78,14 +89,15 @@ def register_merge_rule(name: str, *, needs_base: bool = True) -> Callable[[Tens
 
 def merge_rule_names() -> list[str]:
     """The names of the registered merge rules, sorted."""
-    return sorted(_RULES)
+    return MERGE_RULES.names()
 
 
 def get_merge_rule(name: str) -> MergeRule:
-    """The rule registered as ``name``; a TunelabError listing the rules when there is none."""
-    if name not in _RULES:
-        raise TunelabError(f"unknown merge method {name!r}; choose one of: {', '.join(merge_rule_names())}")
-    return _RULES[name]
+    """The rule registered as ``name``; a TunelabError naming the close matches and the rules when there is none."""
+    rule = MERGE_RULES.find(name)
+    if rule is None:
+        raise TunelabError(MERGE_RULES.unknown(name))
+    return rule
 
 
 def merge_state_dicts(method: str, base: StateDict | None, models: list[MergeInput], *, lambda_: float = 1.0,
@@ -132,8 +144,9 @@ def _check_inputs(rule: MergeRule, base: StateDict | None, models: list[MergeInp
     for m in models:
         if not 0.0 < m.density <= 1.0:
             raise TunelabError(f"merge {rule.name}: {m.name} has density {m.density}; give a fraction in (0, 1]")
-    if rule.name == "linear" and abs(sum(m.weight for m in models)) < 1e-12:
-        raise TunelabError("merge linear: the weights sum to 0, so there is no weighted average; give weights with a non-zero sum")
+    if rule.averages and abs(sum(m.weight for m in models)) < 1e-12:
+        raise TunelabError(f"merge {rule.name}: the weights sum to 0, so there is no weighted average; give weights with a "
+                           "non-zero sum")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -201,7 +214,7 @@ def elect_and_mean(tasks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.where(total_weight != 0, merged / torch.where(total_weight != 0, total_weight, 1.0), torch.zeros_like(merged))
 
 
-@register_merge_rule("linear", needs_base=False)
+@register_merge_rule("linear", needs_base=False, averages=True)
 def linear(base, tensors, models, lambda_, generator) -> torch.Tensor:
     """Weighted average of the models' weights: sum_i w_i theta_i / sum_i w_i (Wortsman et al. 2022, model soups, arXiv:2203.05482)."""
     stacked = torch.stack(tensors)  # (N, *shape)
@@ -216,7 +229,7 @@ def task_arithmetic(base, tensors, models, lambda_, generator) -> torch.Tensor:
     return base + lambda_ * (tasks * _weights(models, base)).sum(dim=0)
 
 
-@register_merge_rule("ties")
+@register_merge_rule("ties", uses_density=True)
 def ties(base, tensors, models, lambda_, generator) -> torch.Tensor:
     """TIES (Yadav et al. 2023, arXiv:2306.01708): trim each task vector to its top-density entries by
     magnitude, elect each entry's sign by total mass, average the entries that agree, add lambda * that."""
@@ -224,7 +237,7 @@ def ties(base, tensors, models, lambda_, generator) -> torch.Tensor:
     return base + lambda_ * elect_and_mean(tasks, _weights(models, base))
 
 
-@register_merge_rule("dare_linear")
+@register_merge_rule("dare_linear", uses_density=True)
 def dare_linear(base, tensors, models, lambda_, generator) -> torch.Tensor:
     """DARE (Yu et al. 2023, arXiv:2311.03099): drop each task-vector entry with probability 1 - density,
     rescale the survivors by 1 / density, then base + lambda * sum_i w_i tau_i."""
@@ -232,7 +245,7 @@ def dare_linear(base, tensors, models, lambda_, generator) -> torch.Tensor:
     return base + lambda_ * (tasks * _weights(models, base)).sum(dim=0)
 
 
-@register_merge_rule("dare_ties")
+@register_merge_rule("dare_ties", uses_density=True)
 def dare_ties(base, tensors, models, lambda_, generator) -> torch.Tensor:
     """DARE (Yu et al. 2023, arXiv:2311.03099) then TIES: random drop and rescale in place of TIES' trim,
     then sign election and the disjoint mean, base + lambda * that."""

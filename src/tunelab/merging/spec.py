@@ -26,10 +26,6 @@ from tunelab import safeyaml
 from tunelab.config.load import Problems, key_lines
 from tunelab.errors import ConfigError
 
-# Rules that use a density (the rest would silently ignore one, so giving it is reported as a mistake).
-DENSITY_RULES = ("ties", "dare_linear", "dare_ties")
-
-
 class ModelEntry(BaseModel):
     """One model of the merge."""
 
@@ -94,26 +90,31 @@ def _source_problem(value: str, *, runs_allowed: bool) -> str | None:
 
 
 def _semantic_problems(section: MergeSection, problems: Problems) -> None:
-    from tunelab.merging.rules import get_merge_rule, merge_rule_names
+    from tunelab.merging.rules import MERGE_RULES
 
     method = section.method
-    if method not in merge_rule_names():
-        problems.add(("merge", "method"), f"unknown merge method {method!r}; choose one of: {', '.join(merge_rule_names())}")
+    rule = MERGE_RULES.find(method)
+    if rule is None:
+        problems.add(("merge", "method"), MERGE_RULES.unknown(method))
         return
-    if get_merge_rule(method).needs_base and section.base is None:
+    if rule.needs_base and section.base is None:
         problems.add(("merge", "method"), f"{method} merges task vectors (each model minus the base); set merge.base "
                                           "to the base model the models were fine-tuned from")
     if section.base is not None and (why := _source_problem(section.base, runs_allowed=False)):
         problems.add(("merge", "base"), why)
-    if method == "linear" and section.lambda_ is not None:
-        problems.add(("merge", "lambda"), "linear averages whole weights and has no task vector to scale; remove lambda "
+    if rule.averages and section.lambda_ is not None:
+        problems.add(("merge", "lambda"), f"{method} averages whole weights and has no task vector to scale; remove lambda "
                                           "or use task_arithmetic")
-    if method == "linear" and abs(sum(m.weight for m in section.models)) < 1e-12:
-        problems.add(("merge", "models"), "the weights sum to 0, so linear has no weighted average; give weights with a non-zero sum")
+    if rule.averages and abs(sum(m.weight for m in section.models)) < 1e-12:
+        problems.add(("merge", "models"), f"the weights sum to 0, so {method} has no weighted average; give weights with a "
+                                          "non-zero sum")
+    # A rule that does not use a density would silently ignore one, so giving it is reported as a mistake.
+    density_rules = sorted((name for name, other in MERGE_RULES.items() if other.uses_density),
+                           key=lambda name: (name.count("_"), name))  # a plain rule before its dare_ variants
     for index, entry in enumerate(section.models):
-        if entry.density is not None and method not in DENSITY_RULES:
+        if entry.density is not None and not rule.uses_density:
             problems.add(("merge", "models", index, "density"), f"{method} keeps every entry of a task vector; density "
-                                                                f"applies to {', '.join(DENSITY_RULES)}: remove it or change merge.method")
+                                                                f"applies to {', '.join(density_rules)}: remove it or change merge.method")
         if why := _source_problem(entry.path, runs_allowed=True):
             problems.add(("merge", "models", index, "path"), why)
 

@@ -2,6 +2,7 @@
 
 from tunelab.methods import adapter, freeze, full, ia3, lora, prompt_tuning, qlora  # noqa: F401  (registration side effect)
 from tunelab.methods.base import (
+    METHODS,
     TuningMethod,
     artifact_method,
     count_parameters,
@@ -12,6 +13,7 @@ from tunelab.methods.base import (
 )
 
 __all__ = [
+    "METHODS",
     "TuningMethod",
     "artifact_method",
     "count_parameters",

@@ -2,20 +2,24 @@
 
 A method is one object with an options class (pydantic) and four verbs: ``apply`` (make the model
 trainable the method's way), ``save`` / ``load`` (its artifact) and ``merge`` (fold it into the base
-weights, where that is possible). Methods register themselves by name with :func:`register_method`;
-adding a method means adding a module to this package and importing it in ``__init__``; no central
-if/elif anywhere else. ``tunelab.methods.common`` has the defaults and the peft-backed base class.
+weights, where that is possible). Methods register themselves by name with :func:`register_method` in
+:data:`METHODS` (a :class:`tunelab.registry.Registry`); adding a method means adding a module to this package
+and importing it in ``__init__``; no central if/elif anywhere else. Optional capabilities are declared as
+attributes with defaults (``tunelab.methods.common.MethodDefaults``), never probed with ``getattr``. ``tunelab.methods.common`` has the defaults and the peft-backed base class.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel
 from torch import nn
+
+from tunelab.registry import Registry
 
 
 @runtime_checkable
@@ -31,14 +35,16 @@ class TuningMethod(Protocol):
     # "packing" (several examples per row) and "gradient_checkpointing".
     incompatible: frozenset[str]
     default_lr: float  # train.lr when the config leaves it out: methods with few parameters need larger steps
-    # Optional (not listed as a member, so that methods without it still satisfy this protocol):
-    # ``footprint(options, shape) -> tunelab.methods.footprint.Footprint``, what the method trains and adds
-    # in ``tunelab plan``'s terms (``tunelab.methods.footprint.Plannable``); the planner refuses a method
-    # without it rather than guess. ``trains_embeddings: bool`` (default False): the method trains the input
-    # embedding itself, so tokens a chat-template fallback adds are trained (full fine-tuning); methods with a
-    # ``trainable_token_indices`` option train just those rows instead. ``changes_inputs: bool`` (default False):
-    # the method puts positions in front of every sequence (prompt and prefix tuning), so the logits at a position
-    # are not the decoder's own and ``data.replay.kl`` is refused.
+    # The input embedding itself trains, so tokens a chat-template fallback adds are trained (full fine-tuning);
+    # methods with a ``trainable_token_indices`` option train just those rows instead.
+    trains_embeddings: bool
+    # Positions are put in front of every sequence (prompt and prefix tuning): the logits at a position are not
+    # the decoder's own, and ``data.replay.kl`` is refused.
+    changes_inputs: bool
+    # ``footprint(options, shape) -> tunelab.methods.footprint.Footprint``: what the method trains and adds in
+    # ``tunelab plan``'s terms (``tunelab.methods.footprint.Plannable``); None where it does not say, and the
+    # planner then refuses it rather than guess.
+    footprint: Callable[[BaseModel, Any], Any] | None
 
     def base_load_kwargs(self, options: BaseModel) -> dict:
         """Extra ``from_pretrained`` arguments for loading the base model (quantisation for QLoRA), else {}."""
@@ -74,25 +80,24 @@ class TuningMethod(Protocol):
         ...
 
 
-_REGISTRY: dict[str, TuningMethod] = {}
+# Importing the package registers every method (its ``__init__`` imports their modules).
+METHODS: Registry[TuningMethod] = Registry("method", modules=("tunelab.methods",))
 
 
 def register_method(method_class: type) -> type:
     """Class decorator: instantiate the method and register it under its ``name``."""
     instance = method_class()
-    if instance.name in _REGISTRY:
-        raise ValueError(f"tuning method {instance.name!r} is registered twice")
-    _REGISTRY[instance.name] = instance
+    METHODS.register(instance.name, instance)
     return method_class
 
 
 def get_method(name: str) -> TuningMethod:
-    """The registered method called ``name``; KeyError if there is none."""
-    return _REGISTRY[name]
+    """The registered method called ``name``; KeyError (naming the close matches) if there is none."""
+    return METHODS.get(name)
 
 
 def method_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, "nn.Parameter"]:

@@ -36,6 +36,9 @@ class MethodDefaults:
     detachable = False
     incompatible: frozenset[str] = frozenset()
     default_lr = 2e-4
+    trains_embeddings = False
+    changes_inputs = False
+    footprint = None  # a method that describes itself to the planner defines footprint(options, shape)
 
     def base_load_kwargs(self, options: BaseModel) -> dict:
         """Extra ``from_pretrained`` keyword arguments for the base model (quantisation, for QLoRA)."""

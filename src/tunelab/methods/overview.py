@@ -13,7 +13,7 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 from tunelab.methods.base import count_parameters, get_method, method_names
 from tunelab.models.load import load_model, resolve_model_path
-from tunelab.training.rundir import dir_size_mb
+from tunelab.runs import dir_size_mb
 
 
 def method_costs(model: str, names: list[str] | None = None, on_method: Callable[[str], None] | None = None) -> list[dict]:

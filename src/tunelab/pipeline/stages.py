@@ -59,7 +59,7 @@ def _resolve(value: Any, outputs: dict[str, Path]) -> Any:
 def training_config(stage: Stage, outputs: dict[str, Path], run_dir: Path):
     """The stage's run config: its file, its ``set`` overrides (stage names resolved in the keys that take a
     path: ``REFERENCE_KEYS``), its run directory."""
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
 
     overrides = [f"{key}={json.dumps(_resolve(value, outputs) if key in REFERENCE_KEYS else value)}"
                  for key, value in stage.set.items()]

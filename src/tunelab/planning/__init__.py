@@ -67,7 +67,7 @@ Time = tokens per epoch x epochs x FLOPs per token / (peak FLOP/s x MFU), with F
   0.8 x the dense spec; float32 runs use the non-tensor-core float32 rate. MFU defaults to 0.35 on a GPU.
   On CPU both are assumptions measured on the 2-core dev machine (``CPU_MATMUL_GFLOPS`` = 75 GFLOP/s,
   ``CPU_MFU`` = 0.35).
-  Tokens: ``tokens_per_epoch`` if given, else a tokenised :func:`profile_data`, else examples x
+  Tokens: ``tokens_per_epoch`` if given, else a tokenised ``tunelab.stages.profile.profile_data``, else examples x
   max_length (an upper bound, and the plan says so).
 
 Validation (live tensor bytes at the peak, estimate against measurement):
@@ -90,10 +90,10 @@ Modules: ``devices`` (Device, the GPU catalog ``GPUS``, ``resolve_device``, over
 ``shape`` (ModelShape, ``load_shape``), ``method`` (what a tuning method trains and adds: each method's own ``footprint``, see
 ``tunelab.methods.footprint``), ``memory`` (the
 activation tracer, MemoryEstimate), ``timing`` (TimeEstimate, FLOPs per token), ``data`` (DataProfile,
-``profile_data``), ``planner`` (Plan, ``plan``, the time estimate, suggestions), ``output`` (``print_plan``).
+``profile_examples``; reading the data is ``stages.profile``), ``planner`` (Plan, ``plan``, the time estimate, suggestions), ``output`` (``print_plan``).
 """
 
-from tunelab.planning.data import DataProfile, profile_data, profile_examples
+from tunelab.planning.data import DataProfile, profile_examples
 from tunelab.planning.devices import (
     CPU_MATMUL_GFLOPS, CPU_MFU, CPU_OVERHEAD, GPU_MFU, GPU_OVERHEAD, GPUS, Device, GiB, resolve_device,
 )
@@ -105,6 +105,6 @@ from tunelab.planning.timing import TimeEstimate
 
 __all__ = [
     "AUTO_CHECKPOINTING_SHARE", "checkpointed_blocks", "CPU_MATMUL_GFLOPS", "CPU_MFU", "CPU_OVERHEAD", "GPUS", "GPU_MFU", "GPU_OVERHEAD", "DataProfile", "Device", "GiB",
-    "MemoryEstimate", "ModelShape", "Plan", "TimeEstimate", "load_shape", "plan", "print_plan", "profile_data", "profile_examples",
+    "MemoryEstimate", "ModelShape", "Plan", "TimeEstimate", "load_shape", "plan", "print_plan", "profile_examples",
     "resolve_device",
 ]

@@ -1,5 +1,6 @@
 """The training data as the planner sees it: a tokenised profile of one epoch's micro-batches, or just the
-number of examples."""
+number of examples. Reading and tokenising a run's data is the stages' (``tunelab.stages.profile.profile_data``):
+the planner sits below them and only measures what it is given."""
 
 from __future__ import annotations
 
@@ -20,21 +21,6 @@ class DataProfile:
     peak_rows: int  # the micro-batch with the most tokens: its rows and its tokens per row
     peak_seq: int
     peak_trained: int  # the most trained positions in one micro-batch
-
-
-def profile_data(config: RunConfig) -> DataProfile:
-    """Tokenise the training data with the model's tokenizer (no weights) and measure its micro-batches; an sft
-    config first gets the defaults the run would choose from the data (printed, and set on ``config``)."""
-    from rich.console import Console
-
-    from tunelab.stages.defaults import choose_defaults
-    from tunelab.stages.setup import load_prepared_tokenizer, read_examples, tokenize
-
-    model_path, tokenizer, added = load_prepared_tokenizer(config)
-    examples = read_examples(config)
-    if config.recipe.name == "sft":
-        examples, _ = choose_defaults(config, examples, tokenizer, model_path, Console(stderr=True))
-    return profile_examples(config, tokenize(config, tokenizer, examples, added).train)
 
 
 def profile_examples(config: RunConfig, data: list) -> DataProfile:

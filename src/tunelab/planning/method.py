@@ -27,21 +27,17 @@ def planned_method(config: RunConfig, shape: ModelShape) -> PlannedMethod:
     Raises:
         TunelabError: the method is not registered, or does not describe itself to the planner.
     """
-    from tunelab.config.load import method_options
-    from tunelab.methods import get_method, method_names
+    from tunelab.methods import METHODS
 
     name = config.method.name
-    try:
-        method = get_method(name)
-    except KeyError:
-        raise TunelabError(f"method.name: cannot plan method {name!r}: no such method is registered; "
-                           f"choose one of: {', '.join(method_names())}") from None
-    describe = getattr(method, "footprint", None)
-    if describe is None:
+    method = METHODS.find(name)
+    if method is None:
+        raise TunelabError(f"method.name: cannot plan method {name!r}: {METHODS.unknown(name)}")
+    if method.footprint is None:
         raise TunelabError(f"cannot plan method {name!r}: it does not say what it trains and adds (it has no "
                            "footprint(options, shape) method, see tunelab.methods.footprint); tunelab plan "
                            "estimates only methods that do")
-    footprint = describe(method_options(config), shape)
+    footprint = method.footprint(config.method, shape)
     m = PlannedMethod(**{f.name: getattr(footprint, f.name) for f in fields(Footprint)})
     try:
         from tunelab.training.loss import PLAIN_HEAD_MODEL_TYPES as plain

@@ -158,7 +158,7 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
         config: The run configuration.
         gpu: A name from :data:`GPUS`, ``cpu``, or ``current``/None (this machine).
         tokens_per_epoch: Tokens one epoch processes (padding included), if known.
-        data: A :func:`profile_data` result: its largest micro-batch sets the memory, its tokens the time.
+        data: A ``tunelab.stages.profile.profile_data`` result: its largest micro-batch sets the memory, its tokens the time.
         completion_fraction: Share of positions that are trained (only they get logits); 1.0 = worst case.
         mfu: Model FLOPs utilisation to assume (default 0.35 on a GPU, ``CPU_MFU`` on CPU).
         kernels: ``liger`` models liger-kernel's RMSNorm/SwiGLU/RoPE and fused linear cross-entropy.
@@ -236,7 +236,7 @@ def _estimate_time(config: RunConfig, shape: ModelShape, m: PlannedMethod, devic
 
 def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs) -> list[str]:
     """Changes that lower the peak, tried in order and kept when they help, until the run fits."""
-    from tunelab.config.schema import MethodConfig
+    from tunelab.config.sections import MethodConfig, section_class
     from tunelab.methods import get_method
 
     limit, out = device.memory_bytes, []
@@ -268,8 +268,9 @@ def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs
             return out
     if m.cheaper_variant:
         variant, saves = m.cheaper_variant
+        cheaper = section_class(get_method(variant).options_class, MethodConfig)
         if attempt(f"method.name={variant} ({saves})",
-                   lambda cfg: setattr(cfg, "method", MethodConfig(name=variant, **cfg.method.options()))):
+                   lambda cfg: setattr(cfg, "method", cheaper.model_validate({**cfg.method.options(), "name": variant}))):
             return out
     while current.train.batch_size > 1:
         batch = current.train.batch_size
@@ -293,7 +294,7 @@ def _recipe_note(config: RunConfig, *, w: int, logit_rows: float, shape: ModelSh
     teacher_note = teacher_bytes(config, w, logit_rows)[1]
     if teacher_note:
         return teacher_note
-    if config.recipe.name == "grpo" and shape is not None:
+    if config.recipe.needs.generation_rows and shape is not None:
         return generation_phase(config, shape, 0, w)[3]
     if rows_per_example(config) > 1:
         return (f"recipe {config.recipe.name}: both sides of each pair in one forward ({rows_per_example(config)} rows per "

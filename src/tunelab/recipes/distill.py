@@ -17,22 +17,20 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from tunelab.config.load import recipe_options
 from tunelab.config.schema import RunConfig
 from tunelab.data.packing import collator
 from tunelab.errors import TunelabError
 from tunelab.evaluation.report import evaluate_task
 from tunelab.evaluation.run import LoadedModel, load_for_eval
 from tunelab.evaluation.summary import eval_summary
-from tunelab.recipes import Recipe, TrainResult, register_recipe
+from tunelab.recipes import Recipe, RecipeNeeds, TrainResult, register_recipe
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, load_base
-from tunelab.stages.optimize import save_state
 from tunelab.stages.run import finish_run, hashed_inputs
 from tunelab.stages.setup import load_prepared_tokenizer, read_examples, tokenize
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, nothing_to_do, prepare_training,
-                                     result_of, train_and_save)
-from tunelab.training.distill import distill_loss_sum
+                                     save_trained, training_loop)
+from tunelab.training.distill import distill_objective
 from tunelab.training.token_loop import run_token_loss
 
 
@@ -49,7 +47,7 @@ class DistillOptions(BaseModel):
 def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
     """Distil ``recipe.teacher`` into the configured student."""
     console = console or Console(stderr=True)
-    options: DistillOptions = recipe_options(config)
+    options: DistillOptions = config.recipe
     if not options.teacher:
         raise TunelabError("recipe.teacher is not set: give the teacher model (an embedded alias, an HF folder or a run directory)")
     # 1. Validate the records, the run directory, the settings and the method before anything loads.
@@ -66,22 +64,21 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     before = evaluate_before(config, LoadedModel(base, tokenizer, "untuned"), examples, env.run_dir, console)
     if "teacher" not in before and examples.eval:
         before["teacher"] = evaluate_task(teacher, examples.eval[: config.eval.limit], config.eval, f"teacher {options.teacher}")
-    tuned, opt = prepare_training(config, env, base, tokenizer, added, data.train, console)
-    if already_finished(env, opt):
-        return nothing_to_do(env, tuned.method.artifact, opt.start_step, console)
+    tuned, state = prepare_training(config, env, base, tokenizer, added, data.train, console)
+    if already_finished(env, state):
+        return nothing_to_do(env, tuned.method.artifact, state.start_step, console)
     what = f"{len(data.train)} train / {len(data.eval)} eval examples, teacher {options.teacher}, {options.loss} at T={options.temperature:g}"
-    manifest = begin_training_run(config, env, tuned, opt, model_path, console, what)
+    manifest = begin_training_run(config, env, tuned, state, model_path, console, what)
     save_before(env.run_dir, before)
 
     # 3. Train on the teacher's distributions (padded batches: both models see the same rows).
-    t = config.train
-    def token_loss(model, batch):
-        return distill_loss_sum(model, teacher.model, batch, kind=options.loss, beta=options.beta,
-                                temperature=options.temperature, alpha=options.alpha)
-    trained = train_and_save(config, env, opt, tuned, tokenizer, manifest, lambda: run_token_loss(
-        opt, data.train, data.eval, pad_id=tokenizer.pad_token_id, make_batch=collator(env.accelerator.unwrap_model(opt.model),
-        packing=t.packing), run_dir=env.run_dir, console=console, eval_batch_size=t.batch_size, keep_last=t.keep_last,
-        max_grad_norm=t.max_grad_norm, save_state=save_state, token_loss=token_loss), console)
+    divergence = distill_objective(teacher.model, kind=options.loss, beta=options.beta, temperature=options.temperature,
+                                   alpha=options.alpha)
+    make_batch = collator(env.accelerator.unwrap_model(state.model), packing=config.train.packing)
+    with training_loop(env, state, manifest):
+        reporter = run_token_loss(state, data.train, data.eval, pad_id=tokenizer.pad_token_id, make_batch=make_batch,
+                                  console=console, eval_batch_size=config.train.batch_size, token_loss=divergence)
+    trained = save_trained(config, env, state, tuned, tokenizer, manifest, reporter, console)
 
     # 4. The student before and after, next to the teacher.
     report = evaluate_after(config, LoadedModel(trained.model, tokenizer, "tuned"), examples, before, env.run_dir, console,
@@ -90,9 +87,9 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
         console.print(f"Student {report['tuned']['score']:.1%} tuned against teacher {report['teacher']['score']:.1%} "
                       f"({config.eval.metric})")
     summary = {**eval_summary(report), "teacher_score": (report.get("teacher") or {}).get("score")}
-    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=trained.reporter.last_loss,
-               final_eval=trained.reporter.last_eval, eval_summary=summary)
-    return result_of(env, trained)
+    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=reporter.last_loss,
+               final_eval=reporter.last_eval, eval_summary=summary)
+    return trained.result(env)
 
 
 def _teacher_files(teacher: str) -> list[str]:
@@ -113,4 +110,5 @@ def _load_teacher(spec: str, tokenizer, device) -> LoadedModel:
     return teacher
 
 
-register_recipe(Recipe("distill", DistillOptions, main, "knowledge distillation from a teacher's token distributions (KL, JSD)"))
+register_recipe(Recipe("distill", DistillOptions, main, "knowledge distillation from a teacher's token distributions (KL, JSD)",
+                       needs=lambda options: RecipeNeeds(teacher=options.teacher)))

@@ -17,21 +17,19 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 
-from tunelab.config.load import recipe_options
 from tunelab.config.schema import RunConfig
 from tunelab.data import load_examples
 from tunelab.errors import TunelabError
 from tunelab.evaluation.run import LoadedModel
 from tunelab.evaluation.summary import eval_summary
-from tunelab.recipes import Recipe, TrainResult, register_recipe
+from tunelab.recipes import Recipe, RecipeNeeds, TrainResult, register_recipe
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, load_base
-from tunelab.stages.optimize import save_state
 from tunelab.stages.preference import choose_references, read_pairs, reference_path, tokenize_pairs
 from tunelab.stages.run import finish_run, hashed_inputs
 from tunelab.stages.setup import Examples, load_prepared_tokenizer
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, make_trainable, nothing_to_do,
-                                     optimize, result_of, train_and_save)
+                                     optimize, save_trained, training_loop)
 from tunelab.training.pair_loop import pair_metrics, pair_objective, run_pair_loss
 from tunelab.training.preference import PreferenceOptions, get_preference_loss, preference_loss_names
 
@@ -72,7 +70,7 @@ class DpoOptions(BaseModel):
 def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
     """Tune on preference pairs as configured."""
     console = console or Console(stderr=True)
-    options: DpoOptions = recipe_options(config)
+    options: DpoOptions = config.recipe
     spec, loss_options = get_preference_loss(options.loss), options.loss_options()
     # 1. Validate: every pair and task example, the reference, the run directory, the settings, the method.
     pairs = read_pairs(config, options.holdout)
@@ -93,28 +91,27 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     metrics = _metrics(config, spec, loss_options, references[1], data.eval, tokenizer, env)
     if "preference" not in before:
         before["preference"] = metrics(tuned.model)
-    opt = optimize(config, env, tuned, len(data.train), console)
-    if already_finished(env, opt):
-        return nothing_to_do(env, tuned.method.artifact, opt.start_step, console)
+    state = optimize(config, env, tuned, len(data.train), console)
+    if already_finished(env, state):
+        return nothing_to_do(env, tuned.method.artifact, state.start_step, console)
     what = (f"{len(data.train)} train / {len(data.eval)} held-out pairs, loss {spec.name}, reference: {described}")
-    manifest = begin_training_run(config, env, tuned, opt, model_path, console, what)
+    manifest = begin_training_run(config, env, tuned, state, model_path, console, what)
     save_before(env.run_dir, before)
 
     # 3. Train on the pairs, then save the artifact.
-    t = config.train
-    trained = train_and_save(config, env, opt, tuned, tokenizer, manifest, lambda: run_pair_loss(
-        opt, data.train, loss_fn=pair_objective(references[0], spec, loss_options), held_out=metrics,
-        pad_id=tokenizer.pad_token_id, run_dir=env.run_dir, console=console, keep_last=t.keep_last,
-        max_grad_norm=t.max_grad_norm, save_state=save_state), console)
+    with training_loop(env, state, manifest):
+        reporter = run_pair_loss(state, data.train, loss_fn=pair_objective(references[0], spec, loss_options), held_out=metrics,
+                                 pad_id=tokenizer.pad_token_id, console=console)
+    trained = save_trained(config, env, state, tuned, tokenizer, manifest, reporter, console)
 
     # 4. Pair metrics, task score and probe: the start model against the tuned one.
     after = metrics(trained.model)
     report = evaluate_after(config, LoadedModel(trained.model, tokenizer, "tuned"), task, before, env.run_dir, console,
                             extra={"preference": {"before": before["preference"], "after": after, "pairs": len(data.eval)}})
     _print_pairs(console, before["preference"], after, len(data.eval))
-    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=trained.reporter.last_loss,
-               final_eval=trained.reporter.last_eval, eval_summary={**eval_summary(report), "preference_after": after})
-    return result_of(env, trained)
+    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=reporter.last_loss,
+               final_eval=reporter.last_eval, eval_summary={**eval_summary(report), "preference_after": after})
+    return trained.result(env)
 
 
 def _metrics(config: RunConfig, spec, loss_options, reference, held, tokenizer, env):
@@ -139,7 +136,7 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
     from tunelab.data.inspect import print_rendered
     from tunelab.data.preferences import render_pair
 
-    options: DpoOptions = recipe_options(config)
+    options: DpoOptions = config.recipe
     pairs = read_pairs(config, options.holdout)
     _, tokenizer, _ = load_prepared_tokenizer(config)
     data = tokenize_pairs(config, tokenizer, pairs)
@@ -154,4 +151,4 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
 
 
 register_recipe(Recipe("dpo", DpoOptions, main, "preference tuning on chosen/rejected pairs (DPO, IPO, hinge, ORPO, SimPO)",
-                       inspect))
+                       inspect, needs=lambda options: RecipeNeeds(rows_per_example=2)))

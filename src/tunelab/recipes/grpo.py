@@ -22,22 +22,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from tunelab.config.load import recipe_options
 from tunelab.config.schema import RunConfig
 from tunelab.data import load_examples
 from tunelab.data.prompts import load_prompts
 from tunelab.errors import TunelabError
 from tunelab.evaluation.run import LoadedModel
 from tunelab.evaluation.summary import eval_summary
-from tunelab.recipes import Recipe, TrainResult, register_recipe
+from tunelab.recipes import Recipe, RecipeNeeds, TrainResult, register_recipe
 from tunelab.rewards.functions import DEFAULT_TIMEOUT, RewardSet
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, continues_parent, load_base
-from tunelab.stages.optimize import save_state
 from tunelab.stages.run import finish_run
 from tunelab.stages.setup import Examples, load_prepared_tokenizer
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, make_trainable, nothing_to_do,
-                                     optimize, result_of, train_and_save)
+                                     optimize, save_trained, training_loop)
 from tunelab.training.grpo_loop import GrpoSettings, run_grpo
 
 
@@ -66,7 +64,7 @@ class GrpoOptions(BaseModel):
 def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
     """Train by GRPO as configured."""
     console = console or Console(stderr=True)
-    options: GrpoOptions = recipe_options(config)
+    options: GrpoOptions = config.recipe
     if not options.rewards:
         raise TunelabError("recipe.rewards is empty: give at least one reward function, e.g. rewards: [{fn: sql_exec, db: shop.sqlite}]")
     # 1. Validate the prompts, the task examples, the reward functions, the run directory and the method.
@@ -85,27 +83,26 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     start = load_base(config, model_path, tokenizer, added, env.accelerator.device)
     before = evaluate_before(config, LoadedModel(start, tokenizer, "untuned"), task, env.run_dir, console)
     tuned = make_trainable(config, env, start, tokenizer, added, _planned_rows(prompts, tokenizer, options), console)
-    opt = optimize(config, env, tuned, len(prompts), console)
-    if already_finished(env, opt):
-        return nothing_to_do(env, tuned.method.artifact, opt.start_step, console)
+    state = optimize(config, env, tuned, len(prompts), console)
+    if already_finished(env, state):
+        return nothing_to_do(env, tuned.method.artifact, state.start_step, console)
     what = (f"{len(prompts)} prompts x {options.num_generations} samples, rewards {', '.join(rewards.names)}, "
             f"loss {options.loss_type}")
-    manifest = begin_training_run(config, env, tuned, opt, model_path, console, what)
+    manifest = begin_training_run(config, env, tuned, state, model_path, console, what)
     save_before(env.run_dir, before)
 
     # 3. Sample, score, update; then save the artifact.
-    t = config.train
-    disabled = (lambda model: tuned.method.disabled(model)) if options.beta > 0 else None
-    trained = train_and_save(config, env, opt, tuned, tokenizer, manifest, lambda: run_grpo(
-        opt, [list(p.messages) for p in prompts], [p.fields for p in prompts], rewards, tokenizer=tokenizer,
-        settings=_settings(options, config), disabled=disabled, run_dir=env.run_dir, console=console,
-        keep_last=t.keep_last, max_grad_norm=t.max_grad_norm, save_state=save_state), console)
+    disabled = tuned.method.disabled if options.beta > 0 else None  # the KL term's reference: the method switched off
+    with training_loop(env, state, manifest):
+        reporter = run_grpo(state, [list(p.messages) for p in prompts], [p.fields for p in prompts], rewards, tokenizer=tokenizer,
+                            settings=_settings(options, config), disabled=disabled, console=console)
+    trained = save_trained(config, env, state, tuned, tokenizer, manifest, reporter, console)
 
     # 4. Task score and probe: the start model against the tuned one.
     report = evaluate_after(config, LoadedModel(trained.model, tokenizer, "tuned"), task, before, env.run_dir, console)
-    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=trained.reporter.last_loss,
-               final_eval=trained.reporter.last_eval, eval_summary=eval_summary(report))
-    return result_of(env, trained)
+    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=reporter.last_loss,
+               final_eval=reporter.last_eval, eval_summary=eval_summary(report))
+    return trained.result(env)
 
 
 def _planned_rows(prompts, tokenizer, options: GrpoOptions) -> list:
@@ -130,4 +127,7 @@ def _settings(options: GrpoOptions, config: RunConfig) -> GrpoSettings:
                         generation_batch_size=options.generation_batch_size, samples_every=options.samples_every)
 
 
-register_recipe(Recipe("grpo", GrpoOptions, main, "GRPO: reinforcement learning from reward functions (any eval metric)"))
+register_recipe(Recipe("grpo", GrpoOptions, main, "GRPO: reinforcement learning from reward functions (any eval metric)",
+                       needs=lambda options: RecipeNeeds(rows_per_example=options.num_generations,
+                                                         completion_length=options.max_completion_length,
+                                                         generation_rows=options.generation_batch_size)))

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from tunelab.config.load import recipe_options
 from tunelab.config.schema import FimConfig, RunConfig
 from tunelab.errors import TunelabError
 from tunelab.data.packing import collator
@@ -24,13 +23,12 @@ from tunelab.evaluation.summary import eval_summary
 from tunelab.recipes import Recipe, TrainResult, register_recipe
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, load_base
-from tunelab.stages.optimize import save_state
 from tunelab.stages.run import finish_run
 from tunelab.stages.setup import Examples, load_prepared_tokenizer
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, nothing_to_do, prepare_training,
-                                     result_of, train_and_save)
+                                     save_trained, training_loop)
 from tunelab.training.token_loop import run_token_loss
-from tunelab.training.validation import validation_loss
+from tunelab.training.loss import validation_loss
 
 
 class PretrainOptions(BaseModel):
@@ -44,7 +42,7 @@ class PretrainOptions(BaseModel):
 def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
     """Continue pre-training on raw text as configured."""
     console = console or Console(stderr=True)
-    options: PretrainOptions = recipe_options(config)
+    options: PretrainOptions = config.recipe
     # 1. Validate: every text file and record, the run directory, the settings, the method.
     code = config.data.format == "fim"
     train_docs = read_texts(config.data.train_files(), text_field=options.text_field, code=code)
@@ -64,21 +62,21 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     before = evaluate_before(config, LoadedModel(base, tokenizer, "untuned"), Examples([]), env.run_dir, console)
     if "perplexity" not in before:  # (a resumed run reads it back from eval_before.json)
         before["perplexity"] = _perplexity(base, held, config, tokenizer, env)
-    tuned, opt = prepare_training(config, env, base, tokenizer, added, train, console)
-    if already_finished(env, opt):
-        return nothing_to_do(env, tuned.method.artifact, opt.start_step, console)
+    tuned, state = prepare_training(config, env, base, tokenizer, added, train, console)
+    if already_finished(env, state):
+        return nothing_to_do(env, tuned.method.artifact, state.start_step, console)
     unit = "FIM pieces" if config.data.format == "fim" else "documents"
     what = f"{len(train_docs)} {unit}, {len(train)} blocks of <= {config.data.max_length} tokens, {len(held)} held out"
-    manifest = begin_training_run(config, env, tuned, opt, model_path, console, what)
+    manifest = begin_training_run(config, env, tuned, state, model_path, console, what)
     save_before(env.run_dir, before)
 
     # 3. Train every token of every block, then save the artifact.
-    t = config.train
     pack = options.packing and "packing" not in tuned.method.incompatible
-    make_batch = collator(env.accelerator.unwrap_model(opt.model), packing=pack)
-    trained = train_and_save(config, env, opt, tuned, tokenizer, manifest, lambda: run_token_loss(
-        opt, train, held, pad_id=tokenizer.pad_token_id, make_batch=make_batch, run_dir=env.run_dir, console=console,
-        eval_batch_size=t.batch_size, keep_last=t.keep_last, max_grad_norm=t.max_grad_norm, save_state=save_state), console)
+    make_batch = collator(env.accelerator.unwrap_model(state.model), packing=pack)
+    with training_loop(env, state, manifest):
+        reporter = run_token_loss(state, train, held, pad_id=tokenizer.pad_token_id, make_batch=make_batch, console=console,
+                                  eval_batch_size=config.train.batch_size)
+    trained = save_trained(config, env, state, tuned, tokenizer, manifest, reporter, console)
 
     # 4. Perplexity on the held-out text and the probe, before against after.
     after = _perplexity(trained.model, held, config, tokenizer, env)
@@ -87,9 +85,9 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     if after:
         console.print(f"Held-out perplexity ({len(held)} blocks): {before['perplexity']['eval_ppl']:.2f} untuned → "
                       f"{after['eval_ppl']:.2f} tuned")
-    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=trained.reporter.last_loss,
-               final_eval=trained.reporter.last_eval, eval_summary={**eval_summary(report), "perplexity_after": after})
-    return result_of(env, trained)
+    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=reporter.last_loss,
+               final_eval=reporter.last_eval, eval_summary={**eval_summary(report), "perplexity_after": after})
+    return trained.result(env)
 
 
 def _fim(config: RunConfig, tokenizer, added: list[str], train_docs: list, eval_docs: list, console: Console | None):
@@ -124,7 +122,7 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
     """``tunelab data inspect``: documents, token blocks (every token trained) and one block as the model sees it."""
     from tunelab.data import TokenizeStats, inspect_report
 
-    options: PretrainOptions = recipe_options(config)
+    options: PretrainOptions = config.recipe
     docs = read_texts(config.data.train_files(), text_field=options.text_field, code=config.data.format == "fim")
     _, tokenizer, added = load_prepared_tokenizer(config)
     docs, _ = _fim(config, tokenizer, added, docs, [], console)
@@ -140,4 +138,5 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
 
 
 register_recipe(Recipe("pretrain", PretrainOptions, main,
-                       "continued pre-training on raw text (.txt/.md or a text column), loss on every token", inspect))
+                       "continued pre-training on raw text (.txt/.md or a text column), loss on every token", inspect,
+                       trains_fim=True))

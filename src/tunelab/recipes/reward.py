@@ -13,19 +13,17 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from tunelab.config.load import recipe_options
 from tunelab.config.schema import RunConfig
 from tunelab.evaluation.run import write_report
-from tunelab.recipes import Recipe, TrainResult, register_recipe
+from tunelab.recipes import Recipe, RecipeNeeds, TrainResult, register_recipe
 from tunelab.stages.model import check_method_fits, load_base
-from tunelab.stages.optimize import save_state
 from tunelab.stages.preference import read_pairs, tokenize_pairs
 from tunelab.stages.run import finish_run
 from tunelab.stages.setup import load_prepared_tokenizer
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, make_trainable, nothing_to_do,
-                                     optimize, result_of, train_and_save)
+                                     optimize, save_trained, training_loop)
 from tunelab.training.pair_loop import run_pair_loss
-from tunelab.training.reward_model import new_head, reward_metrics, reward_objective, save_head
+from tunelab.training.reward_model import HEAD_FILE, new_head, reward_metrics, reward_objective
 
 
 class RewardOptions(BaseModel):
@@ -37,7 +35,7 @@ class RewardOptions(BaseModel):
 def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
     """Train a reward model on preference pairs as configured."""
     console = console or Console(stderr=True)
-    options: RewardOptions = recipe_options(config)
+    options: RewardOptions = config.recipe
     # 1. Validate the pairs, the run directory, the settings and the method before anything loads.
     pairs = read_pairs(config, options.holdout)
     env = check_environment(config, resume=resume, force=force)
@@ -52,18 +50,17 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     tuned.params.update({f"reward_head.{name}": p for name, p in head.named_parameters()})
     held_out = _held_out(config, head, data.eval, tokenizer, env)
     before = held_out(tuned.model)
-    opt = optimize(config, env, tuned, len(data.train), console)
-    if already_finished(env, opt):
-        return nothing_to_do(env, tuned.method.artifact, opt.start_step, console)
-    manifest = begin_training_run(config, env, tuned, opt, model_path, console,
+    state = optimize(config, env, tuned, len(data.train), console)
+    if already_finished(env, state):
+        return nothing_to_do(env, tuned.method.artifact, state.start_step, console)
+    manifest = begin_training_run(config, env, tuned, state, model_path, console,
                                   f"{len(data.train)} train / {len(data.eval)} held-out pairs, scalar head on the last token")
 
     # 3. Train, then save the method's artifact with the head beside it.
-    t = config.train
-    trained = train_and_save(config, env, opt, tuned, tokenizer, manifest, lambda: run_pair_loss(
-        opt, data.train, loss_fn=reward_objective(head), held_out=held_out, pad_id=tokenizer.pad_token_id, run_dir=env.run_dir,
-        console=console, keep_last=t.keep_last, max_grad_norm=t.max_grad_norm, save_state=save_state), console,
-        save_extra=lambda folder: save_head(head, folder))
+    with training_loop(env, state, manifest):
+        reporter = run_pair_loss(state, data.train, loss_fn=reward_objective(head), held_out=held_out,
+                                 pad_id=tokenizer.pad_token_id, console=console)
+    trained = save_trained(config, env, state, tuned, tokenizer, manifest, reporter, console, extra_modules={HEAD_FILE: head})
 
     # 4. Held-out pairwise accuracy, untrained head against trained.
     after = held_out(trained.model)
@@ -71,9 +68,9 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     if before and after:
         console.print(f"Held-out pairs ({len(data.eval)}): pairwise accuracy {before['eval_accuracy']:.1%} → "
                       f"{after['eval_accuracy']:.1%}, margin {before['eval_margin']:.3f} → {after['eval_margin']:.3f}")
-    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=trained.reporter.last_loss,
-               final_eval=trained.reporter.last_eval, eval_summary={"reward_accuracy": (after or {}).get("eval_accuracy")})
-    return result_of(env, trained)
+    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=reporter.last_loss,
+               final_eval=reporter.last_eval, eval_summary={"reward_accuracy": (after or {}).get("eval_accuracy")})
+    return trained.result(env)
 
 
 def _held_out(config: RunConfig, head, held, tokenizer, env):
@@ -93,4 +90,4 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
 
 
 register_recipe(Recipe("reward", RewardOptions, main, "reward model on chosen/rejected pairs (scalar head, pairwise loss)",
-                       inspect))
+                       inspect, needs=lambda options: RecipeNeeds(rows_per_example=2)))

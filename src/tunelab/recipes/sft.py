@@ -17,16 +17,15 @@ from tunelab.errors import TunelabError
 from tunelab.data.packing import collator
 from tunelab.evaluation.run import LoadedModel
 from tunelab.evaluation.summary import eval_summary
-from tunelab.recipes import Recipe, TrainResult, register_recipe
+from tunelab.recipes import Recipe, RecipeNeeds, TrainResult, register_recipe
 from tunelab.stages.defaults import choose_defaults
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, load_base
-from tunelab.stages.optimize import save_state
 from tunelab.stages.replay import replay_kl_loss, resolve_self_replay
 from tunelab.stages.run import finish_run
 from tunelab.stages.setup import load_prepared_tokenizer, read_examples, tokenize
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, nothing_to_do, prepare_training,
-                                     result_of, train_and_save)
+                                     save_trained, training_loop)
 from tunelab.training.optim import adamw
 from tunelab.training.token_loop import run_token_loss
 
@@ -57,29 +56,28 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     base = load_base(config, model_path, tokenizer, added, env.accelerator.device)
     before = evaluate_before(config, LoadedModel(base, tokenizer, "untuned"), examples, env.run_dir, console)
     replay_loss = replay_kl_loss(config, base, env.accelerator.unwrap_model, console)  # data.replay.kl, before the method wraps base
-    tuned, opt = prepare_training(config, env, base, tokenizer, added, data.train, console)
-    if already_finished(env, opt):
-        return nothing_to_do(env, tuned.method.artifact, opt.start_step, console)
+    tuned, state = prepare_training(config, env, base, tokenizer, added, data.train, console)
+    if already_finished(env, state):
+        return nothing_to_do(env, tuned.method.artifact, state.start_step, console)
 
     # 3. The run directory describes itself from the start.
     held = f"{len(examples.validation)} held-out validation" if examples.validation else f"{len(data.eval)} eval"
     what = f"{len(data.train)} train / {held} examples, {data.train_stats.trained_tokens:,} trained tokens"
-    manifest = begin_training_run(config, env, tuned, opt, model_path, console, what, chosen)
+    manifest = begin_training_run(config, env, tuned, state, model_path, console, what, chosen)
     save_before(env.run_dir, before)
 
     # 4. Train (resumable), then save the artifact with the tokenizer and its chat template.
-    t = config.train
-    make_batch = collator(env.accelerator.unwrap_model(opt.model), packing=t.packing)
-    trained = train_and_save(config, env, opt, tuned, tokenizer, manifest, lambda: run_token_loss(
-        opt, data.train, data.eval, pad_id=tokenizer.pad_token_id, make_batch=make_batch, run_dir=env.run_dir,
-        console=console, eval_batch_size=t.batch_size, keep_last=t.keep_last, max_grad_norm=t.max_grad_norm,
-        save_state=save_state, source_loss=replay_loss), console)
+    make_batch = collator(env.accelerator.unwrap_model(state.model), packing=config.train.packing)
+    with training_loop(env, state, manifest):
+        reporter = run_token_loss(state, data.train, data.eval, pad_id=tokenizer.pad_token_id, make_batch=make_batch,
+                                  console=console, eval_batch_size=config.train.batch_size, source_loss=replay_loss)
+    trained = save_trained(config, env, state, tuned, tokenizer, manifest, reporter, console)
 
     # 5. What it learned and what it forgot: the tuned model against the untuned one.
     report = evaluate_after(config, LoadedModel(trained.model, tokenizer, "tuned"), examples, before, env.run_dir, console)
-    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=trained.reporter.last_loss,
-               final_eval=trained.reporter.last_eval, eval_summary=eval_summary(report))
-    return result_of(env, trained)
+    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=reporter.last_loss, final_eval=reporter.last_eval,
+               eval_summary=eval_summary(report))
+    return trained.result(env)
 
 
 def inspect(config: RunConfig, example: int, console: Console) -> None:
@@ -99,4 +97,4 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
 
 
 register_recipe(Recipe("sft", SftOptions, main, "supervised fine-tuning on prompt→response examples (loss on the answers)",
-                       inspect))
+                       inspect, needs=lambda options: RecipeNeeds(data_defaults=True)))

@@ -68,12 +68,12 @@ def load(run_dir: str | Path) -> RewardModel:
     """The reward model a ``recipe: reward`` run saved (its base, its method's artifact and its head)."""
     from tunelab.evaluation.run import load_for_eval
     from tunelab.runs import open_run
-    from tunelab.training.reward_model import load_head
+    from tunelab.training.reward_model import HEAD_FILE, load_head
 
     run = open_run(run_dir)
-    if run is None or run.manifest.get("recipe") != "reward":
-        raise TunelabError(f"{run_dir}: not a `recipe: reward` run directory (its manifest says recipe "
-                           f"{(run.manifest.get('recipe') if run else None)!r}); train one with recipe: reward")
+    if run is None or not (run.artifact_dir / HEAD_FILE).is_file():  # what a reward run saves, whatever its recipe
+        raise TunelabError(f"{run_dir}: not a `recipe: reward` run directory (no {HEAD_FILE} beside its artifact; its "
+                           f"manifest says recipe {(run.manifest.get('recipe') if run else None)!r}); train one with recipe: reward")
     loaded = load_for_eval(str(run_dir))
     loaded.model.eval()
     max_length = int((run.config.get("data") or {}).get("max_length", 1024))

@@ -1,4 +1,5 @@
-"""The built-in reward functions (``tunelab.rewards.functions`` holds the contract, the registry and the checks).
+"""The built-in reward functions (``tunelab.rewards.functions`` holds the contract and the checks, ``catalog`` the
+registry).
 
 Each is a thin adapter over ``tunelab.evaluation.metrics``, so a reward means exactly what the metric of the
 same name reports in evaluation; those that compare with a reference read it from the field named by the
@@ -13,7 +14,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.evaluation import metrics
-from tunelab.rewards.functions import register_reward
+from tunelab.rewards.catalog import register_reward
 
 _REWARD_MODELS: dict[str, Any] = {}  # run dir -> loaded reward model: loaded once per process
 

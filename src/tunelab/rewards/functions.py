@@ -13,7 +13,7 @@ A function that names ``completions`` and ``prompts`` as parameters is called wi
 either order works); a function without ``**fields`` receives only the fields and options it names.
 
 Config: ``grpo.rewards: [{fn: NAME or 'package.module:function', weight: 1.0, **options}]``. Built-ins
-(:func:`reward_names`): ``sql_exec``, ``exact_match``, ``json_valid``, ``json_schema``, ``regex``,
+(:func:`reward_names`; registered in ``rewards.catalog`` by ``rewards.builtins``): ``sql_exec``, ``exact_match``, ``json_valid``, ``json_schema``, ``regex``,
 ``length_penalty`` and ``reward_model``; those that compare with a reference read it from the field named by
 the option ``reference`` (default ``answer``). Each is a thin adapter over ``tunelab.evaluation.metrics``, so
 a reward means exactly what the metric of the same name reports in evaluation.
@@ -32,7 +32,6 @@ Hand-written because no library offers a reward-function registry outside its ow
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import math
 import numbers
@@ -44,32 +43,14 @@ from typing import Any
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.registry import load_object
+from tunelab.rewards.catalog import RewardFn, builtin_reward, register_reward, reward_names
 from tunelab.rewards.guard import Worker, WorkerStopped
 
-RewardFn = Callable[..., Sequence[float]]
+__all__ = ["DEFAULT_TIMEOUT", "Reward", "RewardFn", "RewardSet", "load_reward", "register_reward", "reward_names"]
 Fields = Mapping[str, Sequence] | Sequence[Mapping[str, Any]] | None  # {name: N values} or N records
 Invoke = Callable[[tuple, dict], Any]  # (args, kwargs) -> what the function returned
 DEFAULT_TIMEOUT = 120.0  # seconds per call (one call scores a whole round of completions)
-_REGISTRY: dict[str, RewardFn] = {}
-
-
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Register a built-in reward function under ``name`` (usable as ``fn: name`` in ``grpo.rewards``)."""
-    if not name or ":" in name:
-        raise ValueError(f"reward name {name!r}: use a non-empty name without ':' (that form is module:function)")
-
-    def decorate(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} registered twice")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorate
-
-
-def reward_names() -> list[str]:
-    """The built-in reward names."""
-    return sorted(_REGISTRY)
 
 
 # ------------------------------------------------------------------------------------------- loading specs
@@ -105,16 +86,7 @@ def _import_function(text: str) -> RewardFn:
     module_name, _, fn_name = text.partition(":")
     if not module_name or not fn_name:
         raise TunelabError(f"reward fn {text!r}: write a built-in name or 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - any failure while importing user code is the user's to fix
-        raise TunelabError(f"reward fn {text!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
-                           "make sure it is installed or on PYTHONPATH (the directory you run tunelab from is not "
-                           "searched unless it is)") from e
-    if not hasattr(module, fn_name):
-        raise TunelabError(f"reward fn {text!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no "
-                           f"attribute {fn_name!r}; check the spelling of 'module:function'")
-    fn = getattr(module, fn_name)
+    fn = load_object(text, what="reward fn")
     if not callable(fn):
         raise TunelabError(f"reward fn {text!r}: {fn_name!r} in {module_name!r} is a {type(fn).__name__}, not a "
                            "function; point at a function fn(completions, prompts, **fields) -> list[float]")
@@ -128,7 +100,7 @@ def _check_options(reward: Reward) -> None:
         return
     named = {k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"completions", "prompts"}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    builtin = _REGISTRY.get(reward.name) is reward.fn
+    builtin = builtin_reward(reward.name) is reward.fn
     # A built-in's **fields are data fields, never options: an unknown option there is a typo.
     unknown = sorted(set(reward.options) - named) if builtin or not takes_any else []
     if unknown:
@@ -155,11 +127,8 @@ def load_reward(spec: Mapping[str, Any]) -> Reward:
     name, weight = spec["fn"], spec.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
         raise TunelabError(f"reward {name!r}: weight={weight!r}; set it to a finite number (1.0 by default)")
-    if ":" in name:
-        fn = _import_function(name)
-    elif name in _REGISTRY:
-        fn = _REGISTRY[name]
-    else:
+    fn = _import_function(name) if ":" in name else builtin_reward(name)
+    if fn is None:
         raise TunelabError(f"unknown reward {name!r}; built-in rewards: {', '.join(reward_names())}, or your own "
                            "function written as 'package.module:function'")
     reward = Reward(name, fn, float(weight), options, target=name if ":" in name else None)
@@ -368,6 +337,3 @@ class RewardSet:
             raise TunelabError(f"rewards dry run: {len(completions)} completions for {k} prompts")
         columns = {key: list(values[:k]) for key, values in self._columns(fields, len(prompts)).items()}
         return self.check(list(completions[:k]) if completions is not None else [""] * k, list(prompts[:k]), columns)
-
-
-from tunelab.rewards import builtins  # noqa: E402,F401 - registers the built-ins (they need register_reward)

@@ -2,7 +2,8 @@
 
 One place knows the layout (``config.yaml``, ``manifest.json``, the artifact folder named in the
 manifest, ``eval_before.json``, ``eval.json``, ``metrics.jsonl``); evaluation, compare and the CLI ask
-here instead of parsing the files themselves. Nothing here writes.
+here instead of parsing the files themselves. Nothing here writes; the manifest's typed record and its
+writing live in :mod:`tunelab.runs.manifest`.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ import yaml
 
 from tunelab import safeyaml
 from tunelab.errors import TunelabError
+from tunelab.runs.manifest import FILE, Manifest, parse_manifest, read_manifest_json
 
 
 def read_run_manifest(run_dir: Path) -> dict[str, Any] | None:
-    """The run's manifest, None if there is none; a corrupt one is a user-facing error."""
-    path = Path(run_dir) / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TunelabError(f"{path} is corrupt ({exc}); start a new run in another output_dir") from None
+    """The run's manifest as the JSON object on disk, None if there is none; a corrupt one is a user-facing error.
+    (:attr:`Run.record` is the typed :class:`~tunelab.runs.manifest.Manifest`.)"""
+    return read_manifest_json(run_dir)
+
+
+def dir_size_mb(path: Path) -> float:
+    """The size of the files under ``path`` (an artifact folder), in MB."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -46,7 +48,12 @@ class Run:
     """A tunelab run directory (it holds ``manifest.json``)."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # as on disk; :attr:`record` is the typed view
+
+    @cached_property
+    def record(self) -> Manifest:
+        """The manifest as a typed :class:`~tunelab.runs.manifest.Manifest`."""
+        return parse_manifest(self.manifest, self.path / FILE)
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -54,20 +61,20 @@ class Run:
 
     @property
     def status(self) -> str:
-        return str(self.manifest.get("status", "unknown"))
+        return str(self.record.status if "status" in self.record.model_fields_set else "unknown")
 
     @property
     def artifact_dir(self) -> Path:
-        return self.path / self.manifest.get("artifact", "adapter")
+        return self.path / (self.record.artifact if "artifact" in self.record.model_fields_set else "adapter")
 
     @property
     def base_model(self) -> str:
         """The resolved base model path the run trained on."""
-        return self.manifest["model"]["resolved"]
+        return (self.record.model or {})["resolved"]
 
     @property
     def method_name(self) -> str:
-        return self.manifest.get("method") or self.config.get("method", {}).get("name", "lora")
+        return self.record.method or self.config.get("method", {}).get("name", "lora")
 
     def method_options(self) -> dict[str, Any]:
         """The method options the run trained with, without ``name``."""

@@ -23,7 +23,7 @@ def unset_keys(config: RunConfig) -> frozenset[str]:
     if config.train.defaults == "fixed":
         return frozenset()
     given = ({f"train.{k}" for k in config.train.given()} | {f"data.{k}" for k in config.data.model_fields_set}
-             | {f"method.{k}" for k in config.method.options()})
+             | {f"method.{k}" for k in config.method.model_fields_set - {"name"}})
     return frozenset(key for key in KEYS if key not in given)
 
 
@@ -47,12 +47,12 @@ def choose_defaults(config: RunConfig, examples: Examples, tokenizer, model_path
                       method_lr=method.default_lr, has_rank="r" in method.options_class.model_fields,
                       batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs, max_steps=t.max_steps,
                       replay_ratio=replay.ratio if replay else None, replay_kl=replay.kl if replay else 0.0,
-                      kl_supported=model_type in PLAIN_HEAD_MODEL_TYPES and not getattr(method, "changes_inputs", False))
+                      kl_supported=model_type in PLAIN_HEAD_MODEL_TYPES and not method.changes_inputs)
     choices = choose(facts, unset)
     for choice in choices:
         section, key = choice.key.split(".")
         if section == "method":
-            setattr(config.method, key, choice.value)  # an extra key: the method's options read it
+            setattr(config.method, key, choice.value)  # validated by the method's options class
         elif choice.key == "data.replay":
             config.data.replay = Replay(**choice.value)
         else:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.config.load import method_options
 from tunelab.config.schema import RunConfig
 from tunelab.data import data_fingerprint
 from tunelab.errors import TunelabError
@@ -86,7 +85,7 @@ def _check_same_method(config: RunConfig, run: Run, where: str) -> None:
         raise TunelabError(f"{where}: the parent trained method {run.method_name}, this config method.name={config.method.name}; "
                            f"set method.name={run.method_name} to continue its artifact, or init_from_merge: true to "
                            f"merge it and train {config.method.name} on top")
-    ours = method_options(config).model_dump()
+    ours = config.method.model_dump()
     theirs = get_method(run.method_name).options_class(**run.method_options()).model_dump()
     differ = sorted(k for k in ours if ours[k] != theirs.get(k) and k != "trainable_token_indices")
     if differ:

@@ -15,7 +15,6 @@ from rich.console import Console
 from rich.markup import escape
 from torch import nn
 
-from tunelab.config.load import method_options
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import TuningMethod, get_method, trainable_parameters
@@ -43,7 +42,7 @@ def check_method_fits(config: RunConfig, added_tokens: list[str] | None = None) 
     if clashes:
         raise TunelabError(f"method {method.name} cannot be combined with " + ", ".join(f"train.{c}=true" for c in clashes)
                            + " (it changes the sequence the model attends over); set " + ", ".join(f"train.{c}=false" for c in clashes))
-    if config.data.replay is not None and config.data.replay.kl and getattr(method, "changes_inputs", False):
+    if config.data.replay is not None and config.data.replay.kl and method.changes_inputs:
         raise TunelabError(f"data.replay.kl needs the model's own next-token distributions at the answer positions; method "
                            f"{method.name} puts extra positions in front of every sequence. Set data.replay.kl=0 or use "
                            "another method (lora, full, ...)")
@@ -56,7 +55,7 @@ def check_method_fits(config: RunConfig, added_tokens: list[str] | None = None) 
 
 
 def _can_train_added_tokens(method: TuningMethod) -> bool:
-    return "trainable_token_indices" in method.options_class.model_fields or getattr(method, "trains_embeddings", False)
+    return "trainable_token_indices" in method.options_class.model_fields or method.trains_embeddings
 
 
 def checkpointed_blocks(config: RunConfig, train_examples: list, console: Console) -> int:
@@ -86,7 +85,7 @@ def load_base(config: RunConfig, model_path: str, tokenizer, added_tokens: list[
     with embeddings resized for tokens a chat-template fallback added; with ``init_from``, the parent run's
     artifact on it (trainable) or merged into it (``stages.lineage``)."""
     torch.manual_seed(config.train.seed)
-    extra = get_method(config.method.name).base_load_kwargs(method_options(config))
+    extra = get_method(config.method.name).base_load_kwargs(config.method)
     base = load_base_model(config, model_path, tokenizer, added_tokens, device, **extra)
     return start_from_parent(read_parent(config), base)
 
@@ -100,7 +99,7 @@ def start_is_method_off(config: RunConfig) -> bool:
     """The model training starts from is the tuned model with its method switched off (``disabled``): then a
     reference to the start model (DPO's, the replay's KL) needs no second copy of the weights."""
     method = get_method(config.method.name)
-    return method.detachable and not continues_parent(config) and method.starts_at_base(method_options(config))
+    return method.detachable and not continues_parent(config) and method.starts_at_base(config.method)
 
 
 def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: list[str], checkpointed: int = 0) -> TunedModel:
@@ -109,7 +108,7 @@ def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: l
     enable_checkpointing(model, checkpointed)
     model.config.use_cache = False
     method = get_method(config.method.name)
-    options = method_options(config)
+    options = config.method
     if added_tokens and "trainable_token_indices" in type(options).model_fields and options.trainable_token_indices is None:
         # Tokens of the chat-template fallback start random (added) or untrained as turn markers (a base
         # model's own): train their rows so the model can read <|im_start|> and learn to emit <|im_end|>.

@@ -108,7 +108,7 @@ def _identity(config: RunConfig, reference: str) -> dict:
         model_path = resolve_model_path(config.model.path)
         return {"start": True, "base": data_fingerprint([model_path]), "dtype": config.model.dtype,
                 "parent": parent.record()["artifact_hash"] if parent else None, "merge": config.init_from_merge,
-                "method": config.method.model_dump(), "seed": config.train.seed}
+                "method": {"name": config.method.name, **config.method.options()}, "seed": config.train.seed}
     run = open_run(reference)
     if run is not None:
         return {"run": data_fingerprint([str(run.artifact_dir)]), "base": data_fingerprint([run.base_model])}

@@ -4,35 +4,37 @@ Every recipe goes through the same steps, so every run directory holds the same 
 (the fully resolved config), ``manifest.json`` (hashes, versions, precision, device, costs, status),
 ``metrics.jsonl``, ``checkpoints/``, the artifact folder and the evaluation results.
 
-The manifest's ``status`` says how the run stands: ``running`` from :func:`begin_run`, ``finished`` from
-:func:`finish_run`, and ``failed`` or ``interrupted`` (with the ``failure`` reason) when anything ends it in
-between; :func:`failures_recorded`, which every registered recipe runs inside, sees to the last two.
+The manifest (:class:`tunelab.runs.manifest.Manifest`) says how the run stands: ``running`` from
+:func:`begin_run`, ``finished`` from :func:`finish_run`, and ``failed`` or ``interrupted`` (with the ``failure``
+reason) when anything ends it in between; :func:`failures_recorded`, which every registered recipe runs
+inside, and :func:`failure_recorded`, around a recipe's loop, see to the last two.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from safetensors.torch import save_file
+from torch import nn
 
 from tunelab.atomic import atomic_dir, describe_disk_full, disk_full, write_text_atomic
-from tunelab.config.load import config_hash, resolved_dict
+from tunelab.config.load import config_differences, config_hash, resolved_dict
 from tunelab.config.schema import RunConfig
 from tunelab.data import data_fingerprint
 from tunelab.data.templates import template_file
 from tunelab.errors import TunelabError
+from tunelab.methods import TuningMethod
+from tunelab.runs import dir_size_mb, read_run_config
+from tunelab.runs.manifest import Manifest, new_manifest, now, read_manifest, write_manifest
 from tunelab.stages.lineage import parent_inputs, read_parent
 from tunelab.training.distributed import barrier, is_main, launched_world
-from tunelab.training.manifest import write_manifest
-from tunelab.training.rundir import check_run_dir, dir_size_mb, finish_manifest, new_manifest
 
-
-_OPEN: dict[Path, dict[str, Any]] = {}  # runs this process began and has not ended: run dir -> its manifest
+_OPEN: dict[Path, Manifest] = {}  # runs this process began and has not ended: run dir -> its manifest
 
 
 @dataclass
@@ -44,7 +46,7 @@ class RunStart:
     data_files: list[str]
     data_hash: str
     resume: bool
-    previous: dict[str, Any] | None  # the existing manifest, when resuming
+    previous: Manifest | None  # the existing manifest, when resuming
 
 
 def hashed_inputs(config: RunConfig) -> list[str]:
@@ -62,17 +64,47 @@ def check_start(config: RunConfig, *, resume: bool, force: bool, precision: str,
     files = (data_files if data_files is not None else hashed_inputs(config)) + parent_inputs(read_parent(config))
     resolved = resolved_dict(config)
     data_hash = data_fingerprint(files)
-    _, previous = check_run_dir(run_dir, resume, force, resolved, data_hash)  # (its newest checkpoint: see stages.optimize)
+    previous = check_run_dir(run_dir, resume, force, resolved, data_hash)
     if previous is not None and not force:
         _check_same_machine_kind(run_dir, previous, precision, device_kind)
         _check_same_processes(run_dir, previous, config)
     return RunStart(run_dir, resolved, files, data_hash, resume, previous)
 
 
-def _check_same_machine_kind(run_dir: Path, previous: dict, precision: str, device_kind: str) -> None:
+def check_run_dir(run_dir: Path, resume: bool, force: bool, resolved: dict, data_hash: str) -> Manifest | None:
+    """Refuse to clobber a run or to resume a changed one; returns the existing manifest when resuming, else None."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TunelabError(f"output_dir {run_dir} is a file; choose a directory path")
+    manifest = read_manifest(run_dir)
+    if not resume:
+        if manifest is not None or (run_dir.is_dir() and any(run_dir.iterdir())):
+            raise TunelabError(
+                f"output_dir {run_dir} already holds files. Continue that run with --resume, "
+                f"or choose a new directory (e.g. output_dir={run_dir}-2)."
+            )
+        return None
+    if manifest is None:
+        raise TunelabError(f"--resume: {run_dir} holds no run (no manifest.json); run without --resume to start one")
+    problems = []
+    if manifest.config_hash != config_hash(resolved):
+        old = read_run_config(run_dir)
+        problems += [f"config changed: {d}" for d in config_differences(old, resolved)] or ["config changed"]
+    if manifest.data_hash != data_hash:
+        problems.append("the training or evaluation data changed since the run started (content hash differs)")
+    if problems and not force:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise TunelabError(
+            f"refusing to resume {run_dir}:\n{listed}\nRestore the original config/data, start a new run in another "
+            "output_dir, or pass --force to resume anyway (the result will then differ from an uninterrupted run)."
+        )
+    return manifest
+
+
+def _check_same_machine_kind(run_dir: Path, previous: Manifest, precision: str, device_kind: str) -> None:
     """A resume must compute in the precision and on the kind of device the run started with."""
-    was_precision = {"no": "fp32"}.get(previous.get("precision"), previous.get("precision"))
-    was_kind = previous.get("device_kind") or str(previous.get("device", "")).split(":")[0] or None
+    was_precision = {"no": "fp32"}.get(previous.precision, previous.precision)
+    device = previous.device if "device" in previous.model_fields_set else ""
+    was_kind = previous.device_kind or str(device).split(":")[0] or None
     changes = []
     if was_precision and was_precision != precision:
         changes.append(f"precision {was_precision} -> {precision}")
@@ -80,7 +112,8 @@ def _check_same_machine_kind(run_dir: Path, previous: dict, precision: str, devi
         changes.append(f"device {was_kind} -> {device_kind}")
     if changes:
         raise TunelabError(
-            f"refusing to resume {run_dir}: {', '.join(changes)} (train.precision={previous.get('precision_setting', 'auto')} "
+            f"refusing to resume {run_dir}: {', '.join(changes)} (train.precision="
+            f"{previous.precision_setting if 'precision_setting' in previous.model_fields_set else 'auto'} "
             "resolves differently on this machine). Resume where the run started, set train.precision to "
             f"{was_precision}, or pass --force to continue anyway (the result will differ from an uninterrupted run)."
         )
@@ -92,10 +125,11 @@ def processes(config: RunConfig) -> dict[str, Any]:
     return {"processes": size, "distributed_strategy": config.distributed.strategy if size > 1 else None}
 
 
-def _check_same_processes(run_dir: Path, previous: dict, config: RunConfig) -> None:
+def _check_same_processes(run_dir: Path, previous: Manifest, config: RunConfig) -> None:
     """A resume runs on as many processes, sharing the model the same way, as the run started with: the global
     batch and the data each rank reads depend on it."""
-    was = {"processes": previous.get("processes", 1), "distributed_strategy": previous.get("distributed_strategy")}
+    was = {"processes": previous.processes if "processes" in previous.model_fields_set else 1,
+           "distributed_strategy": previous.distributed_strategy}
     now = processes(config)
     if was != now:
         raise TunelabError(f"refusing to resume {run_dir}: it started on {was['processes']} process(es)"
@@ -106,7 +140,7 @@ def _check_same_processes(run_dir: Path, previous: dict, config: RunConfig) -> N
                            "or pass --force to continue anyway (the result will differ from an uninterrupted run).")
 
 
-def begin_run(start: RunStart, config: RunConfig, **fields: Any) -> dict[str, Any]:
+def begin_run(start: RunStart, config: RunConfig, **fields: Any) -> Manifest:
     """Write ``config.yaml`` and a ``running`` manifest (rank 0 only); returns the manifest (kept up to date by the recipe)."""
     start_step = fields.pop("start_step", 0)
     manifest = new_manifest(start.previous, start_step if start.resume else None, config_hash=config_hash(start.resolved),
@@ -119,29 +153,29 @@ def begin_run(start: RunStart, config: RunConfig, **fields: Any) -> dict[str, An
         if "mlflow" in config.tracking:
             from tunelab.training.tracking import start_mlflow
 
-            tags = {k: manifest.get(k) for k in ("config_hash", "data_hash", "code_hash", "git_commit", "recipe", "method")}
-            manifest["mlflow_run_id"] = start_mlflow(start.run_dir, start.resolved, tags, config.tracking_uri,
-                                                     (start.previous or {}).get("mlflow_run_id") if start.resume else None)
+            tags = {k: getattr(manifest, k) for k in ("config_hash", "data_hash", "code_hash", "git_commit", "recipe", "method")}
+            previous_id = start.previous.mlflow_run_id if start.resume and start.previous else None
+            manifest.mlflow_run_id = start_mlflow(start.run_dir, start.resolved, tags, config.tracking_uri, previous_id)
         write_manifest(start.run_dir, manifest)
         _OPEN[start.run_dir] = manifest
     return manifest
 
 
-def _mirror(run_dir: Path, manifest: dict[str, Any], status: str) -> None:
+def _mirror(run_dir: Path, manifest: Manifest, status: str) -> None:
     """End the run's MLflow mirror (``tracking: [mlflow]``), if it has one."""
-    if manifest.get("mlflow_run_id"):
-        from tunelab.runs import read_run_config
+    if manifest.mlflow_run_id:
         from tunelab.training.tracking import finish_mlflow
 
         uri = read_run_config(run_dir).get("tracking_uri")
-        finish_mlflow(run_dir, manifest["mlflow_run_id"], uri, status)
+        finish_mlflow(run_dir, manifest.mlflow_run_id, uri, status)
 
 
-def train_or_fail(run_dir: Path, manifest: dict[str, Any], train: Callable[[], Any]) -> Any:
-    """Run ``train()``; whatever ends it (divergence, a full disk, Ctrl-C, a bug) marks the run failed or
-    interrupted, and is re-raised."""
+@contextlib.contextmanager
+def failure_recorded(run_dir: Path, manifest: Manifest) -> Iterator[None]:
+    """Whatever ends the block (divergence, a full disk, Ctrl-C, a bug) marks the run failed or interrupted, and
+    is re-raised: for a recipe called directly, outside :func:`failures_recorded`."""
     try:
-        return train()
+        yield
     except BaseException as error:
         if is_main():
             _OPEN.setdefault(run_dir, manifest)
@@ -167,8 +201,7 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
     if manifest is None:
         return
     interrupted = isinstance(error, KeyboardInterrupt)
-    manifest.update(status="interrupted" if interrupted else "failed", failure=failure_reason(error),
-                    ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    manifest.set(status="interrupted" if interrupted else "failed", failure=failure_reason(error), ended=now())
     with contextlib.suppress(Exception):
         write_manifest(run_dir, manifest)
     with contextlib.suppress(Exception):
@@ -188,13 +221,17 @@ def failures_recorded() -> Iterator[None]:
         raise
 
 
-def save_artifact(run_dir: Path, name: str, save: Callable[[Path], None], tokenizer) -> tuple[Path, float]:
-    """Write the artifact folder atomically (``save(tmp)`` plus the tokenizer and its chat template); returns
+def save_artifact(run_dir: Path, method: TuningMethod, model: nn.Module, tokenizer,
+                  extra_modules: dict[str, nn.Module]) -> tuple[Path, float]:
+    """Write the artifact folder (``method.artifact``) atomically: the method's save of ``model``, the tokenizer and
+    its chat template, and each of ``extra_modules``' weights (safetensors) in the file it is keyed by. Returns
     (its path, its size in MB). With several processes rank 0 writes it and the others wait until it is there."""
-    artifact_dir = run_dir / name
+    artifact_dir = run_dir / method.artifact
     if is_main():
         with atomic_dir(artifact_dir) as tmp:
-            save(tmp)
+            method.save(model, tmp)
+            for file, module in extra_modules.items():
+                save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp / file))
             tokenizer.save_pretrained(tmp)
             for path in tmp.rglob("*"):
                 if path.is_file():
@@ -203,8 +240,9 @@ def save_artifact(run_dir: Path, name: str, save: Callable[[Path], None], tokeni
     return artifact_dir, round(dir_size_mb(artifact_dir), 3)
 
 
-def finish_run(run_dir: Path, manifest: dict[str, Any], **fields: Any) -> None:
+def finish_run(run_dir: Path, manifest: Manifest, **fields: Any) -> None:
+    """Mark the run ``finished`` with ``fields`` (its costs and results) and end its MLflow mirror (rank 0 only)."""
     if is_main():
-        write_manifest(run_dir, finish_manifest(manifest, **fields))
+        write_manifest(run_dir, manifest.set(status="finished", finished=now(), **fields))
         _OPEN.pop(run_dir, None)
         _mirror(run_dir, manifest, "FINISHED")

@@ -109,3 +109,10 @@ def distill_loss_sum(student, teacher, batch: dict[str, torch.Tensor], *, kind: 
         piece = slice(start, start + rows)
         total = total + checkpoint(chunk, s_hidden[piece], t_hidden[piece], targets[piece], use_reentrant=False)
     return total
+
+
+def distill_objective(teacher, *, kind: str, beta: float, temperature: float, alpha: float) -> Callable:
+    """``token_loss(student, batch)`` for ``token_loop.run_token_loss``: :func:`distill_loss_sum` against ``teacher``."""
+    def token_loss(student, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return distill_loss_sum(student, teacher, batch, kind=kind, beta=beta, temperature=temperature, alpha=alpha)
+    return token_loss

@@ -32,6 +32,7 @@ from tunelab.training.loss import to_device
 from tunelab.training.optim import optimizer_step, set_lr
 from tunelab.training.reporter import StepReporter
 from tunelab.training.rollouts import Rollouts, rollout_batch, sample_rollouts, step_seed
+from tunelab.training.state import TrainingState
 
 
 @dataclass(frozen=True)
@@ -141,15 +142,16 @@ def _write_samples(run_dir: Path, step: int, prompts: list, rollouts: Rollouts, 
                                 "reward": float(total[row])}, ensure_ascii=False) + "\n")
 
 
-def run_grpo(opt, prompts: list, fields: list[dict], rewards, *, tokenizer, settings: GrpoSettings, disabled: Callable | None,
-             run_dir: Path, console: Console, keep_last: int, max_grad_norm: float | None, save_state: Callable) -> StepReporter:
-    """Train ``opt`` (a ``stages.optimize.Optimization``) by GRPO on ``prompts`` (conversations ending with a user
-    turn; ``fields[i]`` reach the reward functions) from its start step; returns the reporter."""
-    plan, device, seconds = opt.plan, opt.accelerator.device, opt.seconds_spent
-    model = opt.accelerator.unwrap_model(opt.model)
+def run_grpo(state: TrainingState, prompts: list, fields: list[dict], rewards, *, tokenizer, settings: GrpoSettings,
+             disabled: Callable | None, console: Console) -> StepReporter:
+    """Train ``state`` by GRPO on ``prompts`` (conversations ending with a user turn; ``fields[i]`` reach the reward
+    functions) from its start step; ``disabled(model)`` switches the tuning method off (the KL reference, when
+    ``settings.beta`` > 0). Returns the reporter."""
+    plan, device, seconds, run_dir = state.plan, state.accelerator.device, state.seconds_spent, state.run_dir
+    model = state.accelerator.unwrap_model(state.model)
     loss_fn = _objective(settings)
-    with StepReporter(run_dir, plan, opt.start_step, console) as reporter:
-        for step in range(opt.start_step, plan.total):
+    with StepReporter(run_dir, plan, state.start_step, console) as reporter:
+        for step in range(state.start_step, plan.total):
             started = hooks.clock()
             groups, fillers = [list(ids) for ids in plan.micro_batches(step)], plan.fillers(step)
             indices = [i for group in groups for i in group]
@@ -165,11 +167,12 @@ def run_grpo(opt, prompts: list, fields: list[dict], rewards, *, tokenizer, sett
             _fixed_logps(model, micro, settings, disabled)
             count = sum(grpo_normaliser(mb["mask"], settings.aggregation, settings.max_completion_length)
                         for mb in micro[: len(micro) - fillers])
-            set_lr(opt.optimizer, lr := plan.lr(step, seconds))
-            opt.model.train()
+            set_lr(state.optimizer, lr := plan.lr(step, seconds))
+            state.model.train()
             for _ in range(settings.num_iterations):
-                outcome = optimizer_step(opt.model, opt.optimizer, opt.params.values(), micro, loss_fn, accelerator=opt.accelerator,
-                                         count=count, max_grad_norm=max_grad_norm, fillers=fillers)
+                outcome = optimizer_step(state.model, state.optimizer, state.params.values(), micro, loss_fn,
+                                         accelerator=state.accelerator, count=count, max_grad_norm=state.max_grad_norm,
+                                         fillers=fillers)
             seconds += hooks.clock() - started
             done = step + 1
             last = plan.is_last(done, seconds)
@@ -177,7 +180,6 @@ def run_grpo(opt, prompts: list, fields: list[dict], rewards, *, tokenizer, sett
                           reduced=scored.stats)
             if settings.samples_every and (done % settings.samples_every == 0 or last) and distributed.is_main():
                 _write_samples(run_dir, done, prompts, rollouts, total)
-            if hooks.finish_step(opt, reporter, outcome, done, last, seconds, run_dir=run_dir, keep_last=keep_last,
-                                 save_state=save_state):
+            if hooks.finish_step(state, reporter, outcome, done, last, seconds):
                 break
     return reporter

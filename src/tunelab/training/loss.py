@@ -9,9 +9,12 @@ no mask; see ``tunelab.data.packing``); both give the same summed loss for the s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from tunelab.data import TokenizedExample, collate
 from tunelab.data.packing import check_packed_attention
 from tunelab.errors import TunelabError
 from tunelab.training import distributed
@@ -160,3 +163,32 @@ def summed_loss_of_batch(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return linear_cross_entropy_sum(trained_hidden, head.weight, targets)  # never all N x V logits at once
     logits = head(trained_hidden).float()  # (N, V)
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[TokenizedExample], *, batch_size: int, pad_id: int, device, autocast) -> dict[str, float]:
+    """Mean loss per trained token over ``examples`` and its perplexity (with several processes each computes a
+    share of the batches and all return the whole set's figures).
+
+    Args:
+        model: The model under training; put in eval mode for the pass and restored after.
+        examples: Tokenized evaluation examples.
+        batch_size: Examples per forward pass.
+        pad_id: Padding token id.
+        device: Where to run.
+        autocast: A context-manager factory (``accelerator.autocast``) for mixed precision.
+    """
+    was_training = model.training
+    model.eval()
+    total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0.0
+    for start, weight in distributed.weighted_share(list(range(0, len(examples), batch_size))):
+        batch = collate(examples[start : start + batch_size], pad_id)
+        tokens += trained_token_count(batch["labels"]) * weight
+        batch = to_device(batch, device)
+        with autocast():
+            total += summed_loss_of_batch(model, batch).double() * weight
+    if was_training:
+        model.train()
+    total, tokens = distributed.all_sum(torch.stack([total, torch.tensor(tokens, dtype=torch.float64, device=device)]))
+    loss = float(total) / max(float(tokens), 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

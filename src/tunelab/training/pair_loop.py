@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -32,6 +31,7 @@ from tunelab.training.loss import to_device
 from tunelab.training.optim import optimizer_step, set_lr
 from tunelab.training.preference import PreferenceInputs, PreferenceLoss, PreferenceLossSpec, PreferenceOptions
 from tunelab.training.reporter import StepReporter
+from tunelab.training.state import TrainingState
 
 # reference(model, batch) -> (chosen, rejected) summed log-probabilities (B,), or None for reference-free losses
 Reference = Callable[[torch.nn.Module, "PairBatch"], "tuple[torch.Tensor, torch.Tensor] | None"]
@@ -137,32 +137,29 @@ def pair_metrics(model, pairs: list[TokenizedPair], reference: Reference, spec: 
     return {f"eval_{key.replace('rewards/', '')}": value / max(len(pairs), 1) for key, value in zip(keys, summed)}
 
 
-def run_pair_loss(opt, train: list[TokenizedPair], *, loss_fn: Callable, held_out: Callable[[torch.nn.Module], dict | None],
-                  pad_id: int, run_dir: Path, console: Console, keep_last: int, max_grad_norm: float | None,
-                  save_state: Callable) -> StepReporter:
-    """Train ``opt`` (a ``stages.optimize.Optimization``) on ``train`` pairs from its start step with ``loss_fn``
-    (:func:`pair_objective`, or a reward model's); ``held_out(model)`` gives the held-out metrics (None: no
-    pairs held out). Returns the reporter, as ``token_loop.run_token_loss`` does."""
-    plan, device, seconds = opt.plan, opt.accelerator.device, opt.seconds_spent
-    opt.model.train()
-    with StepReporter(run_dir, plan, opt.start_step, console) as reporter:
-        for step in range(opt.start_step, plan.total):
+def run_pair_loss(state: TrainingState, train: list[TokenizedPair], *, loss_fn: Callable,
+                  held_out: Callable[[torch.nn.Module], dict | None], pad_id: int, console: Console) -> StepReporter:
+    """Train ``state`` on ``train`` pairs from its start step with ``loss_fn`` (:func:`pair_objective`, or a reward
+    model's); ``held_out(model)`` gives the held-out metrics (None: no pairs held out). Returns the reporter, as
+    ``token_loop.run_token_loss`` does."""
+    plan, device, seconds = state.plan, state.accelerator.device, state.seconds_spent
+    state.model.train()
+    with StepReporter(state.run_dir, plan, state.start_step, console) as reporter:
+        for step in range(state.start_step, plan.total):
             started = hooks.clock()
             micro_ids, fillers = plan.micro_batches(step), plan.fillers(step)
             micro = [pair_batch(train, list(ids), pad_id, device) for ids in micro_ids]
             real = len(micro) - fillers
-            set_lr(opt.optimizer, lr := plan.lr(step, seconds))
-            outcome = optimizer_step(opt.model, opt.optimizer, opt.params.values(), micro, loss_fn, accelerator=opt.accelerator,
-                                     count=sum(b.pairs for b in micro[:real]), max_grad_norm=max_grad_norm, fillers=fillers)
+            set_lr(state.optimizer, lr := plan.lr(step, seconds))
+            outcome = optimizer_step(state.model, state.optimizer, state.params.values(), micro, loss_fn, accelerator=state.accelerator,
+                                     count=sum(b.pairs for b in micro[:real]), max_grad_norm=state.max_grad_norm, fillers=fillers)
             seconds += hooks.clock() - started
             done = step + 1
             last = plan.is_last(done, seconds)
             tokens = sum(len(train[i].chosen.input_ids) + len(train[i].rejected.input_ids) for ids in micro_ids[:real] for i in ids)
             reporter.step(done, outcome, lr=lr, last=last, input_tokens=tokens)
-            if plan.eval_due(done, last) and (metrics := held_out(opt.accelerator.unwrap_model(opt.model))) is not None:
-                last = hooks.validated(opt, reporter, done, metrics) or last
-            if hooks.finish_step(opt, reporter, outcome, done, last, seconds, run_dir=run_dir, keep_last=keep_last,
-                                 save_state=save_state):
+            if plan.eval_due(done, last) and (metrics := held_out(state.accelerator.unwrap_model(state.model))) is not None:
+                last = hooks.validated(state, reporter, done, metrics) or last
+            if hooks.finish_step(state, reporter, outcome, done, last, seconds):
                 break
     return reporter
-

@@ -12,9 +12,9 @@ chosen completion's SFT loss. The optional per-pair ``margin`` is in reward unit
 subtracted from the quantity the loss pushes up (the reward difference), so a pair must be won by at
 least ``margin`` (as ODPO, Amini et al. 2024, and Llama 2's reward model, Touvron et al. 2023).
 
-Losses register by name (``@register_preference_loss``, like ``tunelab.methods``); a recipe looks one up
-with :func:`get_preference_loss`, reads ``reference_free`` to know whether to run a reference model, and
-calls it. The result holds the per-pair loss and the stats a step reporter logs.
+Losses register by name in a :class:`~tunelab.registry.Registry` (``@register_preference_loss``, declaring
+what each needs); a recipe looks one up with :func:`get_preference_loss`, reads ``reference_free`` to know
+whether to run a reference model, and calls it. The result holds the per-pair loss and the stats a step reporter logs.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.errors import TunelabError
+from tunelab.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -153,30 +154,31 @@ class PreferenceLossSpec:
                 raise ValueError(f"preference loss {self.name!r}: {name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
 
 
-_REGISTRY: dict[str, PreferenceLossSpec] = {}
+PREFERENCE_LOSSES: Registry[PreferenceLossSpec] = Registry("preference loss")
 
 
 def register_preference_loss(name: str, *, reference_free: bool = False, needs_lengths: bool = False,
                              needs_chosen_nll: bool = False, options: tuple[str, ...] = ("beta",)) -> Callable[[LossFn], LossFn]:
-    """Decorator: register a loss function ``(inputs, options) -> PreferenceLoss`` under ``name``."""
+    """Decorator: register a loss function ``(inputs, options) -> PreferenceLoss`` under ``name``, with what it needs."""
     def decorate(fn: LossFn) -> LossFn:
-        if name in _REGISTRY:
-            raise ValueError(f"preference loss {name!r} is registered twice")
-        _REGISTRY[name] = PreferenceLossSpec(name, fn, reference_free, needs_lengths, needs_chosen_nll, frozenset(options))
+        spec = PreferenceLossSpec(name, fn, reference_free, needs_lengths, needs_chosen_nll, frozenset(options))
+        PREFERENCE_LOSSES.register(name, spec, reference_free=reference_free, needs_lengths=needs_lengths,
+                                   needs_chosen_nll=needs_chosen_nll, options=spec.options)
         return fn
     return decorate
 
 
 def get_preference_loss(name: str) -> PreferenceLossSpec:
-    """The registered preference loss called ``name``; TunelabError naming the choices if there is none."""
-    if name not in _REGISTRY:
-        raise TunelabError(f"unknown preference loss {name!r}: choose one of {', '.join(preference_loss_names())}")
-    return _REGISTRY[name]
+    """The registered preference loss called ``name``; TunelabError naming the close matches and the choices."""
+    spec = PREFERENCE_LOSSES.find(name)
+    if spec is None:
+        raise TunelabError(PREFERENCE_LOSSES.unknown(name))
+    return spec
 
 
 def preference_loss_names() -> list[str]:
     """Names of the registered preference losses, sorted."""
-    return sorted(_REGISTRY)
+    return PREFERENCE_LOSSES.names()
 
 
 def _margin(inputs: PreferenceInputs, like: torch.Tensor) -> torch.Tensor | float:

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tunelab.training import distributed
 from tunelab.training.metrics import MetricsLog
 from tunelab.training.optim import StepOutcome, require_finite
-from tunelab.training.progress import training_progress
 from tunelab.training.plan import StepPlan
 
 
@@ -113,3 +113,20 @@ def per_unit(stats: dict, count: int) -> dict[str, float]:
         else:
             out[key] = float(value) / max(count, 1)
     return out
+
+
+def training_progress(console: Console | None = None) -> Progress:
+    """A rich progress bar for training: step, loss, learning rate, tokens/s and ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[tok_s]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )

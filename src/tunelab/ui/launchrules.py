@@ -15,7 +15,7 @@ other sites' pages away from the routes), every launched config is confined:
 - **Reads** (data, eval files, databases, the model, ``init_from``) are not confined: ``tunelab train`` only reads
   them, and what it makes of them lands inside the folders, shown to the dashboard's own pages only.
 
-Every config (a preset, a pasted one, the demo's overrides) is read by the shared loader (``config.load_config``:
+Every config (a preset, a pasted one, the demo's overrides) is read by the shared loader (``tunelab.resolve.load_config``:
 its YAML limits, validation with file:line) here, before ``tunelab plan`` or a job sees it.
 """
 
@@ -78,7 +78,7 @@ class LaunchRules:
         Raises:
             TunelabError: The loader's problems (``ConfigError``), or every rule the config breaks, one per line.
         """
-        from tunelab.config.load import load_config
+        from tunelab.resolve import load_config
 
         loaded = load_config(config, overrides)
         problems = self._writes(loaded)

@@ -1,9 +1,9 @@
 """The configuration reference, generated from the typed schema so that it cannot drift from the code.
 
-``python -m tunelab.config.reference`` prints the reference as Markdown: every section of
+``python -m tunelab.reference`` prints the reference as Markdown: every section of
 :class:`~tunelab.config.schema.RunConfig` with its keys, types, limits, defaults and descriptions, then every
 registered method and recipe with its typed options (read from the registries, as ``tunelab methods`` and
-``tunelab recipes`` do). ``python -m tunelab.config.reference --write docs/configuration.md`` replaces the part
+``tunelab recipes`` do). ``python -m tunelab.reference --write docs/configuration.md`` replaces the part
 of that page between :data:`BEGIN` and :data:`END`; ``tests/unit/test_docs.py`` fails when the page differs
 from what this module generates now.
 
@@ -30,7 +30,7 @@ from pydantic_core import PydanticUndefined
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 
-BEGIN = "<!-- generated: tunelab.config.reference -->"
+BEGIN = "<!-- generated: tunelab.reference -->"
 END = "<!-- end generated -->"
 _HEADER = ("| key | type | default | description |", "|---|---|---|---|")
 _LIMITS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤", "min_length": "at least", "max_length": "at most"}
@@ -205,7 +205,7 @@ def recipes_reference() -> list[str]:
 
 def render() -> str:
     """The whole generated reference, as Markdown (without the markers)."""
-    lines = ["_Generated from the typed schema by `python -m tunelab.config.reference --write docs/configuration.md`; "
+    lines = ["_Generated from the typed schema by `python -m tunelab.reference --write docs/configuration.md`; "
              "do not edit by hand._", "", *schema_reference(), *methods_reference(), *recipes_reference()]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -215,7 +215,7 @@ def generated_part(page: str, source: str = "the page") -> str:
     start, end = page.find(BEGIN), page.find(END)
     if start < 0 or end < start:
         raise TunelabError(f"{source} has no generated section: put the lines {BEGIN} and {END} where the "
-                           "reference belongs, then run python -m tunelab.config.reference --write " + source)
+                           "reference belongs, then run python -m tunelab.reference --write " + source)
     return page[start + len(BEGIN):end].strip("\n") + "\n"
 
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the reference, or with ``--write PAGE`` put it between the markers of PAGE."""
     from tunelab.atomic import write_text_atomic
 
-    parser = argparse.ArgumentParser(prog="python -m tunelab.config.reference", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tunelab.reference", description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", type=Path, help="a Markdown page whose generated section is replaced")
     args = parser.parse_args(argv)
     text = render()
