@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
 
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
     from tunelab.recipes import sft
 
     out = Path(args.out)

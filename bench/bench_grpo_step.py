@@ -46,7 +46,7 @@ def prompts(n: int) -> list[list[dict]]:
 
 
 def run_tunelab(path: str, conversations, args, folder: Path) -> list[float]:
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
     from tunelab.recipes import grpo
 
     data = folder / "prompts.jsonl"

@@ -19,7 +19,7 @@ from rich.console import Console
 
 
 def replay_batches(model: str, tokenizer, batch: int, steps: int) -> list[dict[str, torch.Tensor]]:
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
     from tunelab.data.collate import collate
     from tunelab.data.records import load_examples
     from tunelab.data.tokenize import tokenize_examples
@@ -58,8 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.config import load_config
-    from tunelab.config.load import method_options
+    from tunelab.resolve import load_config
     from tunelab.methods import get_method
     from tunelab.models.load import resolve_model_path
     from tunelab.stages.replay import replay_kl_loss
@@ -74,8 +73,8 @@ def main() -> None:
     said = Console(stderr=True)
     live = replay_kl_loss(lora, base, lambda model: model, said)["replay"]  # the shipped code, both ways
     copied = replay_kl_loss(full, base, lambda model: model, said)["replay"]  # a frozen copy of base
-    tuned = get_method("lora").apply(base, method_options(lora)).train()
-    print(f"{args.model}: {args.steps} replay micro-batches of {args.batch}, LoRA r={method_options(lora).r}")
+    tuned = get_method("lora").apply(base, lora.method).train()
+    print(f"{args.model}: {args.steps} replay micro-batches of {args.batch}, LoRA r={lora.method.r}")
     a = time_loss("LoRA switched off (no copy)", live, tuned, batches)
     b = time_loss("frozen copy", copied, tuned, batches)
     print(f"switched off / copy: {a / b:.2f}x the time")

@@ -161,7 +161,7 @@ def make_shape_model(args) -> str:
 
 
 def tunelab_config(args, data_file: Path, output_dir: Path, packing: bool = False):
-    from tunelab.config import load_config
+    from tunelab.resolve import load_config
 
     overrides = [
         f"model={args.model}", f"model.dtype={args.model_dtype}", "method.name=lora", f"method.r={LORA['r']}",
