@@ -198,7 +198,7 @@ def check_rounds(messages: list[dict], tools: tuple[dict, ...] | None) -> tuple[
                 errors.append(f"message {caller}: call(s) {names} get no tool message before message {n}; {_ROLES_ANSWERED_BY}")
                 pending = []
             for k, call in enumerate(message.get("tool_calls") or (), start=1):
-                errors += _check_call(f"message {n} tool call {k}", call["function"], functions)
+                errors += check_call(f"message {n} tool call {k}", call["function"], functions)
             if message.get("tool_calls"):
                 pending, caller = list(message["tool_calls"]), n
         out.append(message)
@@ -229,7 +229,7 @@ def _answered_call(n: int, message: dict, pending: list[dict], answered: set[str
     return call
 
 
-def _check_call(where: str, function: dict, functions: dict[str, dict]) -> list[str]:
+def check_call(where: str, function: dict, functions: dict[str, dict]) -> list[str]:
     """A call names a defined function and its arguments satisfy that function's parameter schema."""
     name = function["name"]
     if name not in functions:
