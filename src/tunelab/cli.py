@@ -212,7 +212,7 @@ def recipes_command() -> None:
 def eval_command(
     model: Annotated[str, typer.Option(help="alias, HF dir, .gguf, hub id, or a tunelab run directory")],
     data: Annotated[Path, typer.Option(help="examples whose final assistant message is the reference")],
-    metric: Annotated[str, typer.Option(help="exact_match, contains, regex, rouge_l, bleu, chrf, accuracy, json_valid, json_schema, json_fields, sql_exec, loss, or module:function")],
+    metric: Annotated[str, typer.Option(help="exact_match, contains, regex, rouge_l, bleu, chrf, accuracy, json_valid, json_schema, json_fields, sql_exec, tool_call, loss, or module:function")],
     out: Annotated[Path, typer.Option(help="JSON report: the score and every example's prediction")],
     adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter directory to apply")] = None,
     db: Annotated[Optional[Path], typer.Option(help="SQLite database for sql_exec (opened read-only)")] = None,

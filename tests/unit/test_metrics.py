@@ -19,7 +19,7 @@ from tunelab.evaluation.sql_exec import has_top_level_order_by
 def test_metric_names_lists_builtins():
     names = metric_names()
     assert {"exact_match", "contains", "regex", "rouge_l", "bleu", "chrf", "accuracy", "json_valid",
-            "json_schema", "json_fields", "sql_exec"} == set(names)
+            "json_schema", "json_fields", "sql_exec", "tool_call"} == set(names)
 
 
 def test_json_fields_scores_each_field_and_names_the_wrong_ones():

@@ -63,6 +63,10 @@ def _summary_table(stats: TokenizeStats, title: str) -> Table:
         more = len(stats.dropped) - _MAX_DROPPED_SHOWN
         dropped += f" ({shown}{f', … {more} more' if more > 0 else ''})"
     table.add_row("dropped", dropped)
+    if stats.tool_rendering:
+        how = ("the model's chat template renders them" if stats.tool_rendering == "native"
+               else "fallback: tools in the system turn, calls in <tool_call> tags")
+        table.add_row("tool calls", f"{stats.tool_calls:,} ({how}; tool results are not trained)")
     return table
 
 
@@ -74,7 +78,7 @@ def _role_table(stats: TokenizeStats) -> Table:
     table.add_column("share of tokens", justify="right")
     table.add_column("trained", justify="right")
     table.add_column("trained share", justify="right")
-    order = ["template", "system", "user", "assistant"]
+    order = ["template", "tools", "system", "user", "assistant", "tool"]
     roles = sorted(stats.tokens_by_role, key=lambda r: (order.index(r) if r in order else len(order), r))
     for role in roles:
         tokens = stats.tokens_by_role[role]

@@ -7,6 +7,10 @@ Four record formats are understood, each becoming a list of ``{"role", "content"
 * ``alpaca``: ``{"instruction": ..., "input": optional, "output": ..., "system": optional}``.
 * ``raw``: any record, mapped by user Jinja templates ``{"prompt", "response", "system"}``.
 
+``messages`` also carries tool calling in the OpenAI format (``tools``, assistant ``tool_calls``, ``tool``
+messages; see :mod:`tunelab.data.tools`), and a message's content may be a list of text parts
+(``[{"type": "text", "text": ...}]``, joined as the server joins them).
+
 Loading never stops at the first bad record: every file is read in full and every problem is collected,
 so the user fixes their data in one pass instead of one error per run.
 """
@@ -23,10 +27,12 @@ import jinja2
 
 from tunelab.data.readers import JsonValueError, describe_type, parse_json, read_file
 from tunelab.data.sandbox import BoundedSandbox, TemplateLimitError
+from tunelab.data.tools import TOOL_ROLE, check_rounds, parse_calls, parse_tools
 from tunelab.errors import ConfigError, DataError, TunelabError
-from tunelab.safeyaml import UnreadableFileError, open_regular
+from tunelab.safeyaml import UnreadableFileError, open_regular, read_bytes, read_text
 
 ROLES = ("system", "user", "assistant")
+MESSAGE_ROLES = (*ROLES, TOOL_ROLE)  # the messages format also takes tool results
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "raw")
 _EMPTY_ANSWER = "there is nothing to train on; write the answer or remove the record"
 
@@ -36,13 +42,16 @@ class Example:
     """One conversation to train on.
 
     Attributes:
-        messages: ``{"role": ..., "content": ...}`` dicts; roles are system, user or assistant, and the
-            last message is always from the assistant.
+        messages: ``{"role": ..., "content": ...}`` dicts; roles are system, user, assistant or tool, and
+            the last message is always from the assistant. An assistant message may have ``tool_calls``
+            (arguments as objects); a tool message has ``name`` and, when its call had one, ``tool_call_id``.
         source: Where it came from, ``"path:line"`` or ``"path:record N"``, for error messages.
+        tools: The OpenAI tool definitions the conversation may call, or None.
     """
 
-    messages: tuple[dict[str, str], ...]
+    messages: tuple[dict[str, Any], ...]
     source: str
+    tools: tuple[dict[str, Any], ...] | None = None
 
 
 def load_examples(
@@ -96,6 +105,8 @@ def _load_file(
     if not raw.records and not raw.problems:
         problems.append((0, f"{path}: no records (the file is empty); add examples or remove it from the config"))
     fmt = format if format != "auto" else _detect(raw.records, compiled is not None, problems)
+    shared, sidecar_problems = _sidecar_tools(path)
+    problems.extend((0, p) for p in sidecar_problems)
     examples = []
     for position, where, record in raw.records:
         if not isinstance(record, dict):
@@ -105,12 +116,38 @@ def _load_file(
         if fmt is None:
             continue  # detection failed; already reported once for the file
         messages, errors = _convert(record, fmt, compiled)
+        tools = shared
+        if "tools" in record and fmt != "raw":  # a raw record's fields are the template's, not OpenAI tools
+            tools, tool_errors = parse_tools(record["tools"])
+            errors = errors + tool_errors
+        if not errors:
+            messages, errors = check_rounds(messages, tools)
         problems.extend((position, f"{where}: {e}") for e in errors)
         if not errors:
-            examples.append(Example(tuple(_with_system(messages, system_prompt)), where))
+            examples.append(Example(tuple(_with_system(messages, system_prompt)), where, tools))
     # Readers report unparseable lines before records are validated; users expect file order.
     problems.sort(key=lambda p: p[0])
     return examples, [message for _, message in problems]
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The tools sidecar of a data file or saved dataset: ``NAME.tools.json`` beside ``NAME.jsonl`` (or ``NAME/``)."""
+    p = Path(path)
+    return p.parent / f"{p.name if p.is_dir() else p.stem}.tools.json"
+
+
+def _sidecar_tools(path: str) -> tuple[tuple[dict, ...] | None, list[str]]:
+    """The tools every record of ``path`` without its own ``tools`` gets, from its sidecar if there is one."""
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return None, []
+    try:
+        value = parse_json(read_text(sidecar))
+    except json.JSONDecodeError as e:
+        return None, [f"{sidecar}:{e.lineno}: not valid JSON ({e.msg}); write a JSON list of tools"]
+    except (JsonValueError, UnreadableFileError, OSError, UnicodeDecodeError) as e:
+        return None, [f"{sidecar}: cannot read the tools sidecar: {e}"]
+    return parse_tools(value, origin=str(sidecar))
 
 
 def _detect(records: list[tuple[int, str, Any]], has_template: bool, problems: list[tuple[int, str]]) -> str | None:
@@ -211,25 +248,56 @@ def _from_messages(record: dict) -> tuple[list[dict[str, str]], list[str]]:
     return messages, _check_conversation(messages)
 
 
-def _check_message(n: int, message: Any, errors: list[str]) -> dict[str, str] | None:
+def _check_message(n: int, message: Any, errors: list[str]) -> dict[str, Any] | None:
     """Validate message number ``n`` (1-based); append problems and return None if it is bad."""
     if not isinstance(message, dict):
         errors.append(f"message {n} is {describe_type(message)}, not an object with 'role' and 'content'")
         return None
-    role, content = message.get("role"), message.get("content")
+    role, calls = message.get("role"), message.get("tool_calls") or None
     before = len(errors)
-    for key, value in (("role", role), ("content", content)):
-        if value is None:
-            errors.append(f"message {n} has no '{key}'; every message needs 'role' and 'content'")
-    if role is not None and role not in ROLES:
-        errors.append(f"message {n} has unknown role {role!r}; allowed roles: {', '.join(ROLES)}")
-    if content is not None and not isinstance(content, str):
-        errors.append(f"message {n} 'content' must be a string, got {describe_type(content)}")
-    elif role == "assistant" and isinstance(content, str) and not content.strip():
+    if role is None:
+        errors.append(f"message {n} has no 'role'; every message needs 'role' and 'content'")
+    elif role not in MESSAGE_ROLES:
+        errors.append(f"message {n} has unknown role {role!r}; allowed roles: {', '.join(MESSAGE_ROLES)}")
+    content = _content(n, message.get("content"), errors)
+    calling = role == "assistant" and calls is not None
+    if calls is not None and role != "assistant":
+        errors.append(f"message {n} has tool_calls but its role is {role!r}; only assistant messages call tools")
+    elif calls is not None:
+        calls = parse_calls(n, calls, errors)
+    if message.get("content") is None and not calling:
+        errors.append(f"message {n} has no 'content'; every message needs 'role' and 'content'")
+    elif role == "assistant" and not calling and isinstance(content, str) and not content.strip():
         errors.append(f"message {n} (assistant) is empty; {_EMPTY_ANSWER}")
+    call_id = message.get("tool_call_id")
+    if role == TOOL_ROLE and call_id is not None and not isinstance(call_id, str):
+        errors.append(f"message {n} (tool): tool_call_id must be a string, got {describe_type(call_id)}")
     if len(errors) > before:
         return None
-    return {"role": role, "content": content}
+    checked: dict[str, Any] = {"role": role, "content": content or ""}
+    if calls:
+        checked["tool_calls"] = calls
+    if role == TOOL_ROLE and call_id is not None:
+        checked["tool_call_id"] = call_id
+    return checked
+
+
+def _content(n: int, value: Any, errors: list[str]) -> str | None:
+    """A message's text: a string, or a list of ``{"type": "text", "text"}`` parts joined (as the server does)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for k, part in enumerate(value, start=1):
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = repr(part.get("type")) if isinstance(part, dict) else describe_type(part)
+                errors.append(f"message {n} content part {k} is {kind}, not {{\"type\": \"text\", \"text\": ...}}; "
+                              "training data takes text parts only")
+        return "".join(texts)
+    errors.append(f"message {n} 'content' must be a string, got {describe_type(value)} (or a list of text parts)")
+    return None
 
 
 def _check_conversation(messages: list[dict[str, str]]) -> list[str]:
@@ -345,4 +413,10 @@ def data_fingerprint(paths: list[str]) -> str:
                 # Chunks, because training files can be larger than memory allows reading at once.
                 while chunk := stream.read(1 << 20):
                     digest.update(chunk)
+        sidecar = sidecar_path(p)
+        if sidecar.is_file():  # the tools of the records without their own are part of the data
+            try:
+                digest.update(b"T" + read_bytes(sidecar, 1 << 20))
+            except UnreadableFileError as e:
+                raise DataError([str(e)], what=", ".join(paths)) from None
     return digest.hexdigest()

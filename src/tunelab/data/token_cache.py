@@ -83,7 +83,8 @@ def cache_key(examples: list[Example], tokenizer, options: dict) -> str:
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
     for example in examples:
-        digest.update(json.dumps([example.source, list(example.messages)], sort_keys=True).encode())
+        tools = [list(example.tools)] if example.tools else []  # absent for plain chat: earlier keys stay valid
+        digest.update(json.dumps([example.source, list(example.messages), *tools], sort_keys=True).encode())
         digest.update(b"\0")
     return digest.hexdigest()[:32]
 

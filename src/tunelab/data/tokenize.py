@@ -15,6 +15,11 @@ The loss mask is found from the rendered text, not by guessing token patterns:
    is the same as "its first character is in the span" except for a token straddling the span's start
    (``" Hello"`` after a generation prompt ending in ``"Response:"``), which must be trained too.
 
+Conversations with tools are first turned into what the template is given (:func:`tunelab.data.tools.chat_view`:
+the messages as they are for a template that renders tools, else the fallback's plain turns); tool results
+and the tools listing are never trained. A template may join consecutive tool results into one turn, so no
+cut is made between them (they form one region, labelled ``"tool"``).
+
 If a template ends an assistant turn with plain text rather than a special token, the model would
 never see where to stop; in that case ``eos_token_id`` is inserted right after the answer's last token
 (as a trained token) so generation ends there.
@@ -26,6 +31,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from tunelab.data.records import Example
+from tunelab.data.tools import TOOL_ROLE, chat_view, renders_tools, uses_tools
 from tunelab.errors import DataError, TunelabError
 
 IGNORE_INDEX = -100
@@ -62,6 +68,8 @@ class TokenizeStats:
     trained_by_role: dict[str, int] = field(default_factory=dict)
     max_len: int = 0
     mean_len: float = 0.0
+    tool_calls: int = 0  # assistant tool calls in the kept examples
+    tool_rendering: str = ""  # "native" (the template renders tools) or "fallback", when any example has tools
 
 
 @dataclass
@@ -118,7 +126,7 @@ def tokenize_examples(
             stats.truncated += 1
         labels = [t if on else IGNORE_INDEX for t, on in zip(enc.ids, enc.trained)]
         kept.append(TokenizedExample(enc.ids, labels, example.source))
-        _count(stats, enc)
+        _count(stats, enc, example, tokenizer)
     if too_long_problems:
         raise DataError(too_long_problems, what="tokenized data")
     stats.examples = len(kept)
@@ -178,10 +186,11 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
-def _render(tokenizer, messages: list[dict[str, str]], source: str, generation: bool = False) -> str:
+def _render(tokenizer, messages: list[dict], source: str, generation: bool = False, tools: list | None = None) -> str:
     """Apply the chat template to messages, turning template failures into user errors."""
+    extra = {"tools": tools} if tools else {}
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **extra)
     except Exception as e:  # templates raise their own errors (raise_exception, TemplateError, TypeError)
         raise TunelabError(
             f"{source}: the chat template failed on this conversation: {e}; "
@@ -199,7 +208,7 @@ def _require_prefix(prefix: str, full: str, source: str, cut: int) -> None:
         )
 
 
-def _first_start(tokenizer, first: dict[str, str], end: int, full: str) -> int:
+def _first_start(tokenizer, first: dict, end: int, full: str, tools: list | None = None) -> int:
     """Where the first message begins, so text the template emits before it is attributed to "template".
 
     Rendering ``[]`` is not safe (templates index ``messages[0]``), so the first message is rendered
@@ -207,7 +216,7 @@ def _first_start(tokenizer, first: dict[str, str], end: int, full: str) -> int:
     render. Templates that refuse repeated roles fall back to 0 (only per-role statistics are affected).
     """
     try:
-        doubled = tokenizer.apply_chat_template([first, first], tokenize=False)
+        doubled = tokenizer.apply_chat_template([first, first], tokenize=False, **({"tools": tools} if tools else {}))
     except Exception:
         return 0
     length = len(doubled) - end
@@ -218,37 +227,49 @@ def _first_start(tokenizer, first: dict[str, str], end: int, full: str) -> int:
 
 
 def _layout(example: Example, tokenizer, loss_on: str) -> tuple[str, list[tuple[int, int, str]], list[tuple[int, int]]]:
-    """The rendered text, each message's character span with its role, and the answers' trained spans.
+    """The rendered text, each region's character span with its role, and the answers' trained spans.
 
-    With ``loss_on="all"`` the answer spans are still returned (every assistant message) so that each
-    answer's end-of-turn token can be checked.
+    A region is one message, or a run of consecutive tool results. With ``loss_on="all"`` the answer spans
+    are still returned (every assistant message) so that each answer's end-of-turn token can be checked.
     """
-    messages = [dict(m) for m in example.messages]
+    messages, labels, tools = chat_view(example.messages, example.tools, tokenizer)
     source = example.source
-    full = _render(tokenizer, messages, source)
+    full = _render(tokenizer, messages, source, tools=tools)
+    units = _units(labels)
     ends = []
-    for i in range(len(messages) - 1):
-        prefix = _render(tokenizer, messages[: i + 1], source)
-        _require_prefix(prefix, full, source, i + 1)
+    for _, last in units[:-1]:
+        prefix = _render(tokenizer, messages[: last + 1], source, tools=tools)
+        _require_prefix(prefix, full, source, last + 1)
         ends.append(len(prefix))
     ends.append(len(full))
-    starts = [_first_start(tokenizer, messages[0], ends[0], full), *ends[:-1]]
-    regions = [(s, e, m["role"]) for s, e, m in zip(starts, ends, messages)]
-    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    starts = [_first_start(tokenizer, messages[0], ends[0], full, tools), *ends[:-1]]
+    regions = [(s, e, labels[first]) for s, e, (first, _) in zip(starts, ends, units)]
+    answers = [k for k, (first, _) in enumerate(units) if labels[first] == "assistant"]
     if loss_on == "last_turn":
         answers = answers[-1:]
     spans = []
-    for i in answers:
-        head = starts[i]
+    for k in answers:
+        i, head = units[k][0], starts[k]
         if i > 0:
-            prompt = _render(tokenizer, messages[:i], source, generation=True)
+            prompt = _render(tokenizer, messages[:i], source, generation=True, tools=tools)
             _require_prefix(prompt, full, source, i)
             head = len(prompt)
         # Stripping keeps the end-of-turn token in the span but not the newline a template puts after it.
-        end = len(full[: ends[i]].rstrip())
+        end = len(full[: ends[k]].rstrip())
         if end > head:
             spans.append((head, end))
     return full, regions, spans
+
+
+def _units(labels: list[str]) -> list[tuple[int, int]]:
+    """(first, last) message index of each region: one message, or a run of consecutive tool results."""
+    units: list[tuple[int, int]] = []
+    for i, label in enumerate(labels):
+        if units and label == TOOL_ROLE and labels[i - 1] == TOOL_ROLE:
+            units[-1] = (units[-1][0], i)
+        else:
+            units.append((i, i))
+    return units
 
 
 ENCODE_BATCH = 512  # texts per call to the Rust tokenizer, which encodes a batch on all cores
@@ -301,8 +322,11 @@ def _mask(layout, input_ids, offset_mapping, tokenizer, loss_on: str, special: s
     return _Encoded(ids, trained, roles)
 
 
-def _count(stats: TokenizeStats, enc: _Encoded) -> None:
+def _count(stats: TokenizeStats, enc: _Encoded, example: Example, tokenizer) -> None:
     """Add one kept example to the statistics."""
+    if uses_tools(example.messages, example.tools):
+        stats.tool_calls += sum(len(m.get("tool_calls") or ()) for m in example.messages)
+        stats.tool_rendering = "native" if renders_tools(tokenizer) else "fallback"
     stats.tokens += len(enc.ids)
     stats.max_len = max(stats.max_len, len(enc.ids))
     for role, on in zip(enc.roles, enc.trained):

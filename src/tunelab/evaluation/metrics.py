@@ -39,7 +39,7 @@ from tunelab.evaluation.scoring import (METRICS, MetricResult, import_for_metric
                                         strip_fence)
 from tunelab.registry import load_object
 
-__all__ = ["MetricResult", "metric_names", "normalize_text", "parse_label", "per_example", "score", "strip_fence"]
+__all__ = ["MetricResult", "metric_names", "uses_tool_reference", "normalize_text", "parse_label", "per_example", "score", "strip_fence"]
 
 Reference = str | list[str]
 
@@ -173,6 +173,11 @@ def _accuracy(name: str, preds: list[str], refs: list[list[str]], opts: dict) ->
 def metric_names() -> list[str]:
     """The built-in metric names (custom ``package.module:function`` metrics are not listed)."""
     return METRICS.names()
+
+
+def uses_tool_reference(metric: str) -> bool:
+    """Whether ``metric`` scores against the expected tool calls and tools (``tool_call``) rather than text."""
+    return METRICS.find(metric) is not None and bool(METRICS.capabilities(metric).get("tool_reference"))
 
 
 def _load_custom(metric: str) -> Callable[..., Any]:

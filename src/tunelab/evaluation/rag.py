@@ -178,7 +178,7 @@ def rag_examples(examples: list[Example], train: list[Example], k: int, document
                 raise TunelabError(f"{example.source}: no user message to add the retrieved context to")
             last_user = users[-1]
             messages[last_user] = {**messages[last_user], "content": context_prompt(messages[last_user]["content"], chosen)}
-            out.append(Example(tuple(messages), example.source))
+            out.append(Example(tuple(messages), example.source, example.tools))
         return out
     if not train:
         raise TunelabError("RAG baseline over train examples: data.train has no examples to retrieve from")
@@ -190,5 +190,5 @@ def rag_examples(examples: list[Example], train: list[Example], k: int, document
         turns = [m for i in reversed(chosen) for m in train[i].messages if m["role"] != "system"]
         messages = list(example.messages)
         system = [messages[0]] if messages[0]["role"] == "system" else []
-        out.append(Example(tuple(system + turns + messages[len(system):]), example.source))
+        out.append(Example(tuple(system + turns + messages[len(system):]), example.source, example.tools))
     return out

@@ -134,7 +134,7 @@ def few_shot_examples(examples: list[Example], train: list[Example], k: int, see
     for example in examples:
         messages = list(example.messages)
         system = [messages[0]] if messages[0]["role"] == "system" else []
-        out.append(Example(tuple(system + turns + messages[len(system):]), example.source))
+        out.append(Example(tuple(system + turns + messages[len(system):]), example.source, example.tools))
     return out
 
 

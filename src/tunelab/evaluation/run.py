@@ -1,7 +1,8 @@
 """Evaluate a model (base, base + adapter, or a run directory) on a dataset with one metric.
 
 The model answers each example's conversation (every message before the final assistant turn),
-rendered with the same chat template as training; the final assistant message is the reference.
+rendered with the same chat template as training (a conversation with tools or tool calls through
+:func:`tunelab.data.tools.render_chat`, as training renders it); the final assistant message is the reference.
 ``loss`` is special: it scores the reference answers by per-token loss and perplexity instead of
 generating.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from tunelab.atomic import write_text_atomic
 from tunelab.data import Example, prepare_tokenizer, tokenize_examples
+from tunelab.data.tools import format_call, render_chat, uses_tools
 from tunelab.errors import TunelabError
 from tunelab.methods import artifact_method, get_method
 from tunelab.models.load import load_model, load_tokenizer, resolve_model_path
@@ -81,10 +83,33 @@ def _with_artifact(base_path: str, artifact: Path, method, options, description:
     return LoadedModel(method.load(base, artifact), tokenizer, description)
 
 
-def split_example(example: Example) -> tuple[list[dict], str]:
-    """(conversation to answer, reference answer): the final assistant message is the reference."""
+def split_example(example: Example, *, tool_reference: bool = False) -> tuple[list[dict], str]:
+    """(conversation to answer, reference answer): the final assistant message is the reference.
+
+    Args:
+        example: The eval record.
+        tool_reference: Give the reference of the ``tool_call`` metric (the expected calls and the record's
+            tools, :func:`tunelab.evaluation.tool_metrics.tool_reference`) instead of the answer's text. The text
+            of an answer with calls is its content, then its calls in the fallback format.
+    """
     messages = list(example.messages)
-    return messages[:-1], messages[-1]["content"]
+    last = messages[-1]
+    if tool_reference:
+        from tunelab.evaluation.tool_metrics import tool_reference as reference_of
+
+        return messages[:-1], reference_of(last, example.tools)
+    if last.get("tool_calls"):
+        content = (last.get("content") or "").strip()
+        return messages[:-1], "\n".join([*([content] if content else []), *map(format_call, last["tool_calls"])])
+    return messages[:-1], last["content"]
+
+
+def eval_prompt(tokenizer, example: Example, conversation: list[dict]) -> list[dict] | str:
+    """What the model is asked: the conversation, or, when it has tools or tool calls, its text rendered as
+    training renders it (:func:`tunelab.data.tools.render_chat`: the template's own tool format or the fallback)."""
+    if not uses_tools(conversation, example.tools):
+        return conversation
+    return render_chat(tokenizer, conversation, example.tools, add_generation_prompt=True)
 
 
 def evaluate(loaded: LoadedModel, examples: list[Example], metric: str, *, max_new_tokens: int = 128,
@@ -101,11 +126,14 @@ def evaluate(loaded: LoadedModel, examples: list[Example], metric: str, *, max_n
 
 def _generation_report(loaded, examples, metric, max_new_tokens, batch_size, options) -> dict[str, Any]:
     from tunelab.evaluation.generate import generate_answers
-    from tunelab.evaluation.metrics import score
+    from tunelab.evaluation.metrics import score, uses_tool_reference
 
     score(metric, [], [], **options)  # unknown metric or missing options fail now, before generating
-    conversations, references = zip(*(split_example(e) for e in examples)) if examples else ((), ())
-    predictions = generate_answers(loaded.model, loaded.tokenizer, list(conversations), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    structured = uses_tool_reference(metric)
+    pairs = [split_example(e, tool_reference=structured) for e in examples]
+    conversations, references = zip(*pairs) if pairs else ((), ())
+    prompts = [eval_prompt(loaded.tokenizer, e, c) for e, c in zip(examples, conversations)]
+    predictions = generate_answers(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     result = score(metric, predictions, list(references), **options)
     rows = [
         {"source": e.source, "prompt": c[-1]["content"] if c else "", "reference": r, "prediction": p, "score": s, **({"details": d} if d else {})}

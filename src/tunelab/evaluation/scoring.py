@@ -1,5 +1,5 @@
 """What every metric shares: the result type, the per-example loop, fence stripping, lazy library imports, and
-the registry the metrics of ``metrics``, ``json_metrics`` and ``sql_exec`` register in.
+the registry the metrics of ``metrics``, ``json_metrics``, ``sql_exec`` and ``tool_metrics`` register in.
 
 A leaf of ``tunelab.evaluation``: the metric modules import it and it imports none of them (the registry
 imports them by name on its first lookup), so no metric module imports another to share a helper.
@@ -37,11 +37,11 @@ class MetricResult:
 MetricFn = Callable[[str, list[str], list[list[str]], dict], MetricResult]
 
 METRICS: Registry[MetricFn] = Registry("metric", modules=("tunelab.evaluation.metrics", "tunelab.evaluation.json_metrics",
-                                                          "tunelab.evaluation.sql_exec"))
+                                                          "tunelab.evaluation.sql_exec", "tunelab.evaluation.tool_metrics"))
 
 
 def register_metric(name: str, *, options: tuple[str, ...] = (), required: tuple[str, ...] = (),
-                    hint: str = "") -> Callable[[MetricFn], MetricFn]:
+                    hint: str = "", tool_reference: bool = False) -> Callable[[MetricFn], MetricFn]:
     """Decorator: register a built-in metric under ``name``, declaring the options it takes.
 
     Args:
@@ -49,8 +49,11 @@ def register_metric(name: str, *, options: tuple[str, ...] = (), required: tuple
         options: Every option it reads; any other is reported as a typo.
         required: Options without which it cannot score.
         hint: What a required option should be, for the error message (``"db=<path of a SQLite database file>"``).
+        tool_reference: Its references are the expected tool calls and the record's tools
+            (``tool_metrics.tool_reference``), not the text of the last assistant message.
     """
-    return METRICS.decorator(name, options=frozenset(options), required=frozenset(required), hint=hint)
+    return METRICS.decorator(name, options=frozenset(options), required=frozenset(required), hint=hint,
+                             tool_reference=tool_reference)
 
 
 def mean(values: list[float]) -> float:

@@ -84,6 +84,29 @@ def regex(completions: list[str], prompts: list, *, pattern: str, flags: str | i
     return metrics.score("regex", completions, [pattern] * len(completions), flags=flags).per_example
 
 
+@register_reward("tool_call")
+def tool_call(completions: list[str], prompts: list, *, reference: str = "tool_calls", **fields: Any) -> list[float]:
+    """Credit for calling the expected functions with the expected arguments: per call, half for the right
+    name and half times the share of arguments right, over the larger of the expected and the made calls;
+    with no call expected (the field empty or null), 1.0 for an answer without a call, else 0 (the ``partial``
+    of the ``tool_call`` metric). The calls are read from the field ``reference`` (default ``tool_calls``:
+    OpenAI calls or ``{"name", "arguments"}`` objects); a ``tools`` field adds nothing to the score (the
+    metric's schema check is reported in evaluation)."""
+    from tunelab.data.tool_parse import plain_calls
+    from tunelab.evaluation.tool_metrics import score_calls
+
+    refs = _references("tool_call", reference, fields)
+    scores = []
+    for n, (completion, expected) in enumerate(zip(completions, refs)):
+        try:
+            calls = plain_calls(expected)
+        except ValueError as e:
+            raise TunelabError(f"reward 'tool_call': the field {reference!r} of completion {n + 1}'s record is not a list of calls: {e}; "
+                               'write [{"name": ..., "arguments": {...}}, ...] or OpenAI tool_calls') from None
+        scores.append(score_calls(completion, calls)[1]["partial"])
+    return scores
+
+
 _UNITS = {"words": lambda text: len(text.split()), "chars": len}
 
 

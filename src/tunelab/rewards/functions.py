@@ -13,7 +13,7 @@ A function that names ``completions`` and ``prompts`` as parameters is called wi
 either order works); a function without ``**fields`` receives only the fields and options it names.
 
 Config: ``grpo.rewards: [{fn: NAME or 'package.module:function', weight: 1.0, **options}]``. Built-ins
-(:func:`reward_names`; registered in ``rewards.catalog`` by ``rewards.builtins``): ``sql_exec``, ``exact_match``, ``json_valid``, ``json_schema``, ``regex``,
+(:func:`reward_names`; registered in ``rewards.catalog`` by ``rewards.builtins``): ``sql_exec``, ``exact_match``, ``json_valid``, ``json_schema``, ``tool_call``, ``regex``,
 ``length_penalty`` and ``reward_model``; those that compare with a reference read it from the field named by
 the option ``reference`` (default ``answer``). Each is a thin adapter over ``tunelab.evaluation.metrics``, so
 a reward means exactly what the metric of the same name reports in evaluation.
