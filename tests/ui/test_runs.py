@@ -71,6 +71,29 @@ def test_pages_and_api(roots):
     assert client.get("/static/app.js").status_code == 200
 
 
+def test_a_run_whose_manifest_is_odd_is_still_shown(roots):
+    """A manifest with fields of an unexpected type (edited by hand, another tunelab) or that is no JSON object
+    lists its run with what can be read, as the dict reads did, instead of failing the page."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from tunelab.ui.app import create_app
+
+    roots, made = roots
+    odd = roots.paths[0] / "odd"
+    odd.mkdir()
+    (odd / "manifest.json").write_text(json.dumps({"status": 3, "recipe": "sft", "train_seconds": "12 s", "steps_done": [1],
+                                                   "model": {"spec": "tiny", "resolved": "/tmp/tiny"}}))
+    (roots.paths[0] / "listed").mkdir()
+    (roots.paths[0] / "listed" / "manifest.json").write_text("[1, 2]")
+    client = TestClient(create_app(list(roots.paths)), base_url="http://127.0.0.1")
+    listed = {r["id"]: r for r in client.get("/api/runs").json()}
+    assert listed["0/odd"]["status"] == "3" and listed["0/odd"]["seconds"] == "12 s" and listed["0/odd"]["model"] == "tiny"
+    assert listed["0/listed"]["status"] == "unknown" and listed["0/listed"]["model"] is None
+    assert client.get("/").text.count('class="run"') == 6 and client.get("/run/0/odd").status_code == 200
+
+
 def test_the_pages_never_import_torch(roots):
     roots, _ = roots
     code = ("import sys; from fastapi.testclient import TestClient; from tunelab.ui.app import create_app; "

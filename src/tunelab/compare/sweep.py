@@ -44,7 +44,8 @@ from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import get_method, method_names
 from tunelab.resolve import load_config, resolve_tree
-from tunelab.runs import read_run_config, read_run_manifest
+from tunelab.runs import read_run_config
+from tunelab.runs.manifest import Manifest, read_manifest
 from tunelab.stages.defaults import unset_keys
 
 BASELINE_CANDIDATES = ("zero_shot", "few_shot", "rag")
@@ -155,12 +156,12 @@ def _check_candidates(config: RunConfig, trained: list[str], sweep_dir: Path, be
         run_dir = sweep_dir / name
         if not run_dir.exists():
             continue
-        manifest = read_run_manifest(run_dir) if run_dir.is_dir() else None
+        manifest = read_manifest(run_dir) if run_dir.is_dir() else None
         if manifest is None:
             _refuse_unknown_files(run_dir)
             continue
         _check_same_candidate(run_dir, manifest, candidate_tree(config, name, run_dir, before_path))
-        if manifest.get("status") == "finished" and (run_dir / "eval.json").is_file():
+        if manifest.status == "finished" and (run_dir / "eval.json").is_file():
             _check_same_scoring(name, run_dir, current)
 
 
@@ -262,9 +263,10 @@ def _train_candidate(config: RunConfig, config_path: Path, overrides: list[str],
                      before_path: Path, console: Console, label: str) -> float | None:
     """Train one candidate (or continue it); returns its duration, or None when it was already done / failed."""
     run_dir = sweep_dir / name
-    manifest = read_run_manifest(run_dir)
+    manifest = read_manifest(run_dir)
+    recorded = manifest is not None and bool(manifest.to_json())  # an empty {} manifest is no attempt to resume
     tree = candidate_tree(config, name, run_dir, before_path)  # checked against the folder by _check_candidates
-    if manifest and manifest.get("status") == "finished":
+    if recorded and manifest.status == "finished":
         console.print(f"{name}: finished earlier with the same config and eval settings, reusing {run_dir}")
         return None
     if run_dir.exists() and manifest is None:
@@ -272,7 +274,7 @@ def _train_candidate(config: RunConfig, config_path: Path, overrides: list[str],
     config_file = sweep_dir / "configs" / f"{name}.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(config_file, yaml.safe_dump(tree, sort_keys=False))
-    command = [sys.executable, "-m", "tunelab.cli", "train", str(config_file)] + (["--resume"] if manifest else [])
+    command = [sys.executable, "-m", "tunelab.cli", "train", str(config_file)] + (["--resume"] if recorded else [])
     started = time.time()
     log_path = sweep_dir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -294,16 +296,16 @@ def _train_candidate(config: RunConfig, config_path: Path, overrides: list[str],
     return time.time() - started
 
 
-def _check_same_candidate(run_dir: Path, manifest: dict, tree: dict) -> None:
+def _check_same_candidate(run_dir: Path, manifest: Manifest, tree: dict) -> None:
     """A candidate already in the sweep directory must have been made from the same config."""
     from tunelab.config.load import config_differences, config_hash
 
     resolved, recorded = resolved_dict(resolve_tree(tree)), read_run_config(run_dir)
-    for key in manifest.get("defaults_chosen", {}):  # left to the data: the run's choice, as its config.yaml holds it
+    for key in manifest.defaults_chosen or {}:  # left to the data: the run's choice, as its config.yaml holds it
         section, option = key.split(".")
         if option in (recorded.get(section) or {}):
             resolved[section][option] = recorded[section][option]
-    if manifest.get("config_hash") == config_hash(resolved):
+    if manifest.config_hash == config_hash(resolved):
         return
     differences = "; ".join(config_differences(recorded, resolved)[:5]) or "config hash differs"
     raise TunelabError(f"{run_dir} was trained with a different config ({differences}); this sweep directory belongs to "
@@ -330,9 +332,9 @@ def _baseline_result(name: str, before: dict, config: RunConfig) -> CandidateRes
 
 
 def _trained_result(name: str, run_dir: Path, config: RunConfig) -> CandidateResult:
-    manifest = read_run_manifest(run_dir) or {}
+    manifest = read_manifest(run_dir) or Manifest()
     eval_path = run_dir / "eval.json"
-    if manifest.get("status") != "finished" or not eval_path.is_file():
+    if manifest.status != "finished" or not eval_path.is_file():
         log = run_dir.parent / "logs" / f"{name}.log"
         return CandidateResult.from_dict({"name": name, "kind": "trained", "status": "failed", "run_dir": str(run_dir),
                                           "metric": config.eval.metric, "error": _last_error(log)})
@@ -353,10 +355,10 @@ def _trained_result(name: str, run_dir: Path, config: RunConfig) -> CandidateRes
         "retention": forgetting.get("retention"), "probe_right_before": forgetting.get("right_before"),
         "probe_right_after": forgetting.get("right_after"), "probe_items": forgetting.get("items"),
         "probe_lost": [item["id"] for item in forgetting.get("lost", [])],
-        "trainable_parameters": manifest.get("trainable_parameters"), "total_parameters": manifest.get("total_parameters"),
-        "artifact_mb": manifest.get("artifact_mb"), "peak_memory_mb": manifest.get("peak_memory_mb"),
-        "peak_memory_kind": manifest.get("peak_memory_kind"), "train_seconds": manifest.get("train_seconds"),
-        "tokens_per_s": manifest.get("tokens_per_s"), "loss_curve": curve,
+        "trainable_parameters": manifest.trainable_parameters, "total_parameters": manifest.total_parameters,
+        "artifact_mb": manifest.artifact_mb, "peak_memory_mb": manifest.peak_memory_mb,
+        "peak_memory_kind": manifest.peak_memory_kind, "train_seconds": manifest.train_seconds,
+        "tokens_per_s": manifest.tokens_per_s, "loss_curve": curve,
         "eval_seconds": report.get("tuned", {}).get("seconds"),
     })
 

@@ -57,10 +57,10 @@ def load_teacher(spec: str) -> Teacher:
     """
     run = open_run(spec)
     if run is not None:
-        manifest = run.manifest
+        manifest = run.record
         provenance = {"spec": spec, "kind": "run", "resolved": str(run.path.resolve()), "base": run.base_model,
                       "method": run.method_name, "artifact": str(run.artifact_dir.resolve()),
-                      "config_hash": manifest.get("config_hash"), "data_hash": manifest.get("data_hash")}
+                      "config_hash": manifest.config_hash, "data_hash": manifest.data_hash}
     else:
         resolved = resolve_model_path(spec)
         local = Path(resolved)

@@ -65,7 +65,7 @@ def _merged_parent(run) -> Any:
     """The model a run with ``init_from_merge`` trained on: its parent's result (itself loaded this way, so a
     chain of merges is followed) folded into the base; None for a run that started at the base or continued
     its parent's artifact (that artifact is then the run's own)."""
-    parent = run.manifest.get("parent") or {}
+    parent = run.record.parent or {}
     if parent.get("mode") != "merge":
         return None
     return get_method(parent["method"]).merge(load_for_eval(parent["run_dir"]).model)

@@ -31,7 +31,7 @@ def _check_base(run: Run) -> None:
     base = run.base_model
     looks_local = base.startswith(("/", ".", "~")) or base.count("/") != 1
     if looks_local and not (Path(base).expanduser() / "config.json").is_file():
-        spec = (run.manifest.get("model") or {}).get("spec", base)
+        spec = (run.record.model or {}).get("spec", base)
         raise TunelabError(f"{run.path}: the run's base model {base} (model {spec!r}) is missing; the export needs it to "
                            "merge the run. Restore that directory (for an embedded alias run `tunelab models` to see "
                            "what is cached, then any command that loads it, e.g. `tunelab eval --model "

@@ -14,7 +14,7 @@ def headline(run: Any) -> dict[str, Any]:
     results = run.eval_results()
     if results:
         return eval_summary(results)
-    return dict(run.manifest.get("eval_summary") or {})
+    return dict(run.record.eval_summary or {})
 
 
 def _rows(pairs: list[tuple[str, Any]]) -> str:
@@ -23,13 +23,13 @@ def _rows(pairs: list[tuple[str, Any]]) -> str:
 
 def model_card(run: Any, report: dict[str, Any]) -> str:
     """Markdown describing the merged model: base, method, the run's hashes, evaluation and the fold's check."""
-    manifest = run.manifest
+    manifest = run.record
     provenance = [("base model", f"`{run.base_model}`"), ("method", f"`{run.method_name}`"),
                   ("method options", f"`{json.dumps(run.method_options(), sort_keys=True)}`"),
-                  ("run directory", f"`{run.path}`"), ("config hash", manifest.get("config_hash")),
-                  ("data hash", manifest.get("data_hash")), ("code hash", manifest.get("code_hash")),
-                  ("git commit", manifest.get("git_commit")), ("tunelab", manifest.get("tunelab_version")),
-                  ("data files", ", ".join(f"`{f}`" for f in manifest.get("data_files") or []) or None)]
+                  ("run directory", f"`{run.path}`"), ("config hash", manifest.config_hash),
+                  ("data hash", manifest.data_hash), ("code hash", manifest.code_hash),
+                  ("git commit", manifest.git_commit), ("tunelab", manifest.tunelab_version),
+                  ("data files", ", ".join(f"`{f}`" for f in manifest.data_files or []) or None)]
     scores = [(k, round(v, 4) if isinstance(v, float) else v) for k, v in headline(run).items()]
     check = report["verification"]
     verification = [("held prompts", f"{check['n_prompts']} from {check['prompts']} ({check['prompt_tokens']} tokens)"),

@@ -147,12 +147,12 @@ def _verify_saved(saved: Path, dtype: Any, reference: Any, new_tokens: int, tole
 
 
 def _report(run: Run, out: Path, dtype: Any, verification: dict[str, Any], force: bool, started: float) -> dict[str, Any]:
-    manifest = run.manifest
+    manifest = run.record
     return {
         "run": str(run.path), "output": str(out), "base_model": run.base_model, "method": run.method_name,
         "method_options": run.method_options(), "dtype": str(dtype).removeprefix("torch."),
-        "config_hash": manifest.get("config_hash"), "data_hash": manifest.get("data_hash"),
-        "code_hash": manifest.get("code_hash"), "eval": headline(run), "verification": verification,
+        "config_hash": manifest.config_hash, "data_hash": manifest.data_hash,
+        "code_hash": manifest.code_hash, "eval": headline(run), "verification": verification,
         "forced": bool(force and not verification["passed"]), "seconds": round(time.time() - started, 2),
     }
 

@@ -159,7 +159,7 @@ def merge_models(spec: MergeSection, out_dir: str | Path, *, force: bool = False
                 "seed": spec.seed, "limit": limit, "output": str(out), "dtype": str(next(merged.model.parameters()).dtype).removeprefix("torch."),
                 "models": [{"name": s.name, "path": s.path, "weight": e.weight, "density": e.density,
                             "run_method": s.run.method_name if s.run else None,
-                            "config_hash": s.run.manifest.get("config_hash") if s.run else None}
+                            "config_hash": s.run.record.config_hash if s.run else None}
                            for s, e in zip(sources, spec.models)],
                 "tasks": [{"name": t.name, "metric": t.metric, "examples": len(t.examples)} for t in tasks],
                 "scores": rows, "warnings": _base_warnings(base, sources), "seconds": round(time.time() - started, 2)}

@@ -257,13 +257,13 @@ class HoulsbyAdapter(MethodDefaults):
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_FILE),
                   metadata={"format": "pt"})
         config = getattr(model, "config", None)
-        manifest = {
+        saved_config = {
             "method": self.name,
             "options": options.model_dump(mode="json"),
             "base_model": getattr(config, "_name_or_path", None) or None,
             "adapted_modules": sorted({name.rsplit(".", 1)[0] for name in adapter_modules(model)}),
         }
-        (directory / CONFIG_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        (directory / CONFIG_FILE).write_text(json.dumps(saved_config, indent=2) + "\n", encoding="utf-8")
 
     def load(self, base_model: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:
         """Apply the saved options to ``base_model`` and load the saved adapter weights (strictly)."""
@@ -275,10 +275,10 @@ class HoulsbyAdapter(MethodDefaults):
         if not config_path.is_file():
             raise TunelabError(f"{directory}: no {CONFIG_FILE} there; point at the adapter/ folder of a run trained with method.name=adapter")
         try:
-            manifest = json.loads(config_path.read_text(encoding="utf-8"))
-            if manifest.get("method") != self.name:
-                raise TunelabError(f"{config_path}: method is {manifest.get('method')!r}, expected {self.name!r}")
-            options = AdapterOptions.model_validate(manifest.get("options", {}))
+            saved_config = json.loads(config_path.read_text(encoding="utf-8"))
+            if saved_config.get("method") != self.name:
+                raise TunelabError(f"{config_path}: method is {saved_config.get('method')!r}, expected {self.name!r}")
+            options = AdapterOptions.model_validate(saved_config.get("options", {}))
         except (json.JSONDecodeError, AttributeError) as exc:
             raise TunelabError(f"{config_path}: not a valid adapter config ({exc}); re-save the adapter") from None
         except ValidationError as exc:
@@ -292,7 +292,7 @@ class HoulsbyAdapter(MethodDefaults):
 
         model = self.apply(base_model, options)
         expected = adapter_state_dict(model)
-        base_hint = f"; it was trained on {manifest.get('base_model')!r}" if manifest.get("base_model") else ""
+        base_hint = f"; it was trained on {saved_config.get('base_model')!r}" if saved_config.get("base_model") else ""
         missing = sorted(set(expected) - set(saved))
         unexpected = sorted(set(saved) - set(expected))
         if missing or unexpected:

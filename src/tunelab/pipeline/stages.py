@@ -18,6 +18,8 @@ from rich.console import Console
 
 from tunelab.data import data_fingerprint
 from tunelab.pipeline.spec import KIND_KEYS, Stage, is_training
+from tunelab.runs.manifest import FILE as MANIFEST_FILE
+from tunelab.runs.manifest import read_manifest
 
 # ``set`` keys whose value may name an earlier stage (elsewhere a value equal to a stage's name stays as it is)
 REFERENCE_KEYS = ("init_from", "data.train", "data.eval", "recipe.teacher", "recipe.task_eval", "model", "model.path",
@@ -105,10 +107,11 @@ def run_stage(stage: Stage, outputs: dict[str, Path], folder: Path, *, resume: b
         from tunelab.recipes import get_recipe
 
         config = training_config(stage, outputs, out)
-        get_recipe(config.recipe.name).main(config, resume=resume and (out / "manifest.json").exists(), console=console)
-        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        return {**(manifest.get("eval_summary") or {}), "train_seconds": manifest.get("train_seconds"),
-                "artifact_mb": manifest.get("artifact_mb")}
+        get_recipe(config.recipe.name).main(config, resume=resume and (out / MANIFEST_FILE).exists(), console=console)
+        record = read_manifest(out)
+        if record is None:  # the recipe finished without recording the run: a bug, not a user mistake
+            raise FileNotFoundError(out / MANIFEST_FILE)
+        return {**(record.eval_summary or {}), "train_seconds": record.train_seconds, "artifact_mb": record.artifact_mb}
     options = options_of(stage, outputs)
     return _RUNNERS[stage.kind](options, out, console)
 

@@ -73,7 +73,7 @@ def load(run_dir: str | Path) -> RewardModel:
     run = open_run(run_dir)
     if run is None or not (run.artifact_dir / HEAD_FILE).is_file():  # what a reward run saves, whatever its recipe
         raise TunelabError(f"{run_dir}: not a `recipe: reward` run directory (no {HEAD_FILE} beside its artifact; its "
-                           f"manifest says recipe {(run.manifest.get('recipe') if run else None)!r}); train one with recipe: reward")
+                           f"manifest says recipe {(run.record.recipe if run else None)!r}); train one with recipe: reward")
     loaded = load_for_eval(str(run_dir))
     loaded.model.eval()
     max_length = int((run.config.get("data") or {}).get("max_length", 1024))

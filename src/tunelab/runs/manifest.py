@@ -7,8 +7,9 @@ reason) and, once finished, what it cost and reached (seconds, tokens/s, peak me
 evaluation summary). A resume keeps the original provenance and appends each invocation to ``resumed``.
 
 On disk it is plain JSON: only the fields a run set are written (a field set to None is written as null), in
-the order declared below, so readers that still take the file as a dict (the dashboard, merge, export) see
-the same keys and values. Fields this tunelab does not know (a newer or older manifest) are kept as they are.
+the order declared below, so the file is the one earlier tunelab versions wrote and any tool reading it as JSON
+sees the same keys and values. tunelab's own readers take it through :class:`Manifest` (``Run.record``,
+:func:`read_manifest`). Fields this tunelab does not know (a newer or older manifest) are kept as they are.
 """
 
 from __future__ import annotations

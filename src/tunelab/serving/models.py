@@ -119,7 +119,7 @@ class Registry:
         self.backbones: list[Backbone] = []
         run = open_run(base)
         spec = run.base_model if run is not None else base
-        default_id = (run.manifest.get("model") or {}).get("name") if run is not None else None
+        default_id = (run.record.model or {}).get("name") if run is not None else None
         self.base_id = base_id or default_id or str(base)
         self._add_base(spec)
         if run is not None:
@@ -199,7 +199,7 @@ class Registry:
         peft_type = str(json.loads(config_file.read_text()).get("peft_type", "LORA")).upper()
         if peft_type not in _SHAREABLE_PEFT_TYPES:
             return None
-        if run is not None and (run.manifest.get("parent") or {}).get("mode") == "merge":
+        if run is not None and (run.record.parent or {}).get("mode") == "merge":
             return None  # it trained on its parent merged into the base: not this base (loaded on its own)
         if run is not None:  # QLoRA's quantized base is a different base in memory
             from tunelab.methods import get_method

@@ -23,7 +23,7 @@ def _adapter_dir(path: str | Path) -> Path:
     from tunelab.runs import open_run
 
     run = open_run(path)
-    if run is not None and (run.manifest.get("parent") or {}).get("mode") == "merge":
+    if run is not None and (run.record.parent or {}).get("mode") == "merge":
         raise TunelabError(f"--adapter {path}: the run trained on its parent merged into the base (init_from_merge), so its "
                            "adapter does not apply to the base; `tunelab merge` it and serve the merged model, or use --engine tunelab")
     folder = run.artifact_dir if run is not None else Path(path)

@@ -46,11 +46,11 @@ class Parent:
 
     def record(self) -> dict[str, Any]:
         """The manifest's ``parent`` entry."""
-        m = self.run.manifest
-        return {"run_dir": str(self.run.path.resolve()), "recipe": m.get("recipe", "sft"), "method": self.method.name,
-                "mode": "merge" if self.merge else "continue", "config_hash": m.get("config_hash"),
-                "data_hash": m.get("data_hash"), "artifact_hash": data_fingerprint([str(self.artifact_dir)]),
-                "eval_summary": m.get("eval_summary")}
+        m = self.run.record
+        return {"run_dir": str(self.run.path.resolve()), "recipe": m.recipe if "recipe" in m.model_fields_set else "sft",
+                "method": self.method.name, "mode": "merge" if self.merge else "continue", "config_hash": m.config_hash,
+                "data_hash": m.data_hash, "artifact_hash": data_fingerprint([str(self.artifact_dir)]),
+                "eval_summary": m.eval_summary}
 
 
 def read_parent(config: RunConfig) -> Parent | None:
@@ -67,7 +67,7 @@ def read_parent(config: RunConfig) -> Parent | None:
         raise TunelabError(f"{where}: the run is {run.status} and has no {run.artifact_dir.name}/ yet; finish it with "
                            "`tunelab train ... --resume` first")
     if Path(run.base_model).resolve() != Path(resolve_model_path(config.model.path)).resolve():
-        raise TunelabError(f"{where}: that run trained {run.manifest['model'].get('spec')} ({run.base_model}), this config "
+        raise TunelabError(f"{where}: that run trained {(run.record.model or {}).get('spec')} ({run.base_model}), this config "
                            f"trains model.path={config.model.path}; set model.path to the parent's base model")
     method = get_method(run.method_name)
     if config.init_from_merge:

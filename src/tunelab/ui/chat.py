@@ -31,7 +31,7 @@ class Chat:
             if run is None or run.status != "finished":
                 continue
             runs.append({"id": f"run:{self.roots.run_id(path)}", "label": f"run {self.roots.run_id(path)[2:]} ({run.method_name})"})
-            spec = (run.manifest.get("model") or {}).get("spec")
+            spec = (run.record.model or {}).get("spec")
             if spec:
                 bases.setdefault(spec, {"id": f"model:{spec}", "label": f"base {spec}"})
         return runs + list(bases.values())

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.runs.manifest import read_manifest
 from tunelab.ui.launchrules import DEMO, LaunchRules
 
 GRACE_SECONDS = 20
@@ -65,9 +66,10 @@ class Job:
         if run is None:
             return {"phase": "preparing: data, model, the untuned model's evaluation"}
         try:
-            total = json.loads((run / "manifest.json").read_text(encoding="utf-8")).get("total_steps")
-        except (OSError, ValueError):
-            total = None
+            record = read_manifest(run)
+        except (OSError, ValueError, TunelabError):  # a manifest being replaced or hand-edited: no total yet
+            record = None
+        total = record.total_steps if record is not None else None
         step = last_step(run / "metrics.jsonl")
         if total and step >= total:
             return {"phase": "evaluating the tuned model", "step": step, "total": total}

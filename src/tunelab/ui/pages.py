@@ -60,10 +60,10 @@ def runs_page(rows: list[dict[str, Any]]) -> str:
 
 
 def _facts(row: dict[str, Any], run: Run) -> str:
-    m = run.manifest
+    m = run.record
     facts = [("status", row["status"]), ("recipe", row["recipe"]), ("method", row["method"]), ("model", row["model"]),
-             ("steps", m.get("steps_done")), ("train time", _fmt(m.get("train_seconds"), "s")),
-             ("tokens/s", _fmt(m.get("tokens_per_s"))), ("peak memory MB", m.get("peak_memory_mb")),
+             ("steps", m.steps_done), ("train time", _fmt(m.train_seconds, "s")),
+             ("tokens/s", _fmt(m.tokens_per_s)), ("peak memory MB", m.peak_memory_mb),
              ("untuned → tuned", f"{_fmt(row['untuned'])} → {_fmt(row['tuned'])}"), ("probe retention", _fmt(row["retention"], "pct"))]
     if row.get("parent"):
         facts.append(("parent", row["parent"]))

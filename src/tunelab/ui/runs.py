@@ -26,7 +26,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from tunelab.errors import TunelabError
 from tunelab.runs import Run, read_run_config, read_run_manifest
+from tunelab.runs.manifest import Manifest
 
 MAX_DEPTH = 4
 MAX_ENTRIES = 100_000  # folder entries one search looks at, at most (all roots together)
@@ -121,13 +123,14 @@ def status_of(run: Run, now: float | None = None) -> str:
 
 def summary(run: Run, run_id: str) -> dict[str, Any]:
     """One row of the runs table."""
-    m, s = run.manifest, run.manifest.get("eval_summary") or {}
-    parent = (m.get("parent") or {}).get("run_dir")
+    m = run.record
+    s = m.eval_summary or {}
+    parent = (m.parent or {}).get("run_dir")
     return {"id": run_id, "name": run.path.name if run.path.name != "run" else f"{run.path.parent.name}/run",
-            "status": status_of(run), "recipe": m.get("recipe", "sft"), "method": m.get("method"),
-            "model": (m.get("model") or {}).get("spec"), "untuned": s.get("zero_shot_score"), "tuned": s.get("tuned_score"),
-            "retention": s.get("probe_retention"), "seconds": m.get("train_seconds"), "steps": m.get("steps_done"),
-            "peak_mb": m.get("peak_memory_mb"), "artifact_mb": m.get("artifact_mb"), "created": m.get("created"),
+            "status": status_of(run), "recipe": m.recipe if "recipe" in m.model_fields_set else "sft", "method": m.method,
+            "model": (m.model or {}).get("spec"), "untuned": s.get("zero_shot_score"), "tuned": s.get("tuned_score"),
+            "retention": s.get("probe_retention"), "seconds": m.train_seconds, "steps": m.steps_done,
+            "peak_mb": m.peak_memory_mb, "artifact_mb": m.artifact_mb, "created": m.created,
             "parent": parent}
 
 
@@ -197,6 +200,15 @@ class ShownRun(Run):
     """A run as the dashboard reads it: its config and evaluation only where those files lie inside the roots."""
 
     roots: Roots | None = None
+
+    @cached_property
+    def record(self) -> Manifest:
+        """The typed manifest; one with a field of an odd type (edited by hand, written by another tunelab) is still
+        shown, with its values as they are on disk, rather than failing the whole page."""
+        try:
+            return super().record
+        except TunelabError:
+            return Manifest.model_construct(**self.manifest) if isinstance(self.manifest, dict) else Manifest()
 
     @cached_property
     def config(self) -> dict[str, Any]:
