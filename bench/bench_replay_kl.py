@@ -27,7 +27,7 @@ def replay_batches(model: str, tokenizer, batch: int, steps: int) -> list[dict[s
     from tunelab.training.loss import to_device
 
     config = load_config(None, [f"model={model}", "data.train=x.jsonl", "data.replay={path: self, ratio: 0.2}"])
-    resolve_self_replay(config, Console(stderr=True))
+    config = resolve_self_replay(config, Console(stderr=True))
     examples = load_examples([config.data.replay.path])
     tokenized, _ = tokenize_examples(examples, tokenizer)
     pad = tokenizer.pad_token_id or 0

@@ -3,7 +3,8 @@
 This is the one place a run config meets the registries. ``config/`` reads and validates the file and knows no
 method or recipe (it imports nothing above it); here each section's ``name`` picks the registered method or
 recipe, whose own options class validates the section, the recipe declares what the planner needs, and the
-method fills in the learning rate the config left out. Every problem is reported at once, with its file:line.
+method fills in the learning rate the config left out. What it returns is frozen: nothing downstream assigns
+into it (a derived description is a copy, ``tunelab.config.schema.updated``). Every problem is reported at once, with its file:line.
 
 It sits in the application layer, above ``config/``, ``methods/`` and the recipes' registry
 (``tunelab.recipes``, whose entry modules it imports only to read their options classes), and below the
@@ -15,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelab.config.load import problem_at, read_tree, validate_tree
-from tunelab.config.schema import RunConfig
+from tunelab.config.schema import RunConfig, updated
 from tunelab.errors import ConfigError
 
 
@@ -61,27 +62,28 @@ def resolve_tree(tree: dict, lines: dict | None = None, source: str = "config") 
     lines = lines or {}
     config, problems = validate_tree(tree, lines, source, OPTIONS_OF)
     if config is not None:
-        problems += _declare(config, lines, source)
+        config, declared = _declare(config, lines, source)
+        problems += declared
     if problems:
         raise ConfigError(problems, source=source)
     assert config is not None
     return config
 
 
-def _declare(config: RunConfig, lines: dict, source: str) -> list[str]:
-    """Fill in what the method and the recipe declare; the problems of combining them with the rest."""
+def _declare(config: RunConfig, lines: dict, source: str) -> tuple[RunConfig, list[str]]:
+    """The config with what the method and the recipe declare filled in; the problems of combining them with the rest."""
     from tunelab.methods import METHODS
     from tunelab.recipes import RECIPES
 
     recipe = RECIPES.get(config.recipe.name)
-    config.recipe.declare(recipe.needs(config.recipe))
+    config.recipe.declare(recipe.needs(config.recipe))  # still resolving: nothing has read this config yet
     if config.train.lr is None:
-        config.train.lr = METHODS.get(config.method.name).default_lr
+        config = updated(config, train=updated(config.train, lr=METHODS.get(config.method.name).default_lr))
     if config.data.format == "fim" and not recipe.trains_fim:
         readers = " or ".join(name for name, entry in RECIPES.items() if entry.trains_fim)
-        return [problem_at(lines, source, "data.format", f"data.format fim trains on code files with recipe {readers} "
-                           f"(this is recipe {recipe.name})")]
-    return []
+        return config, [problem_at(lines, source, "data.format", f"data.format fim trains on code files with recipe "
+                                   f"{readers} (this is recipe {recipe.name})")]
+    return config, []
 
 
 def validate_method_options(method_tree: dict) -> list[str]:

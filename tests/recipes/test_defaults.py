@@ -86,14 +86,16 @@ def test_self_replay_is_the_untuned_models_own_answers_made_once(tmp_path, tiny_
     monkeypatch.setattr(datagen, "generate_sft", lambda *a, **k: real(*a, **{**k, "keep_truncated": True}))
     config = _config(tmp_path, tiny_llama, "data.replay={path: self, ratio: 0.2}", "train.defaults=fixed")
     console = Console(stderr=True)
-    replay.resolve_self_replay(config, console)
+    resolved = replay.resolve_self_replay(config, console)
+    assert config.data.replay.path == "self"  # the resolved description is frozen: a new one has the path
+    config = resolved
     made = list((tmp_path / "cache" / "replay").glob("*.jsonl"))
     assert [config.data.replay.path] == [str(p) for p in made]
     records = [json.loads(line) for line in made[0].read_text().splitlines()]
     assert len(records) == 58 and records[0]["meta"]["teacher"]["resolved"] == str(tiny_llama)
     monkeypatch.setattr(datagen, "generate_sft", None)  # a second run reads the cache, generating nothing
     again = _config(tmp_path, tiny_llama, "data.replay={path: self, ratio: 0.2}", "train.defaults=fixed")
-    replay.resolve_self_replay(again, console)
+    again = replay.resolve_self_replay(again, console)
     assert again.data.replay.path == str(made[0])
     result = sft.main(again)
     assert "replay" in (result.run_dir / "config.yaml").read_text()
@@ -111,7 +113,7 @@ def test_the_rule_chooses_self_replay_from_a_hundred_examples(tmp_path, tiny_lla
     monkeypatch.setattr(datagen, "generate_sft", lambda *a, **k: real(*a, **{**k, "keep_truncated": True}))
     config = _config(tmp_path, tiny_llama)
     model_path, tokenizer, _ = load_prepared_tokenizer(config)
-    examples, chosen = choose_defaults(config, read_examples(config), tokenizer, model_path, Console(stderr=True))
+    config, examples, chosen = choose_defaults(config, read_examples(config), tokenizer, model_path, Console(stderr=True))
     assert {"path": "self", "ratio": 0.2, "kl": 1.0} in [c.value for c in chosen] and config.data.replay.kl == 1.0
     assert next(c.value for c in chosen if c.key == "train.lr") == 5e-4  # LoRA's rate x 2.5 with the KL replay
     assert config.data.replay.path.startswith(str(tmp_path / "cache" / "replay"))

@@ -65,12 +65,12 @@ def grpo_setup(tmp_path, tiny_llama, monkeypatch):
     return tmp_path, prompts
 
 
-def _config(tmp_path, prompts, tiny_llama, *overrides, output="grpo"):
+def _config(tmp_path, prompts, tiny_llama, *overrides, output="grpo", reward="short"):
     return load_config(None, [f"model={tiny_llama}", "recipe.name=grpo", f"data.train={prompts}", "method.name=lora", "method.r=4",
                               "train.batch_size=4", "train.lr=5e-2", "train.max_steps=8", "train.warmup_ratio=0",
                               "recipe.max_completion_length=12", "recipe.num_generations=4", "recipe.samples_every=2",
                               "eval.probe=false", "eval.before=false", f"output_dir={tmp_path / output}", *overrides]
-                       + ["recipe.rewards=[{fn: 'grpo_test_rewards:short'}]"])
+                       + [f"recipe.rewards=[{{fn: 'grpo_test_rewards:{reward}'}}]"])
 
 
 def _logged(run_dir: Path) -> list[dict]:
@@ -91,8 +91,7 @@ def test_mean_reward_rises_and_samples_are_written(grpo_setup, tiny_llama):
 
 def test_a_reward_returning_the_wrong_count_stops_before_training(grpo_setup, tiny_llama):
     tmp_path, prompts = grpo_setup
-    config = _config(tmp_path, prompts, tiny_llama, output="bad")
-    config.recipe.rewards = [{"fn": "grpo_test_rewards:wrong_count"}]
+    config = _config(tmp_path, prompts, tiny_llama, output="bad", reward="wrong_count")
     with pytest.raises(TunelabError, match="wrong_count"):
         grpo.main(config)
     assert not (tmp_path / "bad").exists()
@@ -108,8 +107,7 @@ def _failed_without_artifact(run_dir: Path) -> bool:
 ])
 def test_a_reward_that_hangs_or_exits_in_training_fails_the_run_naming_itself(grpo_setup, tiny_llama, fn, message):
     tmp_path, prompts = grpo_setup
-    config = _config(tmp_path, prompts, tiny_llama, "train.max_steps=2", "recipe.reward_timeout=1", output=fn)
-    config.recipe.rewards = [{"fn": f"grpo_test_rewards:{fn}"}]
+    config = _config(tmp_path, prompts, tiny_llama, "train.max_steps=2", "recipe.reward_timeout=1", output=fn, reward=fn)
     started = time.monotonic()
     with pytest.raises(TunelabError, match=f"reward 'grpo_test_rewards:{fn}' {message}"):
         grpo.main(config)

@@ -103,3 +103,21 @@ def test_recipe_is_chosen_and_validated_like_a_method(tmp_path):
     assert load_config(write(tmp_path, "data: {train: t.jsonl}\n")).recipe.name == "sft"
     with pytest.raises(ConfigError, match=r"c.yaml:1: recipe.colour: unknown key"):
         load_config(write(tmp_path, "recipe: {name: pretrain, colour: red}\ndata: {train: docs}\n"))
+
+
+def test_the_resolved_description_is_frozen_and_derived_by_copy():
+    from pydantic import ValidationError
+
+    from tunelab.config.schema import updated
+
+    config = load_config(None, ["data.train=x.jsonl", "method.r=4", "train.epochs=2"])
+    for section, key, value in [(config.train, "lr", 1e-3), (config.method, "r", 8), (config.data, "max_length", 64),
+                                (config.eval, "before", False), (config.recipe, "name", "dpo"), (config, "output_dir", "y")]:
+        with pytest.raises(ValidationError, match="frozen"):
+            setattr(section, key, value)
+    derived = updated(config, train=updated(config.train, lr=1e-3), method=updated(config.method, r=8))
+    assert (config.train.lr, config.method.r) == (2e-4, 4) and (derived.train.lr, derived.method.r) == (1e-3, 8)
+    assert derived.train.given() == config.train.given() == {"epochs"}  # the method's rate and a derived one: not given
+    assert derived.recipe.needs == config.recipe.needs and type(derived.method) is type(config.method)
+    with pytest.raises(ValidationError):
+        updated(config.method, r=0)  # validated by the method's options class

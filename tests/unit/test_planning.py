@@ -266,8 +266,7 @@ def test_time_counts_examples_when_tokens_are_unknown(make_config):
 
 
 def test_profile_data_measures_the_real_batches(make_config):
-    config = make_config("train.max_steps=null")
-    profile = profile_data(config)
+    config, profile = profile_data(make_config("train.max_steps=null"))
     assert profile.examples == 24
     assert profile.tokens <= profile.processed_tokens <= 24 * profile.longest
     p = plan(config, "cpu", data=profile)

@@ -3,13 +3,14 @@
 Every section is a pydantic model with ``extra="forbid"`` so a misspelt key is an error, not a silent
 default. The ``method`` and ``recipe`` sections are the registered entry's own options class
 (``tunelab.config.sections``), chosen by the resolver (``tunelab.resolve``), so adding a method or a recipe
-never touches this file.
+never touches this file. Every section is frozen: the resolved run description is immutable, and a stage that
+derives another value (the data-chosen defaults, the planner's variants) builds a new one with :func:`updated`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
 
@@ -17,7 +18,25 @@ from tunelab.config.sections import MethodConfig, RecipeConfig
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # frozen: the resolved run description is never assigned into; a changed value is a new one (``updated``)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def updated(section: Section, **changes: Any) -> Section:
+    """A copy of a (frozen) config section with ``changes``, validated by the section's own class.
+
+    The changed keys count as set (``model_fields_set``), as an assignment would; what a section keeps beside its
+    fields (``train.given()``, ``recipe.needs``) is carried over. ``updated(config, train=updated(config.train,
+    lr=1e-4))`` is the run description with another learning rate; ``config`` itself is left as it was.
+
+    Raises:
+        pydantic.ValidationError: a changed value the section does not accept.
+    """
+    checked = type(section).model_validate({**dict(section), **changes})
+    return section.model_copy(update={key: getattr(checked, key) for key in changes})
 
 
 class ModelConfig(_Section):
@@ -229,7 +248,7 @@ class EvalConfig(BaseModel):
     Keys other than those below are options of the metric (e.g. ``labels`` for ``accuracy``).
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     metric: str = "exact_match"
     db: str | None = Field(None, description="SQLite database for sql_exec (opened read-only)")

@@ -38,7 +38,7 @@ class MethodConfig(BaseModel):
     A resolved section is an instance of the method's options class too (:func:`section_class`).
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field("lora", exclude=True)
 
@@ -53,7 +53,7 @@ class RecipeConfig(BaseModel):
     A resolved section is an instance of the recipe's options class too (:func:`section_class`).
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field("sft", exclude=True)
     _needs: RecipeNeeds = PrivateAttr(default_factory=RecipeNeeds)

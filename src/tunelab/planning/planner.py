@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from tunelab.config.schema import RunConfig
+from tunelab.config.schema import RunConfig, updated
 from tunelab.errors import TunelabError
 from tunelab.planning.data import DataProfile, count_examples
 from tunelab.planning.devices import CPU_MFU, GPU_MFU, GPUS, Device, GiB, resolve_device
@@ -243,47 +243,47 @@ def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs
     memory, m, _ = _memory_of(config, shape, device, knobs)
     current, best = config, memory.total
 
-    def attempt(change: str, mutate) -> bool:
-        """Apply ``mutate`` to a copy of the current config; keep it if it lowers the peak. True once it fits."""
+    def attempt(change: str, derive) -> bool:
+        """``derive`` a variant of the current config (a new one: configs are frozen); keep it if it lowers the
+        peak. True once it fits."""
         nonlocal current, best
-        candidate = current.model_copy(deep=True)
-        mutate(candidate)
+        candidate = derive(current)
         total = _memory_of(candidate, shape, device, knobs)[0].total
         if total < best:
             current, best = candidate, total
             out.append(f"{'+ ' if out else ''}{change}: {total / GiB:.1f} GiB ({'fits' if total <= limit else 'still too big'})")
         return best <= 0.95 * limit
 
-    def set_attr(section: str, key: str, value):
-        return lambda cfg: setattr(getattr(cfg, section), key, value)
+    def set_keys(section: str, **values):
+        return lambda cfg: updated(cfg, **{section: updated(getattr(cfg, section), **values)})
 
     checkpointable = "gradient_checkpointing" not in get_method(config.method.name).incompatible
     if config.train.gradient_checkpointing is not True and checkpointable:
-        if attempt("train.gradient_checkpointing=true", set_attr("train", "gradient_checkpointing", True)):
+        if attempt("train.gradient_checkpointing=true", set_keys("train", gradient_checkpointing=True)):
             return out
     # a quantised base is already smaller than a bf16 one
     if m.frozen_base and not m.quant_bits and config.model.dtype in ("auto", "float32") and device.kind == "gpu":
         if attempt("model.dtype=bfloat16 (the frozen base in bf16; trained weights stay float32)",
-                   set_attr("model", "dtype", "bfloat16")):
+                   set_keys("model", dtype="bfloat16")):
             return out
     if m.cheaper_variant:
         variant, saves = m.cheaper_variant
         cheaper = section_class(get_method(variant).options_class, MethodConfig)
         if attempt(f"method.name={variant} ({saves})",
-                   lambda cfg: setattr(cfg, "method", cheaper.model_validate({**cfg.method.options(), "name": variant}))):
+                   lambda cfg: updated(cfg, method=cheaper.model_validate({**cfg.method.options(), "name": variant}))):
             return out
     while current.train.batch_size > 1:
         batch = current.train.batch_size
         half = batch // 2 if batch % 2 == 0 else 1
         accum = current.train.grad_accum * batch // half
         if attempt(f"train.batch_size={half} train.grad_accum={accum} (same effective batch)",
-                   lambda cfg: (set_attr("train", "batch_size", half)(cfg), set_attr("train", "grad_accum", accum)(cfg))):
+                   set_keys("train", batch_size=half, grad_accum=accum)):
             return out
         if current.train.batch_size == batch:  # the peak does not depend on the batch (optimizer step)
             break
     while current.data.max_length > 256:
         length = current.data.max_length // 2
-        if attempt(f"data.max_length={length} (longer examples are truncated or dropped)", set_attr("data", "max_length", length)):
+        if attempt(f"data.max_length={length} (longer examples are truncated or dropped)", set_keys("data", max_length=length)):
             return out
         if current.data.max_length != length:
             break

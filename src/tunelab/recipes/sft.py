@@ -42,10 +42,10 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     """Run supervised fine-tuning as configured; see the README for the run-directory layout."""
     console = console or Console(stderr=True)
     # 1. Validate everything cheap before anything expensive: records, run directory, settings, method.
-    resolve_self_replay(config, console)  # data.replay self: the untuned model's answers to general prompts
+    config = resolve_self_replay(config, console)  # data.replay self: the untuned model's answers to general prompts
     examples = read_examples(config)
     model_path, tokenizer, added = load_prepared_tokenizer(config)
-    examples, chosen = choose_defaults(config, examples, tokenizer, model_path, console)  # what the config left unset
+    config, examples, chosen = choose_defaults(config, examples, tokenizer, model_path, console)  # what it left unset
     env = check_environment(config, resume=resume, force=force, task=examples)
     check_method_fits(config, added)
 

@@ -1,8 +1,9 @@
 """Apply the data-chosen defaults (``tunelab.training.defaults``) to a run's config once its examples are read.
 
 The rule is a pure function of plain facts; this stage gathers the facts (examples, trained tokens, the model's
-width, the method's rate), writes the chosen values into the config, so that ``config.yaml``, the config hash and
-a resume all see them, and prints why. A resumed run reads the same data and chooses the same values.
+width, the method's rate), returns the run description with the chosen values (a new one: the resolved one is
+frozen), so that ``config.yaml``, the config hash and a resume all see them, and prints why. A resumed run reads
+the same data and chooses the same values.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.markup import escape
 
-from tunelab.config.schema import Replay, RunConfig
+from tunelab.config.schema import Replay, RunConfig, updated
 from tunelab.data.token_cache import cached_tokenize
 from tunelab.stages.replay import resolve_self_replay
 from tunelab.stages.setup import Examples, read_examples, split_validation
@@ -28,14 +29,18 @@ def unset_keys(config: RunConfig) -> frozenset[str]:
 
 
 def choose_defaults(config: RunConfig, examples: Examples, tokenizer, model_path: str,
-                    console: Console) -> tuple[Examples, list[Choice]]:
-    """Fill the unset keys from the data (printed); returns the examples (with the validation slice held out
-    when one was chosen) and the choices, for the manifest."""
+                    console: Console) -> tuple[RunConfig, Examples, list[Choice]]:
+    """Fill the unset keys from the data (printed).
+
+    Returns:
+        The run description with the chosen values (a new one: ``config`` is frozen and left as it was), the
+        examples (with the validation slice held out when one was chosen) and the choices, for the manifest.
+    """
     from tunelab.methods import get_method
 
     unset = unset_keys(config)
     if not unset:
-        return examples, []
+        return config, examples, []
     method = get_method(config.method.name)
     replay = config.data.replay.path if config.data.replay else None
     task = [e for e in examples.train if replay is None or not e.source.startswith(f"{replay}:")]
@@ -49,22 +54,26 @@ def choose_defaults(config: RunConfig, examples: Examples, tokenizer, model_path
                       replay_ratio=replay.ratio if replay else None, replay_kl=replay.kl if replay else 0.0,
                       kl_supported=model_type in PLAIN_HEAD_MODEL_TYPES and not method.changes_inputs)
     choices = choose(facts, unset)
-    for choice in choices:
-        section, key = choice.key.split(".")
-        if section == "method":
-            setattr(config.method, key, choice.value)  # validated by the method's options class
-        elif choice.key == "data.replay":
-            config.data.replay = Replay(**choice.value)
-        else:
-            setattr(getattr(config, section), key, choice.value)
+    config = with_choices(config, choices)
     if choices:
         console.print(f"Defaults from the data ({facts.examples} examples, {facts.trained_tokens:,} trained tokens, "
                       f"width {facts.hidden_size}; set a key to keep your own value, train.defaults=fixed for none):\n  "
                       + escape("\n  ".join(describe(choices))), soft_wrap=True, highlight=False)
     if any(c.key == "data.replay" for c in choices):
-        resolve_self_replay(config, console)
+        config = resolve_self_replay(config, console)
         examples = read_examples(config)  # the task's examples again, with the replay's
-    return split_validation(config, examples), choices
+    return config, split_validation(config, examples), choices
+
+
+def with_choices(config: RunConfig, choices: list[Choice]) -> RunConfig:
+    """``config`` with the chosen values, each validated by its section's class (the method's by its options class)."""
+    changes: dict[str, dict] = {}
+    for choice in choices:
+        section, key = choice.key.split(".")
+        changes.setdefault(section, {})[key] = Replay(**choice.value) if choice.key == "data.replay" else choice.value
+    if not changes:
+        return config
+    return updated(config, **{section: updated(getattr(config, section), **values) for section, values in changes.items()})
 
 
 def model_shape(model_path: str) -> tuple[int | None, str | None]:

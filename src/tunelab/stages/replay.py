@@ -19,17 +19,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from tunelab.config.schema import GENERAL_PROMPTS, SELF_REPLAY, RunConfig
+from tunelab.config.schema import GENERAL_PROMPTS, SELF_REPLAY, RunConfig, updated
 from tunelab.errors import TunelabError
 
 MAX_NEW_TOKENS = 96  # as the shipped SmolLM2 set was made
 
 
-def resolve_self_replay(config: RunConfig, console: Console) -> None:
-    """Point ``data.replay.path: self`` at the model's own answers, generating them the first time."""
+def resolve_self_replay(config: RunConfig, console: Console) -> RunConfig:
+    """``config`` with ``data.replay.path: self`` pointed at the model's own answers (generated the first time);
+    ``config`` itself when it replays no ``self``."""
     replay = config.data.replay
     if replay is None or replay.path != SELF_REPLAY:
-        return
+        return config
     from tunelab.models.embedded import cache_root
     from tunelab.models.load import resolve_model_path
 
@@ -37,7 +38,7 @@ def resolve_self_replay(config: RunConfig, console: Console) -> None:
     path = cache_root() / "replay" / f"{_model_key(model_path)}.jsonl"
     if not path.exists():
         _generate(config.model.path, path, console)
-    replay.path = str(path)
+    return updated(config, data=updated(config.data, replay=updated(replay, path=str(path))))
 
 
 def _model_key(model_path: str) -> str:
