@@ -22,7 +22,15 @@ from tunelab.recipes.sft import adamw
 from tunelab.stages.profile import profile_data
 from tunelab.training.recompute import enable_checkpointing, limit_checkpointing
 
-SMOLLM2 = Path("/tmp/tlcache/models/smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    """The embedded real model, converted once into tunelab's cache (the slow tests use the same copy)."""
+    from tunelab.models.load import resolve_model_path
+
+    return Path(resolve_model_path("smollm2-135m-instruct"))
+
 
 # The anchor shapes, as `shared/anchors/lora_throughput.py` builds them (random weights, real shapes).
 ANCHOR_SHAPES = {
@@ -84,13 +92,13 @@ def test_parameter_names_are_the_models(tiny_qwen2):
     assert table == {name: p.numel() for name, p in model.named_parameters()}
 
 
-@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="SmolLM2-135M not cached in /tmp/tlcache")
-def test_parameter_count_of_the_real_model():
+@pytest.mark.slow
+def test_parameter_count_of_the_real_model(smollm2):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):  # the real architecture, without reading weights
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(SMOLLM2))
-    assert sum(load_shape(_config(SMOLLM2)).parameter_table().values()) == count_parameters(model)[1]
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2))
+    assert sum(load_shape(_config(smollm2)).parameter_table().values()) == count_parameters(model)[1]
 
 
 def test_qwen3_shape_counts_qk_norms():
@@ -121,19 +129,16 @@ def test_trainable_count_equals_the_applied_method(tiny_llama, method, options):
 
 
 # --------------------------------------------------------------------------------------- memory shape
-def test_memory_grows_with_batch_and_sequence_and_checkpointing_lowers_it():
+@pytest.mark.slow
+def test_memory_grows_with_batch_and_sequence_and_checkpointing_lowers_it(smollm2):
     def peak(*overrides: str) -> int:
-        return plan(_config(SMOLLM2 if SMOLLM2.is_dir() else _anchor_free_dir(), *overrides), "h100-80gb").memory.total
+        return plan(_config(smollm2, *overrides), "h100-80gb").memory.total
 
     base = peak("train.batch_size=4", "data.max_length=512")
     assert peak("train.batch_size=8", "data.max_length=512") > base
     assert peak("train.batch_size=4", "data.max_length=1024") > base
     assert peak("train.batch_size=4", "data.max_length=512", "train.gradient_checkpointing=true") < base
     assert peak("train.batch_size=4", "data.max_length=512", "method.name=full") > base
-
-
-def _anchor_free_dir() -> Path:
-    pytest.skip("SmolLM2-135M not cached")
 
 
 def test_qlora_plan_is_below_lora(anchor_dirs):
@@ -304,12 +309,11 @@ def test_too_big_gets_suggestions_and_prints(anchor_dirs):
     json.dumps(p.memory.components())  # plain numbers, ready for --json
 
 
-def test_embedded_shape_matches_the_converted_model():
+@pytest.mark.slow
+def test_embedded_shape_matches_the_converted_model(smollm2):
     from tunelab.planning.shape import _EMBEDDED_SHAPES
 
-    if not SMOLLM2.is_dir():
-        pytest.skip("SmolLM2-135M not cached in /tmp/tlcache")
-    assert load_shape(_config(SMOLLM2)) == _EMBEDDED_SHAPES["smollm2-135m-instruct"]
+    assert load_shape(_config(smollm2)) == _EMBEDDED_SHAPES["smollm2-135m-instruct"]
 
 
 def test_embedded_alias_is_planned_without_converting_it(tmp_path, monkeypatch):
