@@ -8,7 +8,7 @@ import pytest
 
 from tunelab.data.records import Example
 from tunelab.data.tool_parse import parse_tool_calls, plain_calls
-from tunelab.data.tools import format_call
+from tunelab.data.tool_render import format_call
 from tunelab.errors import TunelabError
 from tunelab.evaluation.metrics import score, uses_tool_reference
 from tunelab.evaluation.run import split_example

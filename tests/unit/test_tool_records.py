@@ -13,7 +13,8 @@ from rich.console import Console
 
 from tunelab.data import inspect_report, load_examples, render_example, tokenize_examples
 from tunelab.data.records import sidecar_path
-from tunelab.data.tools import RESPONSE_OPEN, TOOLS_HEADER, chat_view, renders_tools
+from tunelab.data.tool_render import chat_view, renders_tools
+from tunelab.data.tools import RESPONSE_OPEN, TOOLS_HEADER
 from tunelab.errors import DataError
 from tunelab.models.tiny import build_tiny_tokenizer
 

@@ -27,9 +27,9 @@ import jinja2
 
 from tunelab.data.readers import JsonValueError, describe_type, parse_json, read_file
 from tunelab.data.sandbox import BoundedSandbox, TemplateLimitError
-from tunelab.data.tools import TOOL_ROLE, check_rounds, parse_calls, parse_tools
+from tunelab.data.tools import TOOL_ROLE, check_rounds, parse_calls, parse_tools, sidecar_path, sidecar_tools
 from tunelab.errors import ConfigError, DataError, TunelabError
-from tunelab.safeyaml import UnreadableFileError, open_regular, read_bytes, read_text
+from tunelab.safeyaml import UnreadableFileError, open_regular, read_bytes
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_ROLES = (*ROLES, TOOL_ROLE)  # the messages format also takes tool results
@@ -105,7 +105,7 @@ def _load_file(
     if not raw.records and not raw.problems:
         problems.append((0, f"{path}: no records (the file is empty); add examples or remove it from the config"))
     fmt = format if format != "auto" else _detect(raw.records, compiled is not None, problems)
-    shared, sidecar_problems = _sidecar_tools(path)
+    shared, sidecar_problems = sidecar_tools(path)
     problems.extend((0, p) for p in sidecar_problems)
     examples = []
     for position, where, record in raw.records:
@@ -128,26 +128,6 @@ def _load_file(
     # Readers report unparseable lines before records are validated; users expect file order.
     problems.sort(key=lambda p: p[0])
     return examples, [message for _, message in problems]
-
-
-def sidecar_path(path: str | Path) -> Path:
-    """The tools sidecar of a data file or saved dataset: ``NAME.tools.json`` beside ``NAME.jsonl`` (or ``NAME/``)."""
-    p = Path(path)
-    return p.parent / f"{p.name if p.is_dir() else p.stem}.tools.json"
-
-
-def _sidecar_tools(path: str) -> tuple[tuple[dict, ...] | None, list[str]]:
-    """The tools every record of ``path`` without its own ``tools`` gets, from its sidecar if there is one."""
-    sidecar = sidecar_path(path)
-    if not sidecar.is_file():
-        return None, []
-    try:
-        value = parse_json(read_text(sidecar))
-    except json.JSONDecodeError as e:
-        return None, [f"{sidecar}:{e.lineno}: not valid JSON ({e.msg}); write a JSON list of tools"]
-    except (JsonValueError, UnreadableFileError, OSError, UnicodeDecodeError) as e:
-        return None, [f"{sidecar}: cannot read the tools sidecar: {e}"]
-    return parse_tools(value, origin=str(sidecar))
 
 
 def _detect(records: list[tuple[int, str, Any]], has_template: bool, problems: list[tuple[int, str]]) -> str | None:

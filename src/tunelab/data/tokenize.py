@@ -15,7 +15,7 @@ The loss mask is found from the rendered text, not by guessing token patterns:
    is the same as "its first character is in the span" except for a token straddling the span's start
    (``" Hello"`` after a generation prompt ending in ``"Response:"``), which must be trained too.
 
-Conversations with tools are first turned into what the template is given (:func:`tunelab.data.tools.chat_view`:
+Conversations with tools are first turned into what the template is given (:func:`tunelab.data.tool_render.chat_view`:
 the messages as they are for a template that renders tools, else the fallback's plain turns); tool results
 and the tools listing are never trained. A template may join consecutive tool results into one turn, so no
 cut is made between them (they form one region, labelled ``"tool"``).
@@ -31,7 +31,8 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from tunelab.data.records import Example
-from tunelab.data.tools import TOOL_ROLE, chat_view, renders_tools, uses_tools
+from tunelab.data.tool_render import chat_view, renders_tools, uses_tools
+from tunelab.data.tools import TOOL_ROLE
 from tunelab.errors import DataError, TunelabError
 
 IGNORE_INDEX = -100

@@ -1,4 +1,4 @@
-"""Read tool calls back out of a model's text: the inverse of :func:`tunelab.data.tools.format_call`, used by
+"""Read tool calls back out of a model's text: the inverse of :func:`tunelab.data.tool_render.format_call`, used by
 the ``tool_call`` metric and reward (and meant for the server).
 
 Families understood:

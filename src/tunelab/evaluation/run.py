@@ -2,7 +2,7 @@
 
 The model answers each example's conversation (every message before the final assistant turn),
 rendered with the same chat template as training (a conversation with tools or tool calls through
-:func:`tunelab.data.tools.render_chat`, as training renders it); the final assistant message is the reference.
+:func:`tunelab.data.tool_render.render_chat`, as training renders it); the final assistant message is the reference.
 ``loss`` is special: it scores the reference answers by per-token loss and perplexity instead of
 generating.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 from tunelab.atomic import write_text_atomic
 from tunelab.data import Example, prepare_tokenizer, tokenize_examples
-from tunelab.data.tools import format_call, render_chat, uses_tools
+from tunelab.data.tool_render import format_call, render_chat, uses_tools
 from tunelab.errors import TunelabError
 from tunelab.methods import artifact_method, get_method
 from tunelab.models.load import load_model, load_tokenizer, resolve_model_path
@@ -106,7 +106,7 @@ def split_example(example: Example, *, tool_reference: bool = False) -> tuple[li
 
 def eval_prompt(tokenizer, example: Example, conversation: list[dict]) -> list[dict] | str:
     """What the model is asked: the conversation, or, when it has tools or tool calls, its text rendered as
-    training renders it (:func:`tunelab.data.tools.render_chat`: the template's own tool format or the fallback)."""
+    training renders it (:func:`tunelab.data.tool_render.render_chat`: the template's own tool format or the fallback)."""
     if not uses_tools(conversation, example.tools):
         return conversation
     return render_chat(tokenizer, conversation, example.tools, add_generation_prompt=True)
