@@ -4,18 +4,10 @@ import re
 import pytest
 
 from tunelab.compare import report as report_module
-from tunelab.compare.report import (
-    CandidateResult,
-    choose,
-    display,
-    format_mb,
-    format_param_share,
-    format_score,
-    format_seconds,
-    recommend,
-    within,
-    write_report,
-)
+from tunelab.compare import results as results_module
+from tunelab.compare.choose import choose, recommend, within
+from tunelab.compare.report import write_report
+from tunelab.compare.results import CandidateResult, display, format_mb, format_param_share, format_score, format_seconds
 from tunelab.errors import TunelabError
 
 TOTAL = 134_515_008
@@ -188,7 +180,7 @@ def test_report_files_md_table_html_and_json(tmp_path):
     # the markdown table: one row per candidate, in order, each cell as display() shows it
     rows = _md_rows(markdown)
     assert len(rows) == len(candidates)
-    columns = [key for key, _ in report_module.COLUMNS]
+    columns = [key for key, _ in results_module.COLUMNS]
     for row, c in zip(rows, candidates):
         expected = display(c)
         if c.name == "lora":

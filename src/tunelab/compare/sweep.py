@@ -38,7 +38,8 @@ from rich.markup import escape
 
 from tunelab import safeyaml
 from tunelab.atomic import write_text_atomic
-from tunelab.compare.report import CandidateResult, write_report
+from tunelab.compare.report import write_report
+from tunelab.compare.results import CandidateResult
 from tunelab.config.load import resolved_dict
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
