@@ -13,7 +13,9 @@ from typing import Callable, Sequence, Union
 
 import torch
 
+from tunelab.data.tool_render import render_chat
 from tunelab.errors import TunelabError
+from tunelab.generation.constrain import Grammar, GrammarMask, row_matchers
 from tunelab.generation.settings import Completion, SamplingSettings
 from tunelab.generation.stops import StopMatcher, Stops, StopStrings, as_matcher, end_of_turn_ids, ids_within
 
@@ -21,7 +23,8 @@ Prompt = Union[str, Sequence[dict]]
 
 
 def render_prompt(tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of one prompt: a rendered string as it is, or a conversation through the chat template.
+    """Token ids of one prompt: a rendered string as it is, or a conversation through the chat template
+    (:func:`tunelab.data.tool_render.render_chat`, so tool calls and results render as in training).
 
     Raises:
         TunelabError: a conversation is empty or ends with an assistant turn, or the tokenizer has no template.
@@ -38,7 +41,7 @@ def render_prompt(tokenizer, prompt: Prompt) -> list[int]:
         if not tokenizer.chat_template:
             raise TunelabError("generation prompt: the tokenizer has no chat template; pass rendered strings, or use the "
                                "tokenizer saved with the run (it carries the template used in training)")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render_chat(tokenizer, messages, add_generation_prompt=True)  # as training and evaluation render
     # The rendered text already holds any BOS the template wants; adding special tokens would double it.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -73,6 +76,22 @@ def generate_kwargs(settings: SamplingSettings, stop_ids: list[int], pad_id: int
     if not settings.greedy:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
     return kwargs
+
+
+def constrained_kwargs(settings: SamplingSettings, kwargs: dict, mask: GrammarMask | None) -> dict:
+    """``kwargs`` with a grammar mask that runs before temperature and top-p: ``generate`` appends custom
+    processors after its own, and a mask applied after top-p could leave a row no token at all."""
+    if mask is None:
+        return kwargs
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    processors = [mask]
+    if not settings.greedy:
+        processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_p < 1:
+            processors.append(TopPLogitsWarper(settings.top_p))
+        kwargs = {**kwargs, "temperature": 1.0, "top_p": 1.0}  # no built-in warper: ours run after the mask
+    return {**kwargs, "logits_processor": LogitsProcessorList(processors)}
 
 
 @contextlib.contextmanager
@@ -122,7 +141,8 @@ def ignores_position_ids(model) -> bool:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Prompt], settings: SamplingSettings | None = None, *,
              batch_size: int = 16, stop_token_ids: list[int] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> list[Completion]:
+             should_stop: Callable[[], bool] | None = None,
+             constraints: Sequence[Grammar | None] | None = None) -> list[Completion]:
     """Complete every prompt, ``batch_size`` at a time.
 
     Args:
@@ -136,6 +156,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], settings: SamplingSett
         stop_token_ids: Tokens that end a completion; default :func:`end_of_turn_ids` of the tokenizer.
         should_stop: Checked once per token; True ends every row at once (a server past its shutdown
             deadline), the completions then hold what was generated so far.
+        constraints: Per prompt, a grammar its completion must follow (None: free), see
+            :mod:`tunelab.generation.constrain`.
 
     Returns:
         One :class:`Completion` per prompt, in order.
@@ -159,8 +181,10 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], settings: SamplingSett
                 batch = rows[start: start + batch_size]
                 input_ids, attention_mask = left_pad(batch, pad, device)
                 criteria = StopStrings(tokenizer, matcher, input_ids.shape[1], should_stop)
+                grammars = row_matchers(tokenizer, constraints and constraints[start: start + batch_size], stop_ids)
+                mask = GrammarMask(grammars, input_ids.shape[1]) if grammars else None
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=[criteria],
-                                     **generate_kwargs(settings, stop_ids, pad))
+                                     **constrained_kwargs(settings, generate_kwargs(settings, stop_ids, pad), mask))
                 new_tokens = out[:, input_ids.shape[1]:].tolist()  # (B, generated)
                 results += [completion_of(tokenizer, g, set(stop_ids), matcher, len(r)) for g, r in zip(new_tokens, batch)]
     finally:

@@ -16,7 +16,8 @@ from typing import Iterator
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from tunelab.generation.generate import (Prompt, generate_kwargs, left_pad, model_device, pad_id,
+from tunelab.generation.constrain import Grammar, GrammarMask, row_matchers
+from tunelab.generation.generate import (Prompt, constrained_kwargs, generate_kwargs, left_pad, model_device, pad_id,
                                          render_prompt, seeded)
 from tunelab.generation.settings import SamplingSettings
 from tunelab.generation.stops import StopMatcher, Stops, StopStrings, as_matcher, end_of_turn_ids
@@ -53,7 +54,7 @@ def safe_length(text: str, stop: Stops) -> int:
 
 
 def stream(model, tokenizer, prompt: Prompt, settings: SamplingSettings | None = None, *,
-           stop_token_ids: list[int] | None = None) -> Iterator[str]:
+           stop_token_ids: list[int] | None = None, constraint: Grammar | None = None) -> Iterator[str]:
     """Text deltas of the completion of one prompt, as they are generated.
 
     Args:
@@ -62,6 +63,7 @@ def stream(model, tokenizer, prompt: Prompt, settings: SamplingSettings | None =
         prompt: A conversation ending with a user turn, or an already-rendered string.
         settings: Sampling settings; default greedy, 128 new tokens.
         stop_token_ids: Tokens that end the completion; default :func:`end_of_turn_ids` of the tokenizer.
+        constraint: A grammar the completion must follow (:mod:`tunelab.generation.constrain`), or None.
 
     Yields:
         Pieces of text whose concatenation is the completion's text. Closing the iterator early stops
@@ -76,13 +78,16 @@ def stream(model, tokenizer, prompt: Prompt, settings: SamplingSettings | None =
     streamer = _DeltaStreamer(set(stop_ids))
     matcher = StopMatcher(settings.stop)
     criteria = StopStrings(tokenizer, matcher, input_ids.shape[1])
+    grammars = row_matchers(tokenizer, [constraint], stop_ids)
+    kwargs = constrained_kwargs(settings, generate_kwargs(settings, stop_ids, pad),
+                                GrammarMask(grammars, input_ids.shape[1]) if grammars else None)
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
             with torch.no_grad(), seeded(settings.seed, device):  # grad mode is per thread
                 model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
-                               stopping_criteria=[criteria], **generate_kwargs(settings, stop_ids, pad))
+                               stopping_criteria=[criteria], **kwargs)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the reading thread below
             failure.append(exc)
             streamer.end()

@@ -6,6 +6,10 @@ error body, so the official clients raise their usual exceptions: 400 for a requ
 401 for a missing or wrong API key, 404 for an unknown model, 413 for a body over the size bound, 422 for
 wrong types, 429 (with ``Retry-After``) when the queue is full.
 
+Chat requests may carry ``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``response_format``
+(``serving.structured`` decides the rendering and the grammar, ``serving.toolcalls`` reads calls out of the
+answers, whole or streamed).
+
 In front of the routes: :class:`tunelab.webguard.HostGuardMiddleware` (a ``Host`` the server is not reached by
 is a 400, a browser ``Origin`` of another site on a POST a 403: DNS rebinding), then the body bound of
 ``serving.limits``, whose docstring lists every limit, its default and its flag. ``/metrics`` counts requests
@@ -29,6 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from tunelab.errors import TunelabError
+from tunelab.generation.constrain import Grammar
 from tunelab.serving.limits import BodyLimitMiddleware, Limits, check_prompt_chars
 from tunelab.serving.metrics import UNMATCHED, Metrics
 from tunelab.serving.models import Registry, ServedModel
@@ -36,6 +41,8 @@ from tunelab.serving.protocol import (APIError, ChatRequest, CompletionRequest, 
                                       UnloadLoraRequest, chat_chunk, chat_response, completion_response, error_body,
                                       new_id, require_text, stream_chunk, usage_chunk)
 from tunelab.serving.scheduler import Job, ModelGone, QueueFull, ShutDown
+from tunelab.serving.structured import Plan, plan_for, render
+from tunelab.serving.toolcalls import ToolStream, answer_of
 from tunelab.webguard import HostGuard, HostGuardMiddleware
 
 _DONE = object()
@@ -196,19 +203,21 @@ def _prompt_length(served: ServedModel, prompt: Any) -> int:
     if isinstance(prompt, str):
         check_prompt_chars(len(prompt), served.context, "prompt")
     else:
-        check_prompt_chars(sum(len(m["content"]) for m in prompt), served.context, "messages")
+        check_prompt_chars(sum(len(m["content"] or "") for m in prompt), served.context, "messages")
     try:
         return len(render_prompt(served.tokenizer, prompt))
     except (TunelabError, TemplateError) as exc:
         raise APIError(400, f"the chat template of {served.id!r} cannot render these messages: {exc}", param="messages") from None
 
 
-async def _admit(app, served: ServedModel, body: SamplingFields, prompts: list, on_delta=None) -> tuple[Job, Any]:
+async def _admit(app, served: ServedModel, body: SamplingFields, prompts: list, on_delta=None,
+                 constraint: Grammar | None = None) -> tuple[Job, Any]:
     """Check the prompts against the context and queue them as one job (429 when the queue is full)."""
     lengths = [await asyncio.to_thread(_prompt_length, served, p) for p in prompts]
     settings = body.settings(max(lengths), served.context, app.state.default_max_tokens)  # the longest must fit
     rows = [p for p in prompts for _ in range(body.n)]
-    job = Job(served, rows, settings, tokens=sum(lengths) * body.n + len(rows) * settings.max_new_tokens, on_delta=on_delta)
+    job = Job(served, rows, settings, tokens=sum(lengths) * body.n + len(rows) * settings.max_new_tokens, on_delta=on_delta,
+              constraint=constraint)
     try:
         future = app.state.scheduler.submit(job)
     except QueueFull as exc:
@@ -237,11 +246,13 @@ def _add_completion_routes(app) -> None:
         require_text(body)
         served = _lookup(app, request, body.model)
         conversation = body.conversation()
+        plan = await asyncio.to_thread(plan_for, body, served.tokenizer)  # compiles a grammar: milliseconds
+        prompt = render(served.tokenizer, conversation, plan)
         if body.stream:
-            return await _streamed(app, served, body, conversation, chat=True)
-        job, future = await _admit(app, served, body, [conversation])
+            return await _streamed(app, served, body, prompt, chat=True, plan=plan)
+        job, future = await _admit(app, served, body, [prompt], constraint=plan.grammar)
         completions = await _result(job, future)
-        answer = chat_response(served.id, completions)
+        answer = chat_response(served.id, completions, answer_of(plan))
         app.state.metrics.observe_tokens(served.id, answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"])
         return answer
 
@@ -266,13 +277,16 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _streamed(app, served: ServedModel, body: SamplingFields, prompt: Any, *, chat: bool):
-    """Server-sent events: text deltas as decoded, then the finish reason (and usage if asked), then ``[DONE]``."""
+async def _streamed(app, served: ServedModel, body: SamplingFields, prompt: Any, *, chat: bool, plan: Plan | None = None):
+    """Server-sent events: text deltas as decoded, then the finish reason (and usage if asked), then ``[DONE]``;
+    tool calls are held back and sent as ``tool_calls`` deltas at the end (:mod:`serving.toolcalls`)."""
     if body.n > 1:
         raise APIError(400, "n > 1 with stream is not supported: stream one choice per request", param="n")
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
-    job, future = await _admit(app, served, body, [prompt], on_delta=lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d))
+    job, future = await _admit(app, served, body, [prompt], on_delta=lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
+                               constraint=plan.grammar if plan else None)
+    calls = ToolStream(plan) if plan is not None and plan.parse else None
     future.add_done_callback(lambda f: loop.call_soon_threadsafe(deltas.put_nowait, _DONE))
     chunk_id = new_id("chatcmpl" if chat else "cmpl")
 
@@ -283,13 +297,19 @@ async def _streamed(app, served: ServedModel, body: SamplingFields, prompt: Any,
             pieces = []
             while (item := await deltas.get()) is not _DONE:
                 pieces.append(item)
-                yield _sse(stream_chunk(chat, chunk_id, served.id, item))
+                if text := (calls.feed(item) if calls else item):
+                    yield _sse(stream_chunk(chat, chunk_id, served.id, text))
             if future.exception() is not None:
                 yield _sse(error_body(f"generation failed: {future.exception()}", type="server_error"))
                 return
             # The stream hands out text, not tokens: completion tokens are counted by re-encoding the text.
             generated = len(served.tokenizer("".join(pieces), add_special_tokens=False)["input_ids"])
-            yield _sse(stream_chunk(chat, chunk_id, served.id, None, "length" if generated >= job.settings.max_new_tokens else "stop"))
+            finish = "length" if generated >= job.settings.max_new_tokens else "stop"
+            if calls:
+                held, finish = calls.finish(chunk_id, served.id, finish)
+                for chunk in held:
+                    yield _sse(chunk)
+            yield _sse(stream_chunk(chat, chunk_id, served.id, None, finish))
             prompt_tokens = job.tokens - job.settings.max_new_tokens
             app.state.metrics.observe_tokens(served.id, prompt_tokens, generated)
             if body.wants_usage_in_stream():

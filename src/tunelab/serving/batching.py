@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from tunelab.generation.constrain import RowMatcher
 from tunelab.generation.generate import ignores_position_ids
 from tunelab.generation.stops import StopMatcher
 from tunelab.serving.scheduler import Job
@@ -29,6 +30,7 @@ class Row:
     adapter: str
     stops: StopMatcher
     generator: torch.Generator | None = None  # the row's own draws when sampling
+    grammar: RowMatcher | None = None  # the row's grammar state when its job is constrained
     out: list[int] = field(default_factory=list)
     sent: int = 0  # characters of a streamed row's text already sent
     finish: str | None = None

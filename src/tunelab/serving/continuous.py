@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from tunelab.generation.constrain import RowMatcher
 from tunelab.generation.generate import completion_of, left_pad, render_prompt
 from tunelab.generation.stops import StopMatcher, end_of_turn_ids
 from tunelab.serving.batching import (Row, Running, device_of, fits_the_cache, group_of, join, keep_rows, loaded,
@@ -152,13 +153,15 @@ class ContinuousScheduler(Scheduler):
         rows = []
         for job, start, stop in slices:
             tokenizer, rendered = job.model.tokenizer, {}
-            stop_ids, stops = set(end_of_turn_ids(tokenizer)), StopMatcher(job.settings.stop)
+            turn_ends = end_of_turn_ids(tokenizer)
+            stop_ids, stops = set(turn_ends), StopMatcher(job.settings.stop)
             for choice in range(start, stop):
                 prompt = job.prompts[choice]
                 if id(prompt) not in rendered:
                     rendered[id(prompt)] = render_prompt(tokenizer, prompt)
+                grammar = RowMatcher(job.constraint, tokenizer, turn_ends) if job.constraint is not None else None
                 rows.append(Row(job, choice, rendered[id(prompt)], stop_ids, job.model.adapter or "__base__", stops,
-                                row_generator(job, choice)))
+                                row_generator(job, choice), grammar=grammar))
         return rows
 
     def _prefill(self, slices: list[Slice]) -> None:
@@ -200,7 +203,11 @@ class ContinuousScheduler(Scheduler):
         self._advance(batch.rows, batch.last)
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
-        """Each row's next token: the argmax (greedy), else drawn at its job's temperature and top_p from the row's generator."""
+        """Each row's next token: the argmax (greedy), else drawn at its job's temperature and top_p from the row's
+        generator; a constrained row chooses among the tokens its grammar allows."""
+        for i, row in enumerate(rows):
+            if row.grammar is not None:
+                row.grammar.mask_(logits[i])
         chosen = logits.argmax(-1)
         for i, row in enumerate(rows):
             settings = row.job.settings
@@ -221,6 +228,8 @@ class ContinuousScheduler(Scheduler):
         """
         for row, token in zip(rows, tokens.tolist()):
             row.out.append(token)
+            if row.grammar is not None:
+                row.grammar.consume(token)
             settings, tokenizer = row.job.settings, row.job.model.tokenizer
             if row.job.cancelled:
                 row.finish = "cancelled"

@@ -15,6 +15,9 @@ prompt characters            context x 16 (checked before     (fixed)           
                              tokenizing)
 prompt + ``max_tokens``      the model's context              (the model)            400, ``context_length_exceeded``
 ``seed``                     a signed 64-bit integer          (fixed)                422, ``param: seed``
+``tools``, ``response_       128 tools; 64 KiB of JSON each;  (fixed,                400, ``param: tools`` or
+format``                     a grammar within llguidance's    ``serving.structured``) ``response_format``
+                             size and lexer-fuel bounds
 text fields                  valid Unicode (no lone           (fixed)                400, the field named
                              surrogates such as ``\\ud800``)
 requests waiting or          64                               ``--max-pending``      429 with ``Retry-After``

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -46,9 +46,22 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: Union[str, dict, None] = None  # OpenAI sends a JSON string; an object is taken too
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -107,22 +120,44 @@ class SamplingFields(BaseModel):
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage]
+    tools: list[Any] | None = None  # checked by serving.structured (400 with what is wrong)
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict | None = None
 
     def conversation(self) -> list[dict]:
-        """The messages as the chat template takes them, checked for what a template cannot answer.
+        """The messages as the chat template takes them (tool calls with their arguments as objects, tool results
+        with the id of the call they answer), checked for what a template cannot answer.
 
         Raises:
-            APIError: 400 when there are no messages, a system message is not first, or the last is not the user's.
+            APIError: 400 when there are no messages, a system message is not first, the last is neither the
+                user's nor a tool result, or an earlier call's arguments are not a JSON object.
         """
         if not self.messages:
             raise APIError(400, "messages is empty: send at least one user message", param="messages")
-        out = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        out = [_template_message(n, m) for n, m in enumerate(self.messages)]
         if any(m["role"] == "system" for m in out[1:]):
             raise APIError(400, "messages: a system message may only come first; merge it into the first one", param="messages")
-        if out[-1]["role"] != "user":
-            raise APIError(400, f"messages: the last message is the {out[-1]['role']}'s; end with a user message "
-                                "(the assistant's reply is what is generated)", param="messages")
+        if out[-1]["role"] not in ("user", "tool"):
+            raise APIError(400, f"messages: the last message is the {out[-1]['role']}'s; end with a user message or a "
+                                "tool result (the assistant's reply is what is generated)", param="messages")
         return out
+
+
+def _template_message(n: int, message: ChatMessage) -> dict:
+    """One message as ``tunelab.data.tool_render.render_chat`` takes it."""
+    from tunelab.data.tools import parse_calls
+
+    out = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+    if message.tool_calls:
+        errors: list[str] = []
+        calls = parse_calls(n, [c.model_dump(exclude_none=True) for c in message.tool_calls], errors)
+        if calls is None:
+            raise APIError(400, f"messages.{n}.tool_calls: " + "; ".join(errors), param=f"messages.{n}.tool_calls")
+        out["tool_calls"] = calls
+    if message.role == "tool" and message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 class CompletionRequest(SamplingFields):
@@ -187,10 +222,13 @@ def usage(completions: list[Completion]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
-def chat_response(model_id: str, completions: list[Completion]) -> dict:
-    """A ``chat.completion`` body: one choice per completion (the ``n`` samples of one conversation)."""
-    choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
+def chat_response(model_id: str, completions: list[Completion],
+                  answer: Callable[[Completion], tuple[dict, str]] | None = None) -> dict:
+    """A ``chat.completion`` body: one choice per completion (the ``n`` samples of one conversation); ``answer``
+    makes a completion's message and finish reason (tool calls read out of its text), default its text."""
+    answer = answer or (lambda c: ({"role": "assistant", "content": c.text}, c.finish_reason))
+    choices = [{"index": i, "message": message, "logprobs": None, "finish_reason": finish}
+               for i, (message, finish) in enumerate(map(answer, completions))]
     prompt = completions[0].prompt_tokens if completions else 0
     counted = usage(completions)
     counted.update(prompt_tokens=prompt, total_tokens=prompt + counted["completion_tokens"])  # one conversation

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from tunelab.errors import TunelabError
 from tunelab.generation import Completion, SamplingSettings, generate, stream
+from tunelab.generation.constrain import Grammar
 from tunelab.serving.models import Registry, ServedModel
 
 
@@ -68,6 +69,8 @@ class Job:
         settings: Decoding settings shared by every prompt.
         tokens: Prompt plus maximum completion tokens of all prompts, what the batch bound counts.
         on_delta: For a streamed job, called with each text delta (from the worker thread).
+        constraint: A grammar every row's completion follows (structured outputs, forced tool calls), or None;
+            jobs with different grammars share a batch, each row masked by its own.
     """
 
     model: ServedModel
@@ -75,6 +78,7 @@ class Job:
     settings: SamplingSettings
     tokens: int
     on_delta: Callable[[str], None] | None = None
+    constraint: Grammar | None = None
     future: Future = field(default_factory=Future)
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
@@ -240,15 +244,16 @@ class Scheduler:
         if settings.seed is not None and batch[0][1]:  # a later slice of a seeded job: its own draws, still seeded
             settings = dataclasses.replace(settings, seed=settings.seed + batch[0][1])
         with self.registry.lock, model.active() as module:
+            constraints = [job.constraint for job, start, stop in batch for _ in range(start, stop)]
             completions: list[Completion] = generate(module, model.tokenizer, prompts, settings, batch_size=len(prompts),
-                                                     should_stop=lambda: self.aborted)
+                                                     should_stop=lambda: self.aborted, constraints=constraints)
         for job, start, stop in batch:
             job.record(start, completions[: stop - start])
             completions = completions[stop - start:]
 
     def _stream(self, job: Job) -> None:
         with self.registry.lock, job.model.active() as module:
-            deltas = stream(module, job.model.tokenizer, job.prompts[0], job.settings)
+            deltas = stream(module, job.model.tokenizer, job.prompts[0], job.settings, constraint=job.constraint)
             try:
                 for delta in deltas:
                     if job.cancelled:  # the client went away: closing the generator stops decoding
