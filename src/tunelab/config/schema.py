@@ -127,6 +127,8 @@ class DataConfig(_Section):
     system_prompt: str | None = None
     chat_template: str = "auto"
     loss_on: Literal["assistant", "last_turn", "all"] = "assistant"
+    train_on_reasoning: bool = Field(True, description="an answer's reasoning (reasoning_content or a leading <think> "
+                                     "block) is in the loss; false trains the answer after it only")
     max_length: int = Field(1024, gt=0)
     too_long: Literal["truncate", "drop", "error"] = "truncate"
 

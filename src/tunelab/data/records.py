@@ -8,7 +8,8 @@ Four record formats are understood, each becoming a list of ``{"role", "content"
 * ``raw``: any record, mapped by user Jinja templates ``{"prompt", "response", "system"}``.
 
 ``messages`` also carries tool calling in the OpenAI format (``tools``, assistant ``tool_calls``, ``tool``
-messages; see :mod:`tunelab.data.tools`), and a message's content may be a list of text parts
+messages; see :mod:`tunelab.data.tools`), an assistant message may carry its reasoning (``reasoning_content``;
+see :mod:`tunelab.data.reasoning`), and a message's content may be a list of text parts
 (``[{"type": "text", "text": ...}]``, joined as the server joins them).
 
 Loading never stops at the first bad record: every file is read in full and every problem is collected,
@@ -27,6 +28,7 @@ import jinja2
 
 from tunelab.data.readers import JsonValueError, describe_type, parse_json, read_file
 from tunelab.data.sandbox import BoundedSandbox, TemplateLimitError
+from tunelab.data.reasoning import REASONING_KEY
 from tunelab.data.tools import TOOL_ROLE, check_rounds, parse_calls, parse_tools, sidecar_path, sidecar_tools
 from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.safeyaml import UnreadableFileError, open_regular, read_bytes
@@ -249,6 +251,10 @@ def _check_message(n: int, message: Any, errors: list[str]) -> dict[str, Any] | 
         errors.append(f"message {n} has no 'content'; every message needs 'role' and 'content'")
     elif role == "assistant" and not calling and isinstance(content, str) and not content.strip():
         errors.append(f"message {n} (assistant) is empty; {_EMPTY_ANSWER}")
+    reasoning = message.get(REASONING_KEY)
+    if reasoning is not None and (role != "assistant" or not isinstance(reasoning, str)):
+        errors.append(f"message {n}: {REASONING_KEY} is an assistant's reasoning, a string"
+                      f" (this is {role!r} with {describe_type(reasoning)})")
     call_id = message.get("tool_call_id")
     if role == TOOL_ROLE and call_id is not None and not isinstance(call_id, str):
         errors.append(f"message {n} (tool): tool_call_id must be a string, got {describe_type(call_id)}")
@@ -257,6 +263,8 @@ def _check_message(n: int, message: Any, errors: list[str]) -> dict[str, Any] | 
     checked: dict[str, Any] = {"role": role, "content": content or ""}
     if calls:
         checked["tool_calls"] = calls
+    if reasoning and reasoning.strip():
+        checked[REASONING_KEY] = reasoning
     if role == TOOL_ROLE and call_id is not None:
         checked["tool_call_id"] = call_id
     return checked

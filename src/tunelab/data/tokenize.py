@@ -30,6 +30,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
+from tunelab.data.reasoning import answer_start, has_reasoning
 from tunelab.data.records import Example
 from tunelab.data.tool_render import chat_view, renders_tools, uses_tools
 from tunelab.data.tools import TOOL_ROLE
@@ -89,6 +90,7 @@ def tokenize_examples(
     loss_on: str = "assistant",
     max_length: int = 1024,
     too_long: str = "truncate",
+    reasoning: bool = True,
 ) -> tuple[list[TokenizedExample], TokenizeStats]:
     """Tokenize examples with the tokenizer's chat template and mask what is not trained.
 
@@ -99,6 +101,7 @@ def tokenize_examples(
         max_length: Longest allowed sequence in tokens.
         too_long: ``truncate`` (keep the first ``max_length`` tokens; drop the example if no trained
             token survives), ``drop``, or ``error``.
+        reasoning: Train an answer's reasoning too (``data.train_on_reasoning``; see :mod:`tunelab.data.reasoning`).
 
     Returns:
         The kept examples and statistics over them (dropped sources are listed in the stats).
@@ -112,7 +115,7 @@ def tokenize_examples(
     kept: list[TokenizedExample] = []
     stats = TokenizeStats()
     too_long_problems: list[str] = []
-    for example, enc in zip(examples, _encode_all(examples, tokenizer, loss_on, special)):
+    for example, enc in zip(examples, _encode_all(examples, tokenizer, loss_on, special, reasoning)):
         if len(enc.ids) > max_length:
             if too_long == "error":
                 too_long_problems.append(
@@ -142,7 +145,7 @@ def _truncate(enc: _Encoded, max_length: int) -> _Encoded | None:
     return _Encoded(enc.ids[:max_length], enc.trained[:max_length], enc.roles[:max_length])
 
 
-def render_example(example: Example, tokenizer, loss_on: str = "assistant") -> list[tuple[str, bool]]:
+def render_example(example: Example, tokenizer, loss_on: str = "assistant", reasoning: bool = True) -> list[tuple[str, bool]]:
     """The example's text split into runs of trained and untrained tokens, for display.
 
     Consecutive tokens with the same flag are decoded together, so multi-byte characters split across
@@ -152,7 +155,7 @@ def render_example(example: Example, tokenizer, loss_on: str = "assistant") -> l
         ``(text, trained)`` pairs covering the whole tokenized example in order.
     """
     _check_options(tokenizer, loss_on, "truncate", 1)
-    enc = _encode(example, tokenizer, loss_on, _special_ids(tokenizer))
+    enc = _encode(example, tokenizer, loss_on, _special_ids(tokenizer), reasoning)
     runs: list[tuple[str, bool]] = []
     start = 0
     for i in range(1, len(enc.ids) + 1):
@@ -227,26 +230,30 @@ def _first_start(tokenizer, first: dict, end: int, full: str, tools: list | None
     return 0
 
 
-def _layout(example: Example, tokenizer, loss_on: str) -> tuple[str, list[tuple[int, int, str]], list[tuple[int, int]]]:
+def _layout(example: Example, tokenizer, loss_on: str,
+            reasoning: bool = True) -> tuple[str, list[tuple[int, int, str]], list[tuple[int, int]]]:
     """The rendered text, each region's character span with its role, and the answers' trained spans.
 
     A region is one message, or a run of consecutive tool results. With ``loss_on="all"`` the answer spans
     are still returned (every assistant message) so that each answer's end-of-turn token can be checked.
+    A conversation with reasoning that the template rewrites (it strips earlier turns' reasoning) trains its
+    final answer only; ``reasoning=False`` leaves each answer's reasoning block out of its span.
     """
     messages, labels, tools = chat_view(example.messages, example.tools, tokenizer)
     source = example.source
     full = _render(tokenizer, messages, source, tools=tools)
     units = _units(labels)
-    ends = []
+    rewrites = has_reasoning(messages)  # such a template may rewrite earlier turns: cut where it does not
+    ends: list[int | None] = []
     for _, last in units[:-1]:
         prefix = _render(tokenizer, messages[: last + 1], source, tools=tools)
-        _require_prefix(prefix, full, source, last + 1)
-        ends.append(len(prefix))
+        if not (rewrites and not full.startswith(prefix)):
+            _require_prefix(prefix, full, source, last + 1)
+        ends.append(len(prefix) if full.startswith(prefix) else None)
     ends.append(len(full))
-    starts = [_first_start(tokenizer, messages[0], ends[0], full, tools), *ends[:-1]]
-    regions = [(s, e, labels[first]) for s, e, (first, _) in zip(starts, ends, units)]
+    regions, starts = _regions(tokenizer, messages, labels, units, ends, full, tools)
     answers = [k for k, (first, _) in enumerate(units) if labels[first] == "assistant"]
-    if loss_on == "last_turn":
+    if loss_on == "last_turn" or None in ends:
         answers = answers[-1:]
     spans = []
     for k in answers:
@@ -257,9 +264,26 @@ def _layout(example: Example, tokenizer, loss_on: str) -> tuple[str, list[tuple[
             head = len(prompt)
         # Stripping keeps the end-of-turn token in the span but not the newline a template puts after it.
         end = len(full[: ends[k]].rstrip())
+        if not reasoning:
+            head = answer_start(full, head, end)
         if end > head:
             spans.append((head, end))
     return full, regions, spans
+
+
+def _regions(tokenizer, messages, labels, units, ends, full, tools) -> tuple[list[tuple[int, int, str]], list[int]]:
+    """Each region's (start, end, role) and each unit's start; a unit whose end cannot be located (the template
+    rewrote it) is merged into the next region, which keeps the first one's role."""
+    first_end = next(e for e in ends if e is not None)
+    starts, regions, start = [], [], _first_start(tokenizer, messages[0], first_end, full, tools) if ends[0] else 0
+    label = None
+    for end, (first, _) in zip(ends, units):
+        starts.append(start)
+        label = label or labels[first]
+        if end is not None:
+            regions.append((start, end, label))
+            start, label = end, None
+    return regions, starts
 
 
 def _units(labels: list[str]) -> list[tuple[int, int]]:
@@ -276,18 +300,18 @@ def _units(labels: list[str]) -> list[tuple[int, int]]:
 ENCODE_BATCH = 512  # texts per call to the Rust tokenizer, which encodes a batch on all cores
 
 
-def _encode_all(examples: list[Example], tokenizer, loss_on: str, special: set[int]):
+def _encode_all(examples: list[Example], tokenizer, loss_on: str, special: set[int], reasoning: bool = True):
     """:func:`_encode` for many examples, tokenizing them in batches (the layouts are rendered first)."""
     for first in range(0, len(examples), ENCODE_BATCH):
-        layouts = [_layout(example, tokenizer, loss_on) for example in examples[first : first + ENCODE_BATCH]]
+        layouts = [_layout(example, tokenizer, loss_on, reasoning) for example in examples[first : first + ENCODE_BATCH]]
         batch = tokenizer([text for text, _, _ in layouts], add_special_tokens=False, return_offsets_mapping=True)
         for layout, ids, offsets in zip(layouts, batch["input_ids"], batch["offset_mapping"]):
             yield _mask(layout, ids, offsets, tokenizer, loss_on, special)
 
 
-def _encode(example: Example, tokenizer, loss_on: str, special: set[int]) -> _Encoded:
+def _encode(example: Example, tokenizer, loss_on: str, special: set[int], reasoning: bool = True) -> _Encoded:
     """Tokenize one example and flag each token as trained or not, with its role."""
-    layout = _layout(example, tokenizer, loss_on)
+    layout = _layout(example, tokenizer, loss_on, reasoning)
     enc = tokenizer(layout[0], add_special_tokens=False, return_offsets_mapping=True)
     return _mask(layout, enc["input_ids"], enc["offset_mapping"], tokenizer, loss_on, special)
 

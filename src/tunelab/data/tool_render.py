@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import NamedTuple
 
+from tunelab.data.reasoning import reasoning_view
 from tunelab.data.tools import CALL_CLOSE, CALL_OPEN, RESPONSE_CLOSE, RESPONSE_OPEN, TOOLS_FOOTER, TOOLS_HEADER, TOOLS_LABEL, TOOL_ROLE
 
 
@@ -32,8 +33,9 @@ def uses_tools(messages, tools) -> bool:
 
 
 def chat_view(messages, tools, tokenizer) -> ChatView:
-    """The messages, role labels and tools to hand ``tokenizer``'s chat template (see the module docstring)."""
-    messages = [dict(m) for m in messages]
+    """The messages, role labels and tools to hand ``tokenizer``'s chat template (see the module docstring); an
+    answer's reasoning as the template takes it (:func:`tunelab.data.reasoning.reasoning_view`)."""
+    messages = reasoning_view([dict(m) for m in messages], tokenizer)
     if not uses_tools(messages, tools):
         return ChatView(messages, [m["role"] for m in messages], None)
     if renders_tools(tokenizer):

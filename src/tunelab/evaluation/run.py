@@ -17,6 +17,7 @@ from typing import Any
 
 from tunelab.atomic import write_text_atomic
 from tunelab.data import Example, prepare_tokenizer, tokenize_examples
+from tunelab.data.reasoning import split_reasoning
 from tunelab.data.tool_render import format_call, render_chat, uses_tools
 from tunelab.errors import TunelabError
 from tunelab.methods import artifact_method, get_method
@@ -101,7 +102,7 @@ def split_example(example: Example, *, tool_reference: bool = False) -> tuple[li
     if last.get("tool_calls"):
         content = (last.get("content") or "").strip()
         return messages[:-1], "\n".join([*([content] if content else []), *map(format_call, last["tool_calls"])])
-    return messages[:-1], last["content"]
+    return messages[:-1], split_reasoning(last["content"])[1]  # the answer after any inline reasoning
 
 
 def eval_prompt(tokenizer, example: Example, conversation: list[dict]) -> list[dict] | str:
@@ -133,11 +134,14 @@ def _generation_report(loaded, examples, metric, max_new_tokens, batch_size, opt
     pairs = [split_example(e, tool_reference=structured) for e in examples]
     conversations, references = zip(*pairs) if pairs else ((), ())
     prompts = [eval_prompt(loaded.tokenizer, e, c) for e, c in zip(examples, conversations)]
-    predictions = generate_answers(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    result = score(metric, predictions, list(references), **options)
+    outputs = generate_answers(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    thoughts, predictions = zip(*map(split_reasoning, outputs)) if outputs else ((), ())  # scored: the answer
+    result = score(metric, list(predictions), list(references), **options)
     rows = [
-        {"source": e.source, "prompt": c[-1]["content"] if c else "", "reference": r, "prediction": p, "score": s, **({"details": d} if d else {})}
-        for e, c, r, p, s, d in zip(examples, conversations, references, predictions, result.per_example, result.details or [{}] * len(examples))
+        {"source": e.source, "prompt": c[-1]["content"] if c else "", "reference": r, "prediction": p, "score": s,
+         **({"reasoning": t} if t is not None else {}), **({"details": d} if d else {})}
+        for e, c, r, p, t, s, d in zip(examples, conversations, references, predictions, thoughts, result.per_example,
+                                       result.details or [{}] * len(examples))
     ]
     return {"metric": metric, "score": result.score, "options": {k: str(v) for k, v in options.items()}, "examples": rows}
 

@@ -90,7 +90,7 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
     if not 0 <= example < len(examples.train):
         raise TunelabError(f"--example {example}: the training set has {len(examples.train)} examples")
     chosen = examples.train[example]
-    rendered = render_example(chosen, tokenizer, loss_on=config.data.loss_on)
+    rendered = render_example(chosen, tokenizer, loss_on=config.data.loss_on, reasoning=config.data.train_on_reasoning)
     inspect_report(data.train_stats, rendered, console, title=f"train ({chosen.source})")
     if data.eval_stats is not None:
         inspect_report(data.eval_stats, [], console, title="eval")
