@@ -42,7 +42,8 @@ def test_a_template_that_is_not_fixed_text_gets_no_template_line():
 
 def _figures(**changes):
     base = {"n_prompts": 4, "prompt_tokens_equal": 4, "template": {"passed": True}, "greedy_agreement": 1.0,
-            "perplexity_increase": 0.001}
+            "perplexity_increase": 0.001, "stops": {"eos_gguf": 2, "eos_tokenizer": 2, "not_end_of_generation": [],
+                                                   "chat_template_equal": True}}
     return {**base, **changes}
 
 
@@ -51,3 +52,12 @@ def test_thresholds_by_quantization():
     assert judge(_figures(greedy_agreement=0.5), "f16") and not judge(_figures(greedy_agreement=0.5, perplexity_increase=0.2), "q4_0")
     assert "tokenized 1 of 4" in judge(_figures(prompt_tokens_equal=3), "q4_0")[0]
     assert "chat template" in judge(_figures(template={"passed": False}), "q8_0")[0]
+    assert judge(_figures(greedy_agreement=0.3, perplexity_increase=0.3), "q4_K_M") == []
+
+
+def test_a_file_that_would_not_stop_is_refused():
+    """Unsloth's most reported GGUF bug: an eos or end-of-turn token llama.cpp does not stop at."""
+    stops = {"eos_gguf": 2, "eos_tokenizer": 2, "not_end_of_generation": [], "chat_template_equal": True}
+    assert "eos token is id 0, the tokenizer's id 2" in judge(_figures(stops={**stops, "eos_gguf": 0}), "f16")[0]
+    assert "would not stop at the end-of-turn token(s) [7]" in judge(_figures(stops={**stops, "not_end_of_generation": [7]}), "f16")[0]
+    assert "not the training template" in judge(_figures(stops={**stops, "chat_template_equal": False}), "f16")[0]

@@ -1,5 +1,6 @@
-"""Export: a run (merged) or model as HF safetensors, GGUF (f16/q8_0/q4_0, with an Ollama Modelfile) or a GGUF
-LoRA adapter, each checked against the HF model in llama.cpp before it is published (``export_model``).
+"""Export: a run (merged) or model as HF safetensors, GGUF (f16/bf16/q8_0 and llama.cpp's K-quants, with an Ollama
+Modelfile) or a GGUF LoRA adapter, written by llama.cpp's own converter and quantizer and each checked against
+the HF model in llama.cpp before it is published (``export_model``).
 
 The formats are a registry (``EXPORTERS``, ``export.formats``): each exporter module registers its own. Names
 are loaded on first use, so ``tunelab --help`` (which imports ``tunelab.export.cli``) does not import
@@ -11,8 +12,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-_WHERE = {"export_model": "pipeline", "EXPORTERS": "formats", "write_gguf": "gguf_model", "QUANTS": "gguf_model",
-          "SUPPORTED_ARCHS": "gguf_model"}
+_WHERE = {"export_model": "pipeline", "EXPORTERS": "formats", "write_gguf": "converter", "QUANTS": "converter"}
 
 __all__ = sorted([*_WHERE, "FORMATS"])
 

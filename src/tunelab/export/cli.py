@@ -19,8 +19,8 @@ def register(app: typer.Typer) -> None:
 def export_command(
     source: Annotated[Path, typer.Argument(help="a finished run directory (merged first) or a Hugging Face model directory")],
     format: Annotated[str, typer.Option("--format", help="hf | gguf | gguf-lora (a run's LoRA adapter for llama.cpp --lora)")] = "gguf",
-    quant: Annotated[str, typer.Option("--quant", help="f16 | q8_0 | q4_0 (GGUF formats)")] = "f16",
-    out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: beside the source)")] = None,
+    quant: Annotated[str, typer.Option("--quant", help="f16 | bf16 | q8_0 | q6_K | q5_K_M | q4_K_M | q4_0 (GGUF formats; llama.cpp's quantizer)")] = "f16",
+    out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default: beside the source); a path ending in .gguf is the GGUF file alone")] = None,
     force: bool = typer.Option(False, "--force", help="publish even if the llama.cpp check fails (recorded in the report)"),
     prompts: int = typer.Option(8, min=1, help="held prompts to check on (the run's eval examples, else the probe)"),
     new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy tokens generated per held prompt (default: the "

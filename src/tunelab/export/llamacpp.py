@@ -104,6 +104,18 @@ class Runtime:
         log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
         return logits[np.arange(len(continuation)), continuation] - log_z
 
+    def eos(self) -> int:
+        """The end-of-sequence token id llama.cpp read from the file."""
+        import llama_cpp
+
+        return int(llama_cpp.llama_vocab_eos(self.llm._model.vocab))
+
+    def is_end_of_generation(self, token: int) -> bool:
+        """Whether llama.cpp ends generation at ``token`` (its eos, eot or another end-of-generation token)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
+
     def chat_template(self) -> str | None:
         """The chat template stored in the GGUF file, as llama.cpp reads it."""
         return self.llm.metadata.get("tokenizer.chat_template")

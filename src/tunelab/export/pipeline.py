@@ -3,6 +3,7 @@
 The output folder appears complete (model file, ``Modelfile``, ``export_report.json``, ``README.md``) or
 not at all: everything is written into a temporary folder beside it and renamed into place
 (``tunelab.atomic.atomic_dir``), so a failed check, a crash or a full disk leaves nothing half-written.
+An output path ending in ``.gguf`` is the file alone, renamed into place the same way.
 """
 
 from __future__ import annotations
@@ -56,34 +57,43 @@ def _gguf_name(source: Source, quant: str) -> str:
 
 def export_model(path: str | Path, fmt: str = "gguf", quant: str = "f16", out: str | Path | None = None, *,
                  force: bool = False, prompts: int = 8, new_tokens: int | None = None) -> dict[str, Any]:
-    """Export a run (merged) or HF model directory, verified, into a new folder.
+    """Export a run (merged) or HF model directory, verified, into a new folder (or one ``.gguf`` file).
 
     Args:
         path: A finished tunelab run directory or a Hugging Face model directory.
         fmt: ``hf`` (the merged model as safetensors), ``gguf`` (one GGUF file plus an Ollama Modelfile) or
             ``gguf-lora`` (a run's LoRA adapter as a GGUF adapter for llama.cpp's ``--lora``).
-        quant: ``f16``, ``q8_0`` or ``q4_0`` (GGUF formats).
-        out: Folder to write; default beside the source (see :func:`default_out`).
+        quant: A GGUF type of ``tunelab.export.checks.THRESHOLDS`` (``f16``, ``bf16``, ``q8_0``, ``q6_K``,
+            ``q5_K_M``, ``q4_K_M``, ``q4_0``; any case).
+        out: Folder to write, default beside the source (see :func:`default_out`); a path ending in ``.gguf``
+            (GGUF formats) is the file itself, written alone (the report is returned, not saved).
         force: Publish even when a check fails (recorded in the report), or without llama.cpp to check with.
         prompts: Held prompts to check on.
         new_tokens: Greedy tokens generated per prompt; default the run's ``eval.max_new_tokens`` when the
             prompts are its eval examples (so the task score is the run's own), else 32.
 
     Returns:
-        The export report, also written to ``out/export_report.json``.
+        The export report, also written to ``out/export_report.json`` when ``out`` is a folder.
 
     Raises:
-        TunelabError: Bad input (see :func:`tunelab.export.source.open_source`), an unsupported architecture or
-            tokenizer, or a failed check without ``force``; nothing is written then.
+        TunelabError: Bad input (see :func:`tunelab.export.source.open_source`), an architecture llama.cpp's
+            converter does not support, or a failed check without ``force``; nothing is written then.
     """
+    from tunelab.export.converter import canonical_quant
+
     exporter = EXPORTERS.find(fmt)
     if exporter is None:
         raise TunelabError(f"--format {fmt!r}: use one of {', '.join(EXPORTERS.names())}")
-    if quant not in THRESHOLDS:
+    if canonical_quant(quant) not in THRESHOLDS:
         raise TunelabError(f"--quant {quant!r}: use one of {', '.join(THRESHOLDS)}")
+    quant = str(canonical_quant(quant))
     started = time.time()
     source = open_source(path, fmt)
     target = Path(out) if out is not None else default_out(source, fmt, quant)
+    if fmt != "hf" and target.suffix.lower() == ".gguf":
+        report = _export_file(exporter, source, target, quant, force, prompts, new_tokens)
+        report.update(source=str(source.path), output=str(target), format=fmt, seconds=round(time.time() - started, 2))
+        return report
     _check_out(source, target)
     with atomic_dir(target) as tmp:
         report = exporter(source, tmp, quant, force, prompts, new_tokens)
@@ -91,6 +101,30 @@ def export_model(path: str | Path, fmt: str = "gguf", quant: str = "f16", out: s
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for item in tmp.iterdir():
             item.chmod(0o644)
+    return report
+
+
+def _export_file(exporter: Any, source: Source, target: Path, quant: str, force: bool, prompts: int,
+                 new_tokens: int | None) -> dict[str, Any]:
+    """``--out x.gguf``: the export runs in a temporary folder beside ``target``; only its GGUF is renamed into place."""
+    import os
+
+    from tunelab.atomic import fsync_dir, make_temp_dir, recover_output
+
+    recover_output(target)  # temporaries of a killed earlier export of this file
+    if target.is_dir():
+        raise TunelabError(f"export output {target} is a folder; name a new .gguf file or a folder without the suffix")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(target.parent, target.name, "tmp")
+    try:
+        report = exporter(source, tmp, quant, force, prompts, new_tokens)
+        written = tmp / report["file"]
+        written.chmod(0o644)
+        os.replace(written, target)
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report["file"] = target.name
     return report
 
 
@@ -109,26 +143,27 @@ def _export_hf(source: Source, tmp: Path, quant: str, force: bool, prompts: int,
     return {"merge": {"verification": report["verification"]}}
 
 
-@register_exporter("gguf", summary="one GGUF file plus an Ollama Modelfile")
+@register_exporter("gguf", summary="one GGUF file (llama.cpp's converter and quantizer) plus an Ollama Modelfile")
 def _export_gguf(source: Source, tmp: Path, quant: str, force: bool, prompts: int, new_tokens: int | None) -> dict[str, Any]:
     from tunelab.export.card import model_card
-    from tunelab.export.gguf_model import write_gguf
+    from tunelab.export.converter import write_gguf
+    from tunelab.export.ggufinfo import read_info
     from tunelab.export.modelfile import modelfile_text
-    from tunelab.export.gguf_vocab import build_vocab
     from tunelab.generation import end_of_turn_ids
 
     hf_dir, merge = _hf_model_dir(source, tmp, prompts)
-    model, tokenizer = _load_hf(hf_dir)
     gguf = tmp / _gguf_name(source, quant)
-    counts = write_gguf(gguf, model, tokenizer, quant, source.name)
-    adds_bos = build_vocab(tokenizer, int(model.config.vocab_size)).add_bos
+    write_gguf(hf_dir, gguf, quant, source.name)
+    info = read_info(gguf)
+    model, tokenizer = _load_hf(hf_dir)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)]
-    modelfile, parity = modelfile_text(gguf.name, tokenizer, stops, adds_bos)
+    modelfile, parity = modelfile_text(gguf.name, tokenizer, stops, bool(info["add_bos"]))
     (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
     verification = verify_gguf(gguf, model, tokenizer, source, quant, force, prompts, new_tokens)
     if hf_dir != source.path:
         shutil.rmtree(hf_dir)  # the merge was only the way to the GGUF
-    report = {"file": gguf.name, "bytes": gguf.stat().st_size, "quant": quant, "tensor_types": counts,
+    report = {"file": gguf.name, "bytes": gguf.stat().st_size, "quant": quant, "architecture": info["architecture"],
+              "tensor_types": info["tensor_types"], "converter": info["converter"],
               "modelfile": {"stops": stops, "template_parity": parity},
               "merge": {"verification": merge["verification"]} if merge else None, "verification": verification}
     (tmp / "README.md").write_text(model_card(source, report), encoding="utf-8")
