@@ -37,6 +37,7 @@ from tunelab.generation.constrain import Grammar
 from tunelab.serving.limits import BodyLimitMiddleware, Limits, check_prompt_chars
 from tunelab.serving.metrics import UNMATCHED, Metrics
 from tunelab.serving.models import Registry, ServedModel
+from tunelab.serving.reasoning import ReasoningStream, opens_reasoning
 from tunelab.serving.protocol import (APIError, ChatRequest, CompletionRequest, LoadLoraRequest, SamplingFields,
                                       UnloadLoraRequest, chat_chunk, chat_response, completion_response, error_body,
                                       new_id, require_text, stream_chunk, usage_chunk)
@@ -248,11 +249,12 @@ def _add_completion_routes(app) -> None:
         conversation = body.conversation()
         plan = await asyncio.to_thread(plan_for, body, served.tokenizer)  # compiles a grammar: milliseconds
         prompt = render(served.tokenizer, conversation, plan)
+        opened = opens_reasoning(served.tokenizer, conversation, plan.tools)
         if body.stream:
-            return await _streamed(app, served, body, prompt, chat=True, plan=plan)
+            return await _streamed(app, served, body, prompt, chat=True, plan=plan, opened=opened)
         job, future = await _admit(app, served, body, [prompt], constraint=plan.grammar)
         completions = await _result(job, future)
-        answer = chat_response(served.id, completions, answer_of(plan))
+        answer = chat_response(served.id, completions, answer_of(plan, opened))
         app.state.metrics.observe_tokens(served.id, answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"])
         return answer
 
@@ -277,9 +279,11 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _streamed(app, served: ServedModel, body: SamplingFields, prompt: Any, *, chat: bool, plan: Plan | None = None):
+async def _streamed(app, served: ServedModel, body: SamplingFields, prompt: Any, *, chat: bool, plan: Plan | None = None,
+                    opened: bool = False):
     """Server-sent events: text deltas as decoded, then the finish reason (and usage if asked), then ``[DONE]``;
-    tool calls are held back and sent as ``tool_calls`` deltas at the end (:mod:`serving.toolcalls`)."""
+    a chat's reasoning goes out as ``reasoning_content`` deltas (:mod:`serving.reasoning`), tool calls are held back
+    and sent as ``tool_calls`` deltas at the end (:mod:`serving.toolcalls`)."""
     if body.n > 1:
         raise APIError(400, "n > 1 with stream is not supported: stream one choice per request", param="n")
     loop = asyncio.get_running_loop()
@@ -287,6 +291,7 @@ async def _streamed(app, served: ServedModel, body: SamplingFields, prompt: Any,
     job, future = await _admit(app, served, body, [prompt], on_delta=lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
                                constraint=plan.grammar if plan else None)
     calls = ToolStream(plan) if plan is not None and plan.parse else None
+    thoughts = ReasoningStream(opened) if chat else None
     future.add_done_callback(lambda f: loop.call_soon_threadsafe(deltas.put_nowait, _DONE))
     chunk_id = new_id("chatcmpl" if chat else "cmpl")
 
@@ -297,14 +302,18 @@ async def _streamed(app, served: ServedModel, body: SamplingFields, prompt: Any,
             pieces = []
             while (item := await deltas.get()) is not _DONE:
                 pieces.append(item)
-                if text := (calls.feed(item) if calls else item):
-                    yield _sse(stream_chunk(chat, chunk_id, served.id, text))
+                for chunk in _deltas(chat, chunk_id, served.id, item, thoughts, calls):
+                    yield chunk
             if future.exception() is not None:
                 yield _sse(error_body(f"generation failed: {future.exception()}", type="server_error"))
                 return
             # The stream hands out text, not tokens: completion tokens are counted by re-encoding the text.
             generated = len(served.tokenizer("".join(pieces), add_special_tokens=False)["input_ids"])
             finish = "length" if generated >= job.settings.max_new_tokens else "stop"
+            if thoughts:
+                reasoning, rest = thoughts.finish()
+                for chunk in _deltas(chat, chunk_id, served.id, rest, None, calls, reasoning):
+                    yield chunk
             if calls:
                 held, finish = calls.finish(chunk_id, served.id, finish)
                 for chunk in held:
@@ -319,6 +328,17 @@ async def _streamed(app, served: ServedModel, body: SamplingFields, prompt: Any,
             job.cancelled = True  # a reader that went away frees the worker at the next token
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _deltas(chat: bool, chunk_id: str, model_id: str, item: str, thoughts: ReasoningStream | None, calls: ToolStream | None,
+            reasoning: str = ""):
+    """The events of one generated delta: its reasoning part, then the text that may go out now."""
+    if thoughts is not None:
+        reasoning, item = thoughts.feed(item)
+    if reasoning:
+        yield _sse(chat_chunk(chunk_id, model_id, {"reasoning_content": reasoning}))
+    if text := (calls.feed(item) if calls else item):
+        yield _sse(stream_chunk(chat, chunk_id, model_id, text))
 
 
 def _add_adapter_routes(app) -> None:

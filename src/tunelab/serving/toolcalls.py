@@ -18,6 +18,7 @@ from tunelab.data.tool_parse import parse_tool_calls
 from tunelab.data.tools import CALL_OPEN
 from tunelab.generation import Completion
 from tunelab.serving.protocol import chat_chunk
+from tunelab.serving.reasoning import with_reasoning
 from tunelab.serving.structured import Plan
 
 _BARE_OPENINGS = ("{", "[", "```", "<|python_tag|>")  # how a Llama-style answer that is one JSON call starts
@@ -35,17 +36,19 @@ def openai_calls(text: str) -> tuple[str | None, list[dict]]:
     return parsed.text or None, calls
 
 
-def answer_of(plan: Plan):
-    """``chat_response``'s ``answer``: a completion's message and finish reason under ``plan``."""
+def answer_of(plan: Plan, opened: bool = False):
+    """``chat_response``'s ``answer``: a completion's message (its reasoning as ``reasoning_content``) and finish
+    reason under ``plan``; ``opened``: the prompt opened a reasoning block."""
 
     def answer(completion: Completion) -> tuple[dict, str]:
+        message, text = with_reasoning({"role": "assistant"}, completion.text, opened)
         if not plan.parse:
-            return {"role": "assistant", "content": completion.text}, completion.finish_reason
-        content, calls = openai_calls(completion.text)
+            return {**message, "content": text}, completion.finish_reason
+        content, calls = openai_calls(text)
         if not calls:
-            return {"role": "assistant", "content": content}, completion.finish_reason
+            return {**message, "content": content}, completion.finish_reason
         finish = "tool_calls" if completion.finish_reason == "stop" else completion.finish_reason
-        return {"role": "assistant", "content": content, "tool_calls": calls}, finish
+        return {**message, "content": content, "tool_calls": calls}, finish
 
     return answer
 
