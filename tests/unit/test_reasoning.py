@@ -97,3 +97,13 @@ def test_evaluation_scores_the_answer_after_the_reasoning():
     example = Example(messages=[{"role": "user", "content": "q"},
                                 {"role": "assistant", "content": "<think>\nr\n</think>\n\n5."}], source="t:1")
     assert split_example(example)[1] == "5."
+
+
+def test_the_served_prompt_is_the_trained_prompt(qwen3):
+    """Train/serve token parity: the tokens before a trained answer are what `tunelab serve` and evaluation render."""
+    from tunelab.generation.generate import render_prompt
+
+    example = _example(("2+3?", "add them", "5."), ("times 4?", "5 times 4", "20."))
+    (tokenized,), _ = tokenize_examples([example], qwen3)
+    first = next(i for i, label in enumerate(tokenized.labels) if label != -100)
+    assert tokenized.input_ids[:first] == render_prompt(qwen3, example.messages[:-1])
