@@ -92,3 +92,30 @@ def test_every_method_with_every_recipe_loads_light(tmp_path):
 
 def test_the_check_catches_a_heavy_import():
     assert _problems(["torch.nn", "tunelab.methods.lora", "tunelab.resolve"], ALLOWED) == ["torch", "tunelab.methods.lora"]
+
+
+def test_a_declared_entry_is_imported_only_when_it_is_got(tmp_path, monkeypatch):
+    from tunelab.registry import Registry
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "declared_entry_mod.py").write_text(
+        "from tunelab_test_registry import REG\nREG.register('one', 'the entry', extra=2)\n", encoding="utf-8")
+    (tmp_path / "declared_nothing_mod.py").write_text("", encoding="utf-8")
+    registry = Registry("thing")
+    monkeypatch.setitem(sys.modules, "tunelab_test_registry", type(sys)("tunelab_test_registry"))
+    sys.modules["tunelab_test_registry"].REG = registry
+    registry.declare("one", "declared_entry_mod", light=1)
+    registry.declare("two", "declared_nothing_mod")
+    assert registry.names() == ["one", "two"] and "one" in registry
+    assert registry.capabilities("one") == {"light": 1} and "declared_entry_mod" not in sys.modules
+    assert registry.get("one") == "the entry" and registry.capabilities("one") == {"light": 1, "extra": 2}
+    with pytest.raises(LookupError, match="declared_nothing_mod was declared to register it"):
+        registry.get("two")
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.declare("one", "declared_entry_mod")
+    with pytest.raises(KeyError, match="did you mean 'one'"):
+        registry.capabilities("onee")
+    registry.declare("three", "declared_nothing_mod", light=1)
+    with pytest.raises(ValueError, match="registers light other than it was declared with"):
+        registry.register("three", "x", light=2)
+    monkeypatch.delitem(sys.modules, "declared_entry_mod")
