@@ -46,10 +46,10 @@ def train(
     cfg = load_config(config, overrides or [])  # a bad config fails here, once, before N processes start
     launched = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if nproc > 1 and not launched:
-        from tunelab.training.launch import launch
+        import subprocess
 
         args = [str(config), *(overrides or []), *(["--resume"] if resume else []), *(["--force"] if force else [])]
-        if (status := launch(nproc, args)) != 0:
+        if (status := subprocess.call(launch_command(nproc, args), env=launch_env(nproc))) != 0:
             print_error(f"training on {nproc} processes failed (status {status}); the failing process's error is above")
             raise typer.Exit(status if status != 1 else 2)
         return
@@ -59,6 +59,29 @@ def train(
         return
     loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
     console.print(f"Done in {result.train_seconds:.1f} s: {result.steps} steps, final train loss {loss}. Run: {result.run_dir}", markup=False)
+
+
+def launch_command(nproc: int, train_args: list[str]) -> list[str]:
+    """``tunelab train --nproc N``: the torchrun command line (``python -m torch.distributed.run``) that runs
+    ``tunelab train TRAIN_ARGS`` on ``nproc`` processes of this machine.
+
+    torchrun picks a free rendezvous port (``--standalone``), sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` for each
+    process, and when one process fails it stops the others, so a failing rank ends the job with its error instead
+    of leaving the rest waiting at a collective. Multi-node jobs call ``torchrun`` (or ``accelerate launch``)
+    themselves: see the README.
+    """
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "tunelab", "train", *train_args]
+
+
+def launch_env(nproc: int) -> dict[str, str]:
+    """The environment of the launched processes: on a CPU, the cores shared out between them (torchrun's
+    default is one thread each) unless ``OMP_NUM_THREADS`` is set already."""
+    import os
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
 
 
 @data_app.command("inspect")

@@ -7,6 +7,11 @@ and is found by name with a "did you mean" on a typo. A registry may know the mo
 entries (``modules``) and import them on first use, so listing names does not import every entry at
 import time of the package, and no caller imports an entry module for its side effect.
 
+An entry may also be *declared* before its module is imported (:meth:`Registry.declare`): its name, the
+module that registers it and the capabilities a caller reads without running it. ``names``, ``in`` and
+``capabilities`` then answer from the declaration, and only ``get`` imports the module. That is how loading a
+config reads a method's options class without importing torch (``tunelab.methods``, ``tunelab.resolve``).
+
 :func:`load_object` is the one place a user's ``package.module:name`` string becomes a Python object
 (custom metrics, reward functions, environments); it says which part of the string is wrong.
 
@@ -37,16 +42,32 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, modules: tuple[str, ...] = ()):
         self.kind, self.modules = kind, modules
         self._entries: dict[str, T] = {}
+        self._declared: dict[str, str] = {}  # name -> module that registers it, for names declared ahead
         self._capabilities: dict[str, dict[str, Any]] = {}
         self._loaded = not modules
 
     def register(self, name: str, entry: T, **capabilities: Any) -> T:
-        """Add ``entry`` under ``name`` with its declared capabilities; a name registered twice is a bug."""
+        """Add ``entry`` under ``name`` with its capabilities (added to those declared); a name registered twice is a bug."""
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
+        declared = self._capabilities.get(name, {})
+        clash = sorted(k for k in capabilities if k in declared and capabilities[k] != declared[k])
+        if clash:
+            raise ValueError(f"{self.kind} {name!r} registers {', '.join(clash)} other than it was declared with")
         self._entries[name] = entry
-        self._capabilities[name] = dict(capabilities)
+        self._capabilities[name] = {**declared, **capabilities}
         return entry
+
+    def declare(self, name: str, module: str, **capabilities: Any) -> None:
+        """Name an entry that importing ``module`` registers, with the capabilities callers read before it runs.
+
+        ``names``, ``in`` and ``capabilities`` answer from the declaration; ``get`` imports ``module`` on the
+        first lookup of ``name``.
+        """
+        if name in self._declared or name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._declared[name] = module
+        self._capabilities[name] = dict(capabilities)
 
     def decorator(self, name: str, **capabilities: Any) -> Callable[[T], T]:
         """``@registry.decorator("name", flag=True)`` registers the decorated function or class."""
@@ -69,39 +90,48 @@ class Registry(Generic[T]):
             KeyError: with a message naming the close matches and every name.
         """
         self._load()
+        if name not in self._entries and name in self._declared:
+            importlib.import_module(self._declared[name])
+            if name not in self._entries:
+                raise LookupError(f"{self.kind} {name!r}: module {self._declared[name]} was declared to register it "
+                                  "and does not")
         if name not in self._entries:
             raise KeyError(self.unknown(name))
         return self._entries[name]
 
     def find(self, name: str) -> T | None:
         """The entry called ``name``, or None."""
-        self._load()
-        return self._entries.get(name)
+        return self.get(name) if name in self else None
 
     def unknown(self, name: str) -> str:
         """The message for a name that is not registered: close matches first, then every name."""
         self._load()
-        close = difflib.get_close_matches(str(name), list(self._entries), n=3)
+        close = difflib.get_close_matches(str(name), self.names(), n=3)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         return f"unknown {self.kind} {name!r}; {hint}choose one of: {', '.join(self.names())}"
 
     def names(self) -> list[str]:
         """Every registered name, sorted."""
         self._load()
-        return sorted(self._entries)
+        return sorted({*self._entries, *self._declared})
 
     def capabilities(self, name: str) -> dict[str, Any]:
-        """What ``name`` declared when it registered (a copy)."""
-        self.get(name)
+        """What ``name`` declared or registered with (a copy); a declared entry's module is not imported.
+
+        Raises:
+            KeyError: as :meth:`get`.
+        """
+        if name not in self:
+            raise KeyError(self.unknown(name))
         return dict(self._capabilities[name])
 
     def items(self) -> Iterator[tuple[str, T]]:
-        self._load()
-        return iter(sorted(self._entries.items()))
+        """Every (name, entry), sorted; imports the modules of declared entries."""
+        return iter([(name, self.get(name)) for name in self.names()])
 
     def __contains__(self, name: object) -> bool:
         self._load()
-        return name in self._entries
+        return name in self._entries or name in self._declared
 
 
 def load_object(spec: str, *, what: str = "object") -> Any:

@@ -6,9 +6,11 @@ recipe, whose own options class validates the section, the recipe declares what 
 method fills in the learning rate the config left out. What it returns is frozen: nothing downstream assigns
 into it (a derived description is a copy, ``tunelab.config.schema.updated``). Every problem is reported at once, with its file:line.
 
-It sits in the application layer, above ``config/``, ``methods/`` and the recipes' registry
-(``tunelab.recipes``, whose entry modules it imports only to read their options classes), and below the
-commands that load configs (``cli``, ``compare``, ``pipeline``, the dashboard's launch rules).
+It sits in the application layer, above ``config/``, ``methods/`` and the recipes' registry, and below the
+commands that load configs (``cli``, ``compare``, ``pipeline``, the dashboard's launch rules). It reads only
+what methods and recipes *declare* (``tunelab.methods``, ``tunelab.recipes``: options classes, default rate,
+needs), never their implementations, so loading a config imports no torch, transformers or peft and commands
+that only read configs (``tunelab plan``, the dashboard) start fast; ``tests/unit/test_light_config.py`` holds it so.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tunelab.errors import ConfigError
 def _method_options(name: str):
     from tunelab.methods import METHODS
 
-    return METHODS.get(name).options_class
+    return METHODS.capabilities(name)["options_class"]
 
 
 def _recipe_options(name: str):
@@ -78,7 +80,7 @@ def _declare(config: RunConfig, lines: dict, source: str) -> tuple[RunConfig, li
     recipe = RECIPES.get(config.recipe.name)
     config.recipe.declare(recipe.needs(config.recipe))  # still resolving: nothing has read this config yet
     if config.train.lr is None:
-        config = updated(config, train=updated(config.train, lr=METHODS.get(config.method.name).default_lr))
+        config = updated(config, train=updated(config.train, lr=METHODS.capabilities(config.method.name)["default_lr"]))
     if config.data.format == "fim" and not recipe.trains_fim:
         readers = " or ".join(name for name, entry in RECIPES.items() if entry.trains_fim)
         return config, [problem_at(lines, source, "data.format", f"data.format fim trains on code files with recipe "

@@ -11,7 +11,7 @@ from tunelab.planning.distributed import per_rank
 from tunelab.planning.memory import MemoryEstimate
 from tunelab.planning.shape import ModelShape
 from tunelab.training.distributed import World, share
-from tunelab.training.launch import launch_command, launch_env
+from tunelab.cli import launch_command, launch_env
 from tunelab.training.plan import StepPlan
 
 

@@ -20,7 +20,7 @@ from tunelab.planning import (
 )
 from tunelab.recipes.sft import adamw
 from tunelab.stages.profile import profile_data
-from tunelab.training.recompute import enable_checkpointing, limit_checkpointing
+from tunelab.stages.model import enable_checkpointing, limit_checkpointing
 
 
 

@@ -28,16 +28,16 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import MethodDefaults
 from tunelab.methods.footprint import Footprint, ShapeLike, block_linears
+from tunelab.methods.options import AdapterOptions
 
 CONFIG_FILE = "tunelab_adapter.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -54,28 +54,6 @@ _AUTO_TARGET_GROUPS: tuple[tuple[str, ...], ...] = (
 )
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-class AdapterOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    bottleneck: int = Field(64, gt=0, description="adapter width m (d -> m -> d)")
-    nonlinearity: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
-    init_scale: float = Field(1e-3, gt=0, description="std of the normal init of the down-projection; up starts at zero")
-    target_modules: list[str] | None = Field(
-        None,
-        min_length=1,
-        description="linear layers to put an adapter after, by name or dotted suffix (e.g. [o_proj, down_proj]); "
-        "None = the last linear layer of every attention and MLP sublayer",
-    )
-
-    @field_validator("target_modules")
-    @classmethod
-    def _no_empty_names(cls, names: list[str] | None) -> list[str] | None:
-        # an empty name matches no module; said here rather than by apply(), after the untuned evaluation
-        if names is not None and any(not n.strip() for n in names):
-            raise ValueError(f"module names must not be empty (got {names}); e.g. [o_proj, down_proj]")
-        return names
 
 
 class BottleneckAdapter(nn.Module):
@@ -210,10 +188,8 @@ class HoulsbyAdapter(MethodDefaults):
     """
 
     name = "adapter"
-    options_class = AdapterOptions
     artifact = "adapter"
     mergeable = False
-    default_lr = 1e-3
     detachable = True
     incompatible: frozenset[str] = frozenset()
 

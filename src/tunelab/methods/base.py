@@ -2,24 +2,32 @@
 
 A method is one object with an options class (pydantic) and four verbs: ``apply`` (make the model
 trainable the method's way), ``save`` / ``load`` (its artifact) and ``merge`` (fold it into the base
-weights, where that is possible). Methods register themselves by name with :func:`register_method` in
-:data:`METHODS` (a :class:`tunelab.registry.Registry`); adding a method means adding a module to this package
-and importing it in ``__init__``; no central if/elif anywhere else. Optional capabilities are declared as
-attributes with defaults (``tunelab.methods.common.MethodDefaults``), never probed with ``getattr``. ``tunelab.methods.common`` has the defaults and the peft-backed base class.
+weights, where that is possible). Each method is declared by name in :data:`METHODS` (a
+:class:`tunelab.registry.Registry`) with :func:`declare_method`: the module that implements it, its options
+class and its default learning rate, which is what loading a config reads; the implementation module is
+imported on the first :func:`get_method` of that name, where its class registers with :func:`register_method`
+(which gives the class the declared options class and rate, so each is written once). No central if/elif
+anywhere else. Optional capabilities are declared as attributes with defaults
+(``tunelab.methods.common.MethodDefaults``), never probed with ``getattr``. ``tunelab.methods.common`` has the
+defaults and the peft-backed base class.
+
+Imports no torch (only under ``TYPE_CHECKING``): ``tunelab.resolve`` imports this module to load a config.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
 from pydantic import BaseModel
-from torch import nn
 
 from tunelab.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @runtime_checkable
@@ -27,14 +35,15 @@ class TuningMethod(Protocol):
     """What every tuning method provides."""
 
     name: str
-    options_class: type[BaseModel]
+    options_class: type[BaseModel]  # declared with declare_method, set on the class by register_method
     artifact: str  # name of the run-dir folder holding the result: "adapter" or "model"
     mergeable: bool  # merge() folds the update into the base weights (same outputs, no extra modules)
     detachable: bool  # disabled() gives back the base model's function (False where base weights change)
     # Run features the method cannot be combined with, checked before training starts; any of
     # "packing" (several examples per row) and "gradient_checkpointing".
     incompatible: frozenset[str]
-    default_lr: float  # train.lr when the config leaves it out: methods with few parameters need larger steps
+    # train.lr when the config leaves it out: methods with few parameters need larger steps (declared, as options_class)
+    default_lr: float
     # The input embedding itself trains, so tokens a chat-template fallback adds are trained (full fine-tuning);
     # methods with a ``trainable_token_indices`` option train just those rows instead.
     trains_embeddings: bool
@@ -80,14 +89,28 @@ class TuningMethod(Protocol):
         ...
 
 
-# Importing the package registers every method (its ``__init__`` imports their modules).
-METHODS: Registry[TuningMethod] = Registry("method", modules=("tunelab.methods",))
+# The package's ``__init__`` declares every method; their modules are imported on first lookup.
+METHODS: Registry[TuningMethod] = Registry("method")
+
+
+def declare_method(name: str, module: str, options_class: type[BaseModel], *, default_lr: float) -> None:
+    """Declare the method ``name``: ``module`` implements (and registers) it; ``options_class`` validates its
+    config section and ``default_lr`` is ``train.lr`` where the config leaves it out, both read without
+    importing ``module``."""
+    METHODS.declare(name, module, options_class=options_class, default_lr=default_lr)
 
 
 def register_method(method_class: type) -> type:
-    """Class decorator: instantiate the method and register it under its ``name``."""
+    """Class decorator: instantiate the method and register it under its ``name``.
+
+    A declared method's class gets the declared ``options_class`` and ``default_lr``; an undeclared one (a
+    plugin's) keeps its own and registers them as capabilities, so ``tunelab.resolve`` reads either alike.
+    """
+    if method_class.name in METHODS:
+        declared = METHODS.capabilities(method_class.name)
+        method_class.options_class, method_class.default_lr = declared["options_class"], declared["default_lr"]
     instance = method_class()
-    METHODS.register(instance.name, instance)
+    METHODS.register(instance.name, instance, options_class=instance.options_class, default_lr=instance.default_lr)
     return method_class
 
 
@@ -100,7 +123,7 @@ def method_names() -> list[str]:
     return METHODS.names()
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, "nn.Parameter"]:
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters that require grad, by name; what checkpoints save and the optimizer updates."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -109,7 +132,7 @@ def _logical_numel(p) -> int:
     """Weights a parameter stands for: a 4-bit quantized tensor packs two weights per stored byte."""
     quant_state = getattr(p, "quant_state", None)
     shape = getattr(quant_state, "shape", None)
-    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
+    return math.prod(int(n) for n in shape) if shape is not None else p.numel()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -12,7 +12,6 @@ import json
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -20,35 +19,10 @@ from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import MethodDefaults
 from tunelab.methods.footprint import Footprint, ShapeLike
+from tunelab.methods.options import FreezeOptions
 
 CONFIG_FILE = "tunelab_freeze.json"
 WEIGHTS_FILE = "trained_weights.safetensors"
-
-
-class FreezeOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    last_n_blocks: int = Field(2, ge=0, description="train the last N transformer blocks")
-    modules: list[str] = Field(default_factory=list, description="also train parameters whose name matches any of these regexes, e.g. ['norm.weight$']")
-
-    # Checked here so that load_config reports them with the config line, not apply() minutes into a run.
-    @field_validator("modules")
-    @classmethod
-    def _modules_are_regexes(cls, modules: list[str]) -> list[str]:
-        for pattern in modules:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc}); "
-                                 r"escape special characters, e.g. 'lm_head\.weight$'") from None
-        return modules
-
-    @model_validator(mode="after")
-    def _trains_something(self):
-        if self.last_n_blocks == 0 and not self.modules:
-            raise ValueError("nothing to train: method.last_n_blocks is 0 and method.modules is empty; "
-                             "set last_n_blocks > 0 or name parameters in modules")
-        return self
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -76,10 +50,8 @@ def _trained_names(model: nn.Module, options: FreezeOptions) -> list[str]:
 @register_method
 class FreezeTuning(MethodDefaults):
     name = "freeze"
-    options_class = FreezeOptions
     artifact = "weights"
     mergeable = True  # the update already is a change of base weights
-    default_lr = 1e-4
 
     def apply(self, model: nn.Module, options: FreezeOptions) -> nn.Module:
         trained = set(_trained_names(model, options))

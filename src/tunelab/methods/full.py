@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from tunelab.methods.base import register_method
 from tunelab.methods.common import MethodDefaults
 from tunelab.methods.footprint import Footprint, ShapeLike
-
-
-class FullOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from tunelab.methods.options import FullOptions
 
 
 @register_method
@@ -21,11 +17,9 @@ class FullFineTuning(MethodDefaults):
     """Update rule: W <- W - lr * AdamW(dL/dW) for every parameter W."""
 
     name = "full"
-    options_class = FullOptions
     artifact = "model"
     mergeable = True  # nothing to fold: the weights are the model
     trains_embeddings = True  # embedding rows of tokens a chat-template fallback adds train with everything else
-    default_lr = 5e-5
 
     def apply(self, model: nn.Module, options: FullOptions) -> nn.Module:
         for p in model.parameters():

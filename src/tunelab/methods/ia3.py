@@ -7,36 +7,12 @@ model; h <- l ⊙ h. The fewest trainable parameters of the family; mergeable in
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod, without_bitsandbytes
 from tunelab.methods.footprint import Footprint, ShapeLike, block_linears
-
-
-class IA3Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    target_modules: list[str] | None = Field(None, description="default: peft's choice for the architecture (k, v and MLP down projection)")
-    feedforward_modules: list[str] | None = Field(None, description="targets scaled on their input rather than output; default as peft")
-
-    # Checked here so that load_config reports them with the config line, not peft minutes into a run.
-    @field_validator("target_modules", "feedforward_modules")
-    @classmethod
-    def _names_given(cls, names: list[str] | None) -> list[str] | None:
-        if names is not None and (not names or any(not n.strip() for n in names)):
-            raise ValueError("give at least one module name, none of them empty, or leave it out for peft's default")
-        return names
-
-    @model_validator(mode="after")
-    def _feedforward_among_targets(self):
-        if self.target_modules and self.feedforward_modules:
-            outside = sorted(set(self.feedforward_modules) - set(self.target_modules))
-            if outside:
-                raise ValueError(f"method.feedforward_modules {outside} are not in method.target_modules "
-                                 f"{self.target_modules}; feed-forward modules must be a subset of the targets")
-        return self
+from tunelab.methods.options import IA3Options
 
 
 def _ia3_defaults(model_type: str) -> tuple[list[str], list[str]]:
@@ -55,9 +31,7 @@ def _ia3_defaults(model_type: str) -> tuple[list[str], list[str]]:
 @register_method
 class IA3(PeftMethod):
     name = "ia3"
-    options_class = IA3Options
     mergeable = True
-    default_lr = 1e-2
 
     def footprint(self, options: IA3Options, shape: ShapeLike) -> Footprint:
         """One vector per block and target: d_out wide on an output, d_in wide on a feed-forward input."""

@@ -11,58 +11,15 @@ and trains them on the residual W - BA. The artifact is a PEFT adapter directory
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod
 from tunelab.methods.footprint import Footprint, ShapeLike, block_linears
-
-
-class LoraOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    r: int = Field(16, gt=0, description="rank of the update")
-    alpha: float | None = Field(None, gt=0, description="scale numerator; default 2*r")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (peft's default 0: on the demo "
-                           "0.05 gave the same accuracy over two seeds at ~25% more step time and ~1 GB more memory)")
-    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names like [q_proj, v_proj]")
-    use_rslora: bool = False
-    use_dora: bool = False
-    init: Literal["default", "gaussian", "pissa"] = Field("default", description="initialisation of A and B; pissa = principal singular vectors")
-    bias: Literal["none", "all", "lora_only"] = "none"
-    trainable_token_indices: list[int] | None = Field(
-        None, description="embedding rows to train as well; set automatically for tokens the chat-template fallback adds"
-    )
-
-    # Checked here so that load_config reports them with the config line, not peft minutes into a run.
-    @field_validator("target_modules")
-    @classmethod
-    def _targets_are_names_or_regex(cls, targets: str | list[str]) -> str | list[str]:
-        if isinstance(targets, list):
-            if not targets or any(not t.strip() for t in targets):
-                raise ValueError("give at least one module name, none of them empty (e.g. [q_proj, v_proj]), "
-                                 "or 'all-linear'")
-        elif targets != "all-linear":  # peft matches a single string as a regex against full module names
-            try:
-                re.compile(targets)
-            except re.error as exc:
-                raise ValueError(f"{targets!r} is not 'all-linear' and not a valid regular expression ({exc}); "
-                                 "give a list of module names like [q_proj, v_proj]") from None
-        return targets
-
-    @field_validator("trainable_token_indices")
-    @classmethod
-    def _token_indices_are_rows(cls, indices: list[int] | None) -> list[int] | None:
-        negative = [i for i in indices or [] if i < 0]
-        if negative:
-            raise ValueError(f"embedding rows are numbered from 0; {negative} are negative")
-        return indices
+from tunelab.methods.options import LoraOptions
 
 
 def lora_config(options: LoraOptions):
@@ -97,9 +54,7 @@ def lora_footprint(options: LoraOptions, shape: ShapeLike) -> Footprint:
 @register_method
 class LoRA(PeftMethod):
     name = "lora"
-    options_class = LoraOptions
     mergeable = True
-    default_lr = 2e-4
 
     def peft_config(self, model: nn.Module, options: LoraOptions):
         return lora_config(options)

@@ -20,50 +20,14 @@ with it, the prefixed model at step 0 is exactly the base model reading the text
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from tunelab.methods.base import register_method
 from tunelab.errors import TunelabError
 from tunelab.methods.common import PeftMethod
 from tunelab.methods.footprint import Footprint, ShapeLike
-
-DEFAULT_INIT_TEXT = "You are a careful assistant. Read the request and answer exactly what it asks."
-
-
-class PromptOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    num_virtual_tokens: int = Field(20, gt=0, description="length of the soft prompt")
-    init: Literal["text", "vocab", "random"] = Field(
-        "text", description="start from init_text's embeddings, from random vocabulary embeddings, or from N(0, 1)")
-    init_text: str = Field(DEFAULT_INIT_TEXT, min_length=1, description="text for init: text (repeated or cut to the length)")
-
-
-class PrefixOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    num_virtual_tokens: int = Field(20, gt=0, description="prefix length per layer")
-    projection: bool = Field(False, description="produce the prefix through a 2-layer MLP (reparameterisation)")
-    projection_hidden: int = Field(512, gt=0, description="hidden size of that MLP")
-    init: Literal["text", "random"] | None = Field(
-        None, description="text: the base model's keys/values for init_text; random: peft's N(0, 1); "
-                          "default text, or random with projection")
-    init_text: str = Field(DEFAULT_INIT_TEXT, min_length=1, description="text for init: text (repeated or cut to the length)")
-
-    @model_validator(mode="after")
-    def _init_fits_projection(self):
-        if self.init == "text" and self.projection:
-            raise ValueError("init: text sets the prefix keys/values directly, which projection: true replaces "
-                             "with an MLP's output; use init: random with projection, or projection: false")
-        return self
-
-    @property
-    def from_text(self) -> bool:
-        return (self.init or ("random" if self.projection else "text")) == "text"
+from tunelab.methods.options import PrefixOptions, PromptOptions
 
 
 class SoftPromptMethod(PeftMethod):
@@ -76,8 +40,6 @@ class SoftPromptMethod(PeftMethod):
 @register_method
 class PromptTuning(SoftPromptMethod):
     name = "prompt"
-    default_lr = 3e-2
-    options_class = PromptOptions
 
     def footprint(self, options: PromptOptions, shape: ShapeLike) -> Footprint:
         """``num_virtual_tokens`` trained input embeddings in front of every row (so every position has logits)."""
@@ -97,8 +59,6 @@ class PromptTuning(SoftPromptMethod):
 @register_method
 class PrefixTuning(SoftPromptMethod):
     name = "prefix"
-    default_lr = 1e-2
-    options_class = PrefixOptions
 
     def footprint(self, options: PrefixOptions, shape: ShapeLike) -> Footprint:
         """Trained keys and values for ``num_virtual_tokens`` positions in every block, or the MLP making them.

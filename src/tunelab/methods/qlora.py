@@ -11,27 +11,16 @@ repacking, so an evaluation before or during training leaves the gradients exact
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod
 from tunelab.methods.footprint import Footprint, ShapeLike
-from tunelab.methods.lora import LoraOptions, lora_config, lora_footprint
+from tunelab.methods.lora import lora_config, lora_footprint
+from tunelab.methods.options import LoraOptions, QLoraOptions
 from tunelab.models.load import keep_bnb_weights_trainable
-
-
-class QLoraOptions(LoraOptions):
-    bits: Literal[4, 8] = Field(4, description="base weight precision")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
-    double_quant: bool = Field(True, description="also quantize the quantization constants (4-bit only)")
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="dtype the 4-bit weights are dequantized to; auto = bfloat16 on GPUs that have it, else float32"
-    )
 
 
 def _compute_dtype(name: str) -> torch.dtype:
@@ -43,9 +32,7 @@ def _compute_dtype(name: str) -> torch.dtype:
 @register_method
 class QLoRA(PeftMethod):
     name = "qlora"
-    options_class = QLoraOptions
     mergeable = False  # merging into quantized weights loses the update's precision
-    default_lr = 2e-4
 
     def base_load_kwargs(self, options: QLoraOptions) -> dict:
         try:

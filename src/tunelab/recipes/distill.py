@@ -12,9 +12,6 @@ on the teacher's generated answers instead) see ``tunelab data generate``.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from tunelab.config.schema import RunConfig
@@ -23,7 +20,8 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.report import evaluate_task
 from tunelab.evaluation.run import LoadedModel, load_for_eval
 from tunelab.evaluation.summary import eval_summary
-from tunelab.recipes import Recipe, RecipeNeeds, TrainResult, register_recipe
+from tunelab.recipes import TrainResult
+from tunelab.recipes.options import DistillOptions
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, load_base
 from tunelab.stages.run import finish_run, hashed_inputs
@@ -32,16 +30,6 @@ from tunelab.stages.training import (already_finished, begin_training_run, check
                                      save_trained, training_loop)
 from tunelab.training.distill import distill_objective
 from tunelab.training.token_loop import run_token_loss
-
-
-class DistillOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    teacher: str | None = Field(None, description="the teacher: a model spec or run directory with the student's vocabulary")
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="divergence at the trained positions")
-    beta: float = Field(0.5, ge=0, le=1, description="generalized JSD's mixture weight (0 = forward KL, 1 = reverse KL)")
-    temperature: float = Field(1.0, gt=0, description="softens both distributions (logits / temperature)")
-    alpha: float = Field(0.0, ge=0, le=1, description="weight of the student's cross-entropy on the reference answers")
 
 
 def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
@@ -108,7 +96,3 @@ def _load_teacher(spec: str, tokenizer, device) -> LoadedModel:
     teacher.model.to(device).eval().requires_grad_(False)
     teacher.model.config.use_cache = True
     return teacher
-
-
-register_recipe(Recipe("distill", DistillOptions, main, "knowledge distillation from a teacher's token distributions (KL, JSD)",
-                       needs=lambda options: RecipeNeeds(teacher=options.teacher)))

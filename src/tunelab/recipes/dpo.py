@@ -14,7 +14,6 @@ accuracy; on ``recipe.task_eval`` (prompt → reference examples) the task metri
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 
 from tunelab.config.schema import RunConfig
@@ -22,7 +21,8 @@ from tunelab.data import load_examples
 from tunelab.errors import TunelabError
 from tunelab.evaluation.run import LoadedModel
 from tunelab.evaluation.summary import eval_summary
-from tunelab.recipes import Recipe, RecipeNeeds, TrainResult, register_recipe
+from tunelab.recipes import TrainResult
+from tunelab.recipes.options import DpoOptions
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, load_base
 from tunelab.stages.preference import choose_references, read_pairs, reference_path, tokenize_pairs
@@ -31,40 +31,7 @@ from tunelab.stages.setup import Examples, load_prepared_tokenizer
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, make_trainable, nothing_to_do,
                                      optimize, save_trained, training_loop)
 from tunelab.training.pair_loop import pair_metrics, pair_objective, run_pair_loss
-from tunelab.training.preference import PreferenceOptions, get_preference_loss, preference_loss_names
-
-_LOSS_KNOBS = {"beta": "beta", "label_smoothing": "label_smoothing", "gamma": "gamma", "orpo_lambda": "lambda_"}
-
-
-class DpoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    loss: str = Field("sigmoid", description="preference loss: " + ", ".join(preference_loss_names()))
-    beta: float = Field(0.1, gt=0, description="inverse temperature of the implicit reward (DPO, IPO, hinge, SimPO)")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="probability a label is flipped (cDPO; sigmoid, simpo)")
-    gamma: float = Field(0.5, description="SimPO's target reward margin")
-    orpo_lambda: float = Field(0.1, ge=0, description="ORPO's weight of the odds-ratio term next to the SFT loss")
-    reference: str = Field("start", description="start (the model training starts from), or a run directory or model")
-    precompute_reference: bool = Field(False, description="compute the reference log-probabilities once and cache them "
-                                       "(always done where the method cannot be switched off)")
-    holdout: float = Field(0.1, ge=0, lt=1, description="share of train pairs held out when data.eval is not set")
-    task_eval: str | None = Field(None, description="prompt → reference examples scored with eval.metric before and after")
-
-    @model_validator(mode="after")
-    def _knobs_the_loss_reads(self) -> DpoOptions:
-        try:
-            spec = get_preference_loss(self.loss)
-        except TunelabError as exc:
-            raise ValueError(str(exc)) from None
-        unused = [key for key, field in _LOSS_KNOBS.items() if key in self.model_fields_set and field not in spec.options]
-        if unused:
-            raise ValueError(f"loss {self.loss} does not read {', '.join(unused)} (it reads "
-                             f"{', '.join(k for k, f in _LOSS_KNOBS.items() if f in spec.options)})")
-        return self
-
-    def loss_options(self) -> PreferenceOptions:
-        spec = get_preference_loss(self.loss)
-        return PreferenceOptions(**{field: getattr(self, key) for key, field in _LOSS_KNOBS.items() if field in spec.options})
+from tunelab.training.preference import get_preference_loss
 
 
 def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
@@ -148,7 +115,3 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
                   f"mean {s.mean_len:.1f}; {s.truncated} truncated, {len(s.dropped)} dropped", soft_wrap=True)
     for side, runs in render_pair(pairs.train[example], tokenizer).items():
         print_rendered(runs, console, title=f"{side} ({pairs.train[example].source})")
-
-
-register_recipe(Recipe("dpo", DpoOptions, main, "preference tuning on chosen/rejected pairs (DPO, IPO, hinge, ORPO, SimPO)",
-                       inspect, needs=lambda options: RecipeNeeds(rows_per_example=2)))

@@ -17,9 +17,6 @@ worker process, each call stopped after ``recipe.reward_timeout`` seconds (``tun
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from tunelab.config.schema import RunConfig
@@ -28,8 +25,9 @@ from tunelab.data.prompts import load_prompts
 from tunelab.errors import TunelabError
 from tunelab.evaluation.run import LoadedModel
 from tunelab.evaluation.summary import eval_summary
-from tunelab.recipes import Recipe, RecipeNeeds, TrainResult, register_recipe
-from tunelab.rewards.functions import DEFAULT_TIMEOUT, RewardSet
+from tunelab.recipes import TrainResult
+from tunelab.recipes.options import GrpoOptions
+from tunelab.rewards.functions import RewardSet
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, continues_parent, load_base
 from tunelab.stages.run import finish_run
@@ -37,28 +35,6 @@ from tunelab.stages.setup import Examples, load_prepared_tokenizer
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, make_trainable, nothing_to_do,
                                      optimize, save_trained, training_loop)
 from tunelab.training.grpo_loop import GrpoSettings, run_grpo
-
-
-class GrpoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rewards: list[dict[str, Any]] = Field(default_factory=list, description="reward functions: [{fn: NAME or "
-                                          "'package.module:function', weight: 1.0, ...options}]")
-    num_generations: int = Field(4, ge=2, description="completions sampled per prompt (the group)")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
-    max_completion_length: int = Field(64, gt=0, description="tokens sampled per completion at most")
-    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="divide advantages by the group's or "
-                                                             "the batch's reward std, or not (Dr. GRPO)")
-    loss_type: Literal["dapo", "dr_grpo", "grpo"] = Field("dapo", description="how token losses are aggregated")
-    epsilon: float = Field(0.2, gt=0, lt=1, description="clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high]")
-    epsilon_high: float | None = Field(None, gt=0, description="upper clip (DAPO's clip-higher, e.g. 0.28); default epsilon")
-    num_iterations: int = Field(1, ge=1, description="optimizer steps per batch of samples")
-    beta: float = Field(0.0, ge=0, description="weight of the KL to the reference (the method switched off); 0 = none")
-    generation_batch_size: int = Field(32, gt=0, description="rows per generate call")
-    samples_every: int = Field(5, ge=0, description="write sample completions with rewards to samples.jsonl every N steps")
-    reward_timeout: float = Field(DEFAULT_TIMEOUT, gt=0, description="seconds one call of a 'module:function' reward "
-                                  "(a whole round of completions) may take before the run stops with an error")
 
 
 def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
@@ -125,9 +101,3 @@ def _settings(options: GrpoOptions, config: RunConfig) -> GrpoSettings:
                         epsilon=options.epsilon, epsilon_high=options.epsilon_high, aggregation=options.loss_type,
                         num_iterations=options.num_iterations, beta=options.beta, seed=config.train.seed,
                         generation_batch_size=options.generation_batch_size, samples_every=options.samples_every)
-
-
-register_recipe(Recipe("grpo", GrpoOptions, main, "GRPO: reinforcement learning from reward functions (any eval metric)",
-                       needs=lambda options: RecipeNeeds(rows_per_example=options.num_generations,
-                                                         completion_length=options.max_completion_length,
-                                                         generation_rows=options.generation_batch_size)))

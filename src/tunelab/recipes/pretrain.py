@@ -11,7 +11,6 @@ artifacts are those of every recipe (``stages.training``).
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from tunelab.config.schema import FimConfig, RunConfig
@@ -20,7 +19,8 @@ from tunelab.data.packing import collator
 from tunelab.data.text import read_texts, split_holdout, text_blocks, text_files
 from tunelab.evaluation.run import LoadedModel
 from tunelab.evaluation.summary import eval_summary
-from tunelab.recipes import Recipe, TrainResult, register_recipe
+from tunelab.recipes import TrainResult
+from tunelab.recipes.options import PretrainOptions
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, load_base
 from tunelab.stages.run import finish_run
@@ -29,14 +29,6 @@ from tunelab.stages.training import (already_finished, begin_training_run, check
                                      save_trained, training_loop)
 from tunelab.training.token_loop import run_token_loss
 from tunelab.training.loss import validation_loss
-
-
-class PretrainOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text_field: str = Field("text", min_length=1, description="column holding the text in JSONL/CSV/Parquet files")
-    holdout: float = Field(0.1, ge=0, lt=1, description="share of blocks held out for perplexity when data.eval is not set")
-    packing: bool = Field(True, description="pack blocks into rows without padding (off for methods that cannot pack)")
 
 
 def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
@@ -135,8 +127,3 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
     shown = [(tokenizer.decode(blocks[example].input_ids), True)]
     inspect_report(stats, shown, console, title=f"{len(docs)} documents → blocks of <= {config.data.max_length} tokens "
                                                 f"({blocks[example].source})")
-
-
-register_recipe(Recipe("pretrain", PretrainOptions, main,
-                       "continued pre-training on raw text (.txt/.md or a text column), loss on every token", inspect,
-                       trains_fim=True))

@@ -10,12 +10,12 @@ The artifact is the method's (``adapter/`` or ``model/``) with ``reward_head.saf
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from tunelab.config.schema import RunConfig
 from tunelab.evaluation.run import write_report
-from tunelab.recipes import Recipe, RecipeNeeds, TrainResult, register_recipe
+from tunelab.recipes import TrainResult
+from tunelab.recipes.options import RewardOptions
 from tunelab.stages.model import check_method_fits, load_base
 from tunelab.stages.preference import read_pairs, tokenize_pairs
 from tunelab.stages.run import finish_run
@@ -24,12 +24,6 @@ from tunelab.stages.training import (already_finished, begin_training_run, check
                                      optimize, save_trained, training_loop)
 from tunelab.training.pair_loop import run_pair_loss
 from tunelab.training.reward_model import HEAD_FILE, new_head, reward_metrics, reward_objective
-
-
-class RewardOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    holdout: float = Field(0.1, ge=0, lt=1, description="share of train pairs held out when data.eval is not set")
 
 
 def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
@@ -87,7 +81,3 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
     from tunelab.recipes.dpo import inspect as inspect_pairs
 
     inspect_pairs(config, example, console)
-
-
-register_recipe(Recipe("reward", RewardOptions, main, "reward model on chosen/rejected pairs (scalar head, pairwise loss)",
-                       inspect, needs=lambda options: RecipeNeeds(rows_per_example=2)))

@@ -9,7 +9,6 @@ checkpoint needs only weights, optimizer and RNG states to continue exactly.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 
 from tunelab.config.schema import RunConfig
@@ -17,7 +16,8 @@ from tunelab.errors import TunelabError
 from tunelab.data.packing import collator
 from tunelab.evaluation.run import LoadedModel
 from tunelab.evaluation.summary import eval_summary
-from tunelab.recipes import Recipe, RecipeNeeds, TrainResult, register_recipe
+from tunelab.recipes import TrainResult
+from tunelab.recipes.options import SftOptions
 from tunelab.stages.defaults import choose_defaults
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, load_base
@@ -30,12 +30,6 @@ from tunelab.training.optim import adamw
 from tunelab.training.token_loop import run_token_loss
 
 __all__ = ["SftOptions", "TrainResult", "adamw", "main"]
-
-
-class SftOptions(BaseModel):
-    """The SFT recipe has no options of its own: the data, method and train sections say everything."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 def main(config: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None) -> TrainResult:
@@ -94,7 +88,3 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
     inspect_report(data.train_stats, rendered, console, title=f"train ({chosen.source})")
     if data.eval_stats is not None:
         inspect_report(data.eval_stats, [], console, title="eval")
-
-
-register_recipe(Recipe("sft", SftOptions, main, "supervised fine-tuning on prompt→response examples (loss on the answers)",
-                       inspect, needs=lambda options: RecipeNeeds(data_defaults=True)))

@@ -45,12 +45,11 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.registry import load_object
 from tunelab.rewards.catalog import RewardFn, builtin_reward, register_reward, reward_names
-from tunelab.rewards.guard import Worker, WorkerStopped
+from tunelab.rewards.guard import DEFAULT_TIMEOUT, Worker, WorkerStopped
 
 __all__ = ["DEFAULT_TIMEOUT", "Reward", "RewardFn", "RewardSet", "load_reward", "register_reward", "reward_names"]
 Fields = Mapping[str, Sequence] | Sequence[Mapping[str, Any]] | None  # {name: N values} or N records
 Invoke = Callable[[tuple, dict], Any]  # (args, kwargs) -> what the function returned
-DEFAULT_TIMEOUT = 120.0  # seconds per call (one call scores a whole round of completions)
 
 
 # ------------------------------------------------------------------------------------------- loading specs

@@ -4,10 +4,16 @@ Method knowledge stays in ``tunelab.methods``: what a method cannot be combined 
 ``incompatible`` set, how its base loads is its ``base_load_kwargs``, and whether it can train the
 embedding rows of tokens a chat-template fallback added is its options (``trainable_token_indices``) or
 its ``trains_embeddings`` flag.
+
+Gradient checkpointing can cover some decoder blocks, not only all or none: transformers switches it on for
+every block (``gradient_checkpointing_enable``); each block (a ``GradientCheckpointingLayer``) then reads its
+own ``gradient_checkpointing`` flag, so clearing the flag on the later blocks leaves exactly the first ones
+recomputing their activations. How many is decided by the memory plan (``tunelab.planning.checkpointed_blocks``).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +26,8 @@ from tunelab.errors import TunelabError
 from tunelab.methods import TuningMethod, get_method, trainable_parameters
 from tunelab.stages.lineage import read_parent, start_from_parent
 from tunelab.stages.setup import load_base_model
-from tunelab.training.recompute import EVERY_BLOCK, enable_checkpointing, limit_checkpointing
+
+EVERY_BLOCK = sys.maxsize  # ``blocks`` for checkpointing all of them, however many the model has
 
 
 @dataclass
@@ -126,3 +133,21 @@ def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: l
             "load float32 (model.dtype=float32) and use train.precision=fp16 or bf16 for mixed precision"
         )
     return TunedModel(model, method, params, checkpointed)
+
+
+def enable_checkpointing(model: nn.Module, blocks: int) -> None:
+    """Switch on gradient checkpointing (non-reentrant) before the tuning method is applied, if ``blocks``."""
+    if blocks:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def limit_checkpointing(model: nn.Module, blocks: int) -> int:
+    """Keep checkpointing on in the first ``blocks`` decoder blocks only (after the method is applied, as
+    QLoRA's preparation switches it on everywhere again); returns how many blocks checkpoint."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        if index >= blocks:
+            layer.gradient_checkpointing = False
+    return sum(bool(layer.gradient_checkpointing) for layer in layers)

@@ -12,8 +12,9 @@ chosen completion's SFT loss. The optional per-pair ``margin`` is in reward unit
 subtracted from the quantity the loss pushes up (the reward difference), so a pair must be won by at
 least ``margin`` (as ODPO, Amini et al. 2024, and Llama 2's reward model, Touvron et al. 2023).
 
-Losses register by name in a :class:`~tunelab.registry.Registry` (``@register_preference_loss``, declaring
-what each needs); a recipe looks one up with :func:`get_preference_loss`, reads ``reference_free`` to know
+Losses are declared by name, with what each needs, in ``tunelab.training.preference_options`` (no torch, so a
+config's loss is checked when it loads) and register their functions here (``@register_preference_loss``);
+a recipe looks one up with :func:`get_preference_loss`, reads ``reference_free`` to know
 whether to run a reference model, and calls it. The result holds the per-pair loss and the stats a step reporter logs.
 """
 
@@ -27,7 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.errors import TunelabError
-from tunelab.registry import Registry
+from tunelab.training.preference_options import PREFERENCE_LOSSES, PreferenceOptions, preference_loss_names
+
+__all__ = ["PREFERENCE_LOSSES", "PreferenceInputs", "PreferenceLoss", "PreferenceLossSpec", "PreferenceOptions",
+           "get_preference_loss", "preference_loss_names", "reward_pair_loss"]
 
 
 @dataclass(frozen=True)
@@ -42,36 +46,6 @@ class PreferenceInputs:
     rejected_tokens: torch.Tensor | None = None
     chosen_nll: torch.Tensor | None = None  # ORPO's SFT term: (B,) per pair, or () already reduced over the batch
     margin: torch.Tensor | None = None  # reward units; None means 0
-
-
-@dataclass(frozen=True)
-class PreferenceOptions:
-    """Hyper-parameters of the preference losses; each loss reads only those it declares.
-
-    Attributes:
-        beta: Inverse temperature of the implicit reward (DPO, hinge, SimPO); IPO's regulariser τ.
-        label_smoothing: Probability that a pair's label is flipped (cDPO); sigmoid and SimPO only.
-        gamma: SimPO's target reward margin γ.
-        lambda_: ORPO's weight λ of the odds-ratio term.
-    """
-
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    gamma: float = 0.5
-    lambda_: float = 0.1
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            problems.append(f"beta={self.beta}: set it to a positive number (0.1 is usual for DPO, 2 to 10 for SimPO)")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            problems.append(f"label_smoothing={self.label_smoothing}: set it in [0, 0.5) (0 = trust every label)")
-        if not math.isfinite(self.gamma):
-            problems.append(f"gamma={self.gamma}: set it to a finite number (SimPO's reward margin, e.g. 0.5)")
-        if not (math.isfinite(self.lambda_) and self.lambda_ >= 0):
-            problems.append(f"lambda_={self.lambda_}: set it to a number >= 0 (ORPO's odds-ratio weight, e.g. 0.1)")
-        if problems:
-            raise TunelabError("preference loss options: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -154,16 +128,15 @@ class PreferenceLossSpec:
                 raise ValueError(f"preference loss {self.name!r}: {name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
 
 
-PREFERENCE_LOSSES: Registry[PreferenceLossSpec] = Registry("preference loss")
-
-
 def register_preference_loss(name: str, *, reference_free: bool = False, needs_lengths: bool = False,
                              needs_chosen_nll: bool = False, options: tuple[str, ...] = ("beta",)) -> Callable[[LossFn], LossFn]:
-    """Decorator: register a loss function ``(inputs, options) -> PreferenceLoss`` under ``name``, with what it needs."""
+    """Decorator: register a loss function ``(inputs, options) -> PreferenceLoss`` under ``name``, with what it needs:
+    a declared loss's declaration, else these arguments (a loss registered from outside tunelab)."""
     def decorate(fn: LossFn) -> LossFn:
-        spec = PreferenceLossSpec(name, fn, reference_free, needs_lengths, needs_chosen_nll, frozenset(options))
-        PREFERENCE_LOSSES.register(name, spec, reference_free=reference_free, needs_lengths=needs_lengths,
-                                   needs_chosen_nll=needs_chosen_nll, options=spec.options)
+        needs = PREFERENCE_LOSSES.capabilities(name) if name in PREFERENCE_LOSSES else {
+            "reference_free": reference_free, "needs_lengths": needs_lengths, "needs_chosen_nll": needs_chosen_nll,
+            "options": frozenset(options)}
+        PREFERENCE_LOSSES.register(name, PreferenceLossSpec(name, fn, **needs), **needs)
         return fn
     return decorate
 
@@ -174,11 +147,6 @@ def get_preference_loss(name: str) -> PreferenceLossSpec:
     if spec is None:
         raise TunelabError(PREFERENCE_LOSSES.unknown(name))
     return spec
-
-
-def preference_loss_names() -> list[str]:
-    """Names of the registered preference losses, sorted."""
-    return PREFERENCE_LOSSES.names()
 
 
 def _margin(inputs: PreferenceInputs, like: torch.Tensor) -> torch.Tensor | float:
@@ -201,7 +169,7 @@ def _per_token(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logps / tokens.to(logps.dtype).clamp(min=1.0)
 
 
-@register_preference_loss("sigmoid", options=("beta", "label_smoothing"))
+@register_preference_loss("sigmoid")
 def sigmoid_loss(inputs: PreferenceInputs, options: PreferenceOptions) -> PreferenceLoss:
     """DPO (Rafailov et al. 2023, "Direct Preference Optimization"), with cDPO's label smoothing.
 
@@ -214,7 +182,7 @@ def sigmoid_loss(inputs: PreferenceInputs, options: PreferenceOptions) -> Prefer
     return _result(_smoothed_logistic(z, options.label_smoothing), chosen, rejected)
 
 
-@register_preference_loss("ipo", needs_lengths=True)
+@register_preference_loss("ipo")
 def ipo_loss(inputs: PreferenceInputs, options: PreferenceOptions) -> PreferenceLoss:
     """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences").
 
@@ -254,7 +222,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 _MAX_AVG_LOGP = -1e-6
 
 
-@register_preference_loss("orpo", reference_free=True, needs_lengths=True, needs_chosen_nll=True, options=("lambda_",))
+@register_preference_loss("orpo")
 def orpo_loss(inputs: PreferenceInputs, options: PreferenceOptions) -> PreferenceLoss:
     """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"). Reference-free.
 
@@ -271,7 +239,7 @@ def orpo_loss(inputs: PreferenceInputs, options: PreferenceOptions) -> Preferenc
     return _result(nll + options.lambda_ * odds_ratio_loss, chosen, rejected)
 
 
-@register_preference_loss("simpo", reference_free=True, needs_lengths=True, options=("beta", "gamma", "label_smoothing"))
+@register_preference_loss("simpo")
 def simpo_loss(inputs: PreferenceInputs, options: PreferenceOptions) -> PreferenceLoss:
     """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"). Reference-free.
 
