@@ -10,15 +10,17 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
+from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod, without_bitsandbytes
 from tunelab.methods.footprint import Footprint, ShapeLike, block_linears
+from tunelab.models.anatomy import ia3_targets
 
 
 class IA3Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    target_modules: list[str] | None = Field(None, description="default: peft's choice for the architecture (k, v and MLP down projection)")
+    target_modules: list[str] | None = Field(None, description="default: found in the model (key, value and feed-forward down projections)")
     feedforward_modules: list[str] | None = Field(None, description="targets scaled on their input rather than output; default as peft")
 
     # Checked here so that load_config reports them with the config line, not peft minutes into a run.
@@ -71,6 +73,15 @@ class IA3(PeftMethod):
         return fp
 
     def peft_config(self, model: nn.Module, options: IA3Options):
+        """Unless given, the targets are found in the model (``models.anatomy.ia3_targets``): peft's defaults
+        are a table of model types that misses most current architectures."""
         from peft import IA3Config
 
-        return IA3Config(target_modules=options.target_modules, feedforward_modules=options.feedforward_modules, task_type="CAUSAL_LM")
+        targets, feedforward = options.target_modules, options.feedforward_modules
+        if targets is None:
+            targets, found_feedforward = ia3_targets(model)
+            feedforward = feedforward or found_feedforward
+            if not targets:
+                raise TunelabError(f"method ia3: found no key, value or feed-forward projections in {type(model).__name__}; "
+                                   "name them in method.target_modules (and method.feedforward_modules)")
+        return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
