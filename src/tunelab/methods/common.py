@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 from torch import nn
@@ -43,6 +44,10 @@ class MethodDefaults:
     def base_load_kwargs(self, options: BaseModel) -> dict:
         """Extra ``from_pretrained`` keyword arguments for the base model (quantisation, for QLoRA)."""
         return {}
+
+    def check_model(self, options: BaseModel, model_config: Any) -> None:
+        """Raise TunelabError, naming why, when the method cannot work on a model with this (transformers) config;
+        called before anything loads. Every model is accepted by default."""
 
     def merge(self, model: nn.Module) -> nn.Module:
         raise TunelabError(f"method {self.name}: its update cannot be folded into the base weights; "

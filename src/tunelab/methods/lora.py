@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import re
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod
 from tunelab.methods.footprint import Footprint, ShapeLike, block_linears
+from tunelab.models.anatomy import expert_count, expert_parameters
 
 
 class LoraOptions(BaseModel):
@@ -36,6 +39,9 @@ class LoraOptions(BaseModel):
     use_dora: bool = False
     init: Literal["default", "gaussian", "pissa"] = Field("default", description="initialisation of A and B; pissa = principal singular vectors")
     bias: Literal["none", "all", "lora_only"] = "none"
+    experts: bool | None = Field(
+        None, description="on a mixture-of-experts model, also train the fused expert weights (peft's target_parameters); "
+                          "default true on MoE models; routers stay frozen either way")
     trainable_token_indices: list[int] | None = Field(
         None, description="embedding rows to train as well; set automatically for tokens the chat-template fallback adds"
     )
@@ -65,10 +71,15 @@ class LoraOptions(BaseModel):
         return indices
 
 
-def lora_config(options: LoraOptions):
+def lora_config(options: LoraOptions, model: nn.Module | None = None):
+    """peft's config for ``options``; with ``model``, its fused expert weights are targets too (unless
+    ``options.experts`` is false). A router is not a linear layer in transformers' MoE blocks, so
+    ``all-linear`` leaves it frozen."""
     from peft import LoraConfig
 
+    experts = expert_parameters(model) if model is not None and options.experts is not False else []
     return LoraConfig(
+        target_parameters=experts or None,
         r=options.r,
         lora_alpha=options.alpha if options.alpha is not None else 2 * options.r,
         lora_dropout=options.dropout,
@@ -80,6 +91,18 @@ def lora_config(options: LoraOptions):
         trainable_token_indices=options.trainable_token_indices,
         task_type="CAUSAL_LM",
     )
+
+
+def check_experts(options: LoraOptions, model_config: Any) -> None:
+    """Refuse what peft cannot do with the experts before anything loads: DoRA on fused expert weights."""
+    experts = expert_count(model_config)
+    if options.experts and not experts:
+        raise TunelabError(f"method.experts: true, but the {getattr(model_config, 'model_type', '?')} model has no "
+                           "experts; leave method.experts out")
+    if experts and options.experts is not False and options.use_dora:
+        raise TunelabError(f"method.use_dora: peft has no DoRA for fused expert weights, and this model has {experts} "
+                           "experts per MoE layer; set method.experts=false (DoRA on attention and dense layers only) "
+                           "or method.use_dora=false")
 
 
 def lora_footprint(options: LoraOptions, shape: ShapeLike) -> Footprint:
@@ -102,7 +125,10 @@ class LoRA(PeftMethod):
     default_lr = 2e-4
 
     def peft_config(self, model: nn.Module, options: LoraOptions):
-        return lora_config(options)
+        return lora_config(options, model)
+
+    def check_model(self, options: LoraOptions, model_config: Any) -> None:
+        check_experts(options, model_config)
 
     def footprint(self, options: LoraOptions, shape: ShapeLike) -> Footprint:
         """See :func:`lora_footprint`; QLoRA is the variant that fits where LoRA does not."""
@@ -111,7 +137,9 @@ class LoRA(PeftMethod):
         return fp
 
     def apply(self, model: nn.Module, options: LoraOptions) -> nn.Module:
-        model = super().apply(model, options)
+        with warnings.catch_warnings():  # peft's own bookkeeping of two target_parameters of one experts module
+            warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
+            model = super().apply(model, options)
         if options.init == "pissa":
             # PiSSA rewrites the base weights to the residual; keep the initial adapter so that save()
             # can convert the result into a LoRA of the original weights (loadable on the plain base).

@@ -11,7 +11,7 @@ repacking, so an evaluation before or during training leaves the gradients exact
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -21,7 +21,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod
 from tunelab.methods.footprint import Footprint, ShapeLike
-from tunelab.methods.lora import LoraOptions, lora_config, lora_footprint
+from tunelab.methods.lora import LoraOptions, check_experts, lora_config, lora_footprint
 from tunelab.models.load import keep_bnb_weights_trainable
 
 
@@ -69,7 +69,10 @@ class QLoRA(PeftMethod):
         return fp
 
     def peft_config(self, model: nn.Module, options: QLoraOptions):
-        return lora_config(LoraOptions(**options.model_dump(include=set(LoraOptions.model_fields))))
+        return lora_config(LoraOptions(**options.model_dump(include=set(LoraOptions.model_fields))), model)
+
+    def check_model(self, options: QLoraOptions, model_config: Any) -> None:
+        check_experts(options, model_config)
 
     def apply(self, model: nn.Module, options: QLoraOptions) -> nn.Module:
         from peft import prepare_model_for_kbit_training

@@ -96,7 +96,8 @@ def ia3_targets(model: nn.Module) -> tuple[list[str], list[str]]:
 
 def expert_parameters(model: nn.Module) -> list[str]:
     """Block-relative names of fused expert weights: 3-D parameters (experts x d_out x d_in) of the blocks."""
+    experts = expert_count(model.config)
     names: set[str] = set()
     for block in decoder_blocks(model):
-        names |= {name for name, p in block.named_parameters() if p.ndim == 3}
+        names |= {name for name, p in block.named_parameters() if p.ndim == 3 and p.shape[0] == experts}  # not a conv's
     return sorted(names)
