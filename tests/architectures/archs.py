@@ -36,3 +36,26 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                     "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
                                     "num_key_value_heads": 4}),
 }
+
+MOE = frozenset({"qwen3_moe", "qwen3_next", "mixtral", "gpt_oss", "deepseek_v3"})
+
+# The cells, in table order: (id, what it checks).
+CELLS: list[tuple[str, str]] = [
+    ("lora", "LoRA SFT trains 2 steps and saves (MoE: experts too, routers frozen)"),
+    ("merge", "the LoRA run merged, reloaded and verified against the adapter"),
+    ("full", "full SFT"), ("ia3", "IA3 (targets found in the model)"), ("prefix", "prefix tuning"),
+    ("prompt", "prompt tuning"), ("dora", "DoRA on a MoE model's experts"), ("plan", "`tunelab plan` answers (MoE: active of total)"),
+    ("serve", "served greedy answers equal `tunelab eval`'s, both schedulers"),
+]
+
+_NO_KV = "keep no keys and values to put a prefix in front of"
+_PER_LAYER_IDS = "reads its own embedding of the token ids"
+# (model_type, cell) -> the pattern the refusal's message matches: cells that cannot work and are refused by name.
+REFUSED: dict[tuple[str, str], str] = {
+    ("qwen3_5_text", "prefix"): _NO_KV, ("qwen3_next", "prefix"): _NO_KV, ("lfm2", "prefix"): _NO_KV,
+    ("deepseek_v3", "prefix"): "latent", ("gemma4_text", "prefix"): _PER_LAYER_IDS,
+    ("gemma4_text", "prompt"): _PER_LAYER_IDS,
+    **{(moe, "dora"): "no DoRA for fused expert weights" for moe in MOE},
+}
+
+TINY_OPTIONS = {"lora": ["method.r=4"], "prefix": ["method.num_virtual_tokens=4"], "prompt": ["method.num_virtual_tokens=4"]}

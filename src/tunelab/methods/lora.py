@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,9 +136,7 @@ class LoRA(PeftMethod):
         return fp
 
     def apply(self, model: nn.Module, options: LoraOptions) -> nn.Module:
-        with warnings.catch_warnings():  # peft's own bookkeeping of two target_parameters of one experts module
-            warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
-            model = super().apply(model, options)
+        model = super().apply(model, options)
         if options.init == "pissa":
             # PiSSA rewrites the base weights to the residual; keep the initial adapter so that save()
             # can convert the result into a LoRA of the original weights (loadable on the plain base).
