@@ -55,7 +55,7 @@ REFUSED: dict[tuple[str, str], str] = {
     ("qwen3_5_text", "prefix"): _NO_KV, ("qwen3_next", "prefix"): _NO_KV, ("lfm2", "prefix"): _NO_KV,
     ("deepseek_v3", "prefix"): "latent", ("gemma4_text", "prefix"): _PER_LAYER_IDS,
     ("gemma4_text", "prompt"): _PER_LAYER_IDS,
-    **{(moe, "dora"): "no DoRA for fused expert weights" for moe in MOE},
+    **{(moe, "dora"): "no DoRA for fused expert weights" for moe in sorted(MOE)},
 }
 
 TINY_OPTIONS = {"lora": ["method.r=4"], "prefix": ["method.num_virtual_tokens=4"], "prompt": ["method.num_virtual_tokens=4"]}
