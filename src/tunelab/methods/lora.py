@@ -23,7 +23,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod
 from tunelab.methods.footprint import Footprint, ShapeLike, block_linears
-from tunelab.models.anatomy import expert_count, expert_parameters
+from tunelab.models.anatomy import expert_count, expert_parameters, linears_but_routers
 
 
 class LoraOptions(BaseModel):
@@ -71,18 +71,21 @@ class LoraOptions(BaseModel):
 
 
 def lora_config(options: LoraOptions, model: nn.Module | None = None):
-    """peft's config for ``options``; with ``model``, its fused expert weights are targets too (unless
-    ``options.experts`` is false). A router is not a linear layer in transformers' MoE blocks, so
-    ``all-linear`` leaves it frozen."""
+    """peft's config for ``options``; with a mixture-of-experts ``model``, its fused expert weights are targets
+    too (unless ``options.experts`` is false) and ``all-linear`` is spelled out without the routers, which stay
+    frozen (peft's ``all-linear`` on transformers 5 adds routers and experts for some MoE types and nothing for
+    others, gpt-oss among them)."""
     from peft import LoraConfig
 
-    experts = expert_parameters(model) if model is not None and options.experts is not False else []
+    moe = model is not None and expert_count(model.config) > 0
+    experts = expert_parameters(model) if moe and options.experts is not False else []
+    targets = linears_but_routers(model) if moe and options.target_modules == "all-linear" else options.target_modules
     return LoraConfig(
         target_parameters=experts or None,
         r=options.r,
         lora_alpha=options.alpha if options.alpha is not None else 2 * options.r,
         lora_dropout=options.dropout,
-        target_modules=options.target_modules,
+        target_modules=targets,
         use_rslora=options.use_rslora,
         use_dora=options.use_dora,
         init_lora_weights={"default": True}.get(options.init, options.init),

@@ -94,6 +94,25 @@ def ia3_targets(model: nn.Module) -> tuple[list[str], list[str]]:
     return sorted(targets | feedforward), sorted(feedforward)
 
 
+def _is_router(module: nn.Module, experts: int, hidden: int) -> bool:
+    """A MoE router: its weight maps the hidden state to one logit per expert."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, nn.Parameter) and tuple(weight.shape) == (experts, hidden)
+
+
+def linears_but_routers(model: nn.Module) -> list[str]:
+    """peft's ``all-linear`` without the MoE routers: the linear layers of the blocks (block-relative names) and
+    outside them (full names), the output layer and any router left out."""
+    experts, hidden = expert_count(model.config), text_config(model.config).hidden_size
+    blocks, output = decoder_blocks(model), model.get_output_embeddings()
+    inside = {id(m) for m in blocks.modules()}
+    names = {name for block in blocks for name, m in block.named_modules()
+             if isinstance(m, nn.Linear) and not _is_router(m, experts, hidden)}
+    names |= {name for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and id(m) not in inside and m is not output and not _is_router(m, experts, hidden)}
+    return sorted(names)
+
+
 def expert_parameters(model: nn.Module) -> list[str]:
     """Block-relative names of fused expert weights: 3-D parameters (experts x d_out x d_in) of the blocks."""
     experts = expert_count(model.config)

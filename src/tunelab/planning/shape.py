@@ -28,7 +28,7 @@ class ModelShape:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False  # qwen3: per-head RMSNorm of q and k
+    qk_norm: bool = False  # qwen3, qwen3_moe: per-head RMSNorm of q and k
     experts: int = 0  # routed experts per block (MoE), each a gated MLP of expert_intermediate
     active_experts: int = 0  # experts each token is routed to
     expert_intermediate: int = 0
@@ -42,7 +42,7 @@ class ModelShape:
             layers=cfg.num_hidden_layers, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=_widest(cfg, "head_dim") or cfg.hidden_size // heads, vocab=cfg.vocab_size,
             tied=bool(getattr(cfg, "tie_word_embeddings", False)), qkv_bias=bias or cfg.model_type == "qwen2",
-            o_bias=bias, mlp_bias=bool(getattr(cfg, "mlp_bias", False)), qk_norm=cfg.model_type == "qwen3",
+            o_bias=bias, mlp_bias=bool(getattr(cfg, "mlp_bias", False)), qk_norm=cfg.model_type in ("qwen3", "qwen3_moe"),
             **_experts(cfg),
         )
 
@@ -71,6 +71,7 @@ class ModelShape:
             if self.experts:  # fused, as transformers stores them: (experts, 2 x I_e, d) and (experts, d, I_e)
                 table[f"model.layers.{b}.mlp.experts.gate_up_proj"] = self.experts * 2 * self.expert_intermediate * self.hidden
                 table[f"model.layers.{b}.mlp.experts.down_proj"] = self.experts * self.expert_intermediate * self.hidden
+                table[f"model.layers.{b}.mlp.gate.weight"] = self.experts * self.hidden  # the router
         table["model.norm.weight"] = self.hidden
         if not self.tied:
             table["lm_head.weight"] = self.vocab * self.hidden
