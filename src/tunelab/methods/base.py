@@ -59,6 +59,10 @@ class TuningMethod(Protocol):
         """Extra ``from_pretrained`` arguments for loading the base model (quantisation for QLoRA), else {}."""
         ...
 
+    def check_model(self, options: BaseModel, model_config: Any) -> None:
+        """Refuse (TunelabError, saying why) a model the method cannot work on, from its config alone."""
+        ...
+
     def apply(self, model: nn.Module, options: BaseModel) -> nn.Module:
         """Return the model prepared for training; only the method's parameters require grad."""
         ...

@@ -19,10 +19,12 @@ peft is imported and applied inside :func:`without_bitsandbytes` for an unquanti
 from __future__ import annotations
 
 import sys
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 from torch import nn
@@ -43,6 +45,10 @@ class MethodDefaults:
     def base_load_kwargs(self, options: BaseModel) -> dict:
         """Extra ``from_pretrained`` keyword arguments for the base model (quantisation, for QLoRA)."""
         return {}
+
+    def check_model(self, options: BaseModel, model_config: Any) -> None:
+        """Raise TunelabError, naming why, when the method cannot work on a model with this (transformers) config;
+        called before anything loads. Every model is accepted by default."""
 
     def merge(self, model: nn.Module) -> nn.Module:
         raise TunelabError(f"method {self.name}: its update cannot be folded into the base weights; "
@@ -66,7 +72,7 @@ class PeftMethod(MethodDefaults, ABC):
         """The peft config (``LoraConfig``, ``IA3Config``, ...) that ``options`` describe for ``model``."""
 
     def apply(self, model: nn.Module, options: BaseModel) -> nn.Module:
-        with without_bitsandbytes(model):
+        with without_bitsandbytes(model), _without_pattern_warning():
             from peft import get_peft_model
 
             config = self.peft_config(model, options)
@@ -77,7 +83,7 @@ class PeftMethod(MethodDefaults, ABC):
         model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=_embedding_layers_to_save(model))
 
     def load(self, base_model: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:
-        with without_bitsandbytes(base_model):
+        with without_bitsandbytes(base_model), _without_pattern_warning():
             from peft import PeftModel
 
             return PeftModel.from_pretrained(base_model, directory, is_trainable=trainable)
@@ -112,6 +118,15 @@ def without_bitsandbytes(model: nn.Module | None = None) -> Iterator[None]:
         import_utils = sys.modules.get("peft.import_utils")
         for check in ("is_bnb_available", "is_bnb_4bit_available"):
             getattr(getattr(import_utils, check, None), "cache_clear", lambda: None)()
+
+
+@contextmanager
+def _without_pattern_warning() -> Iterator[None]:
+    """peft warns that its own rank/alpha pattern for the second of two ``target_parameters`` of one module (a MoE
+    block's fused ``gate_up_proj`` and ``down_proj``) matched no module; the adapter is right, the warning noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
+        yield
 
 
 def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:

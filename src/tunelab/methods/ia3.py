@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod, without_bitsandbytes
 from tunelab.methods.footprint import Footprint, ShapeLike, block_linears
 from tunelab.methods.options import IA3Options
+from tunelab.models.anatomy import ia3_targets
 
 
 def _ia3_defaults(model_type: str) -> tuple[list[str], list[str]]:
@@ -45,6 +47,15 @@ class IA3(PeftMethod):
         return fp
 
     def peft_config(self, model: nn.Module, options: IA3Options):
+        """Unless given, the targets are found in the model (``models.anatomy.ia3_targets``): peft's defaults
+        are a table of model types that misses most current architectures."""
         from peft import IA3Config
 
-        return IA3Config(target_modules=options.target_modules, feedforward_modules=options.feedforward_modules, task_type="CAUSAL_LM")
+        targets, feedforward = options.target_modules, options.feedforward_modules
+        if targets is None:
+            targets, found_feedforward = ia3_targets(model)
+            feedforward = feedforward or found_feedforward
+            if not targets:
+                raise TunelabError(f"method ia3: found no key, value or feed-forward projections in {type(model).__name__}; "
+                                   "name them in method.target_modules (and method.feedforward_modules)")
+        return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")

@@ -13,23 +13,34 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
+from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod
 from tunelab.methods.footprint import Footprint, ShapeLike, block_linears
 from tunelab.methods.options import LoraOptions
+from tunelab.models.anatomy import expert_count, expert_parameters, linears_but_routers
 
 
-def lora_config(options: LoraOptions):
+def lora_config(options: LoraOptions, model: nn.Module | None = None):
+    """peft's config for ``options``; with a mixture-of-experts ``model``, its fused expert weights are targets
+    too (unless ``options.experts`` is false) and ``all-linear`` is spelled out without the routers, which stay
+    frozen (peft's ``all-linear`` on transformers 5 adds routers and experts for some MoE types and nothing for
+    others, gpt-oss among them)."""
     from peft import LoraConfig
 
+    moe = model is not None and expert_count(model.config) > 0
+    experts = expert_parameters(model) if moe and options.experts is not False else []
+    targets = linears_but_routers(model) if moe and options.target_modules == "all-linear" else options.target_modules
     return LoraConfig(
+        target_parameters=experts or None,
         r=options.r,
         lora_alpha=options.alpha if options.alpha is not None else 2 * options.r,
         lora_dropout=options.dropout,
-        target_modules=options.target_modules,
+        target_modules=targets,
         use_rslora=options.use_rslora,
         use_dora=options.use_dora,
         init_lora_weights={"default": True}.get(options.init, options.init),
@@ -37,6 +48,18 @@ def lora_config(options: LoraOptions):
         trainable_token_indices=options.trainable_token_indices,
         task_type="CAUSAL_LM",
     )
+
+
+def check_experts(options: LoraOptions, model_config: Any) -> None:
+    """Refuse what peft cannot do with the experts before anything loads: DoRA on fused expert weights."""
+    experts = expert_count(model_config)
+    if options.experts and not experts:
+        raise TunelabError(f"method.experts: true, but the {getattr(model_config, 'model_type', '?')} model has no "
+                           "experts; leave method.experts out")
+    if experts and options.experts is not False and options.use_dora:
+        raise TunelabError(f"method.use_dora: peft has no DoRA for fused expert weights, and this model has {experts} "
+                           "experts per MoE layer; set method.experts=false (DoRA on attention and dense layers only) "
+                           "or method.use_dora=false")
 
 
 def lora_footprint(options: LoraOptions, shape: ShapeLike) -> Footprint:
@@ -57,7 +80,10 @@ class LoRA(PeftMethod):
     mergeable = True
 
     def peft_config(self, model: nn.Module, options: LoraOptions):
-        return lora_config(options)
+        return lora_config(options, model)
+
+    def check_model(self, options: LoraOptions, model_config: Any) -> None:
+        check_experts(options, model_config)
 
     def footprint(self, options: LoraOptions, shape: ShapeLike) -> Footprint:
         """See :func:`lora_footprint`; QLoRA is the variant that fits where LoRA does not."""

@@ -38,6 +38,9 @@ class LoraOptions(BaseModel):
     use_dora: bool = False
     init: Literal["default", "gaussian", "pissa"] = Field("default", description="initialisation of A and B; pissa = principal singular vectors")
     bias: Literal["none", "all", "lora_only"] = "none"
+    experts: bool | None = Field(
+        None, description="on a mixture-of-experts model, also train the fused expert weights (peft's target_parameters); "
+                          "default true on MoE models; routers stay frozen either way")
     trainable_token_indices: list[int] | None = Field(
         None, description="embedding rows to train as well; set automatically for tokens the chat-template fallback adds"
     )
@@ -79,7 +82,7 @@ class QLoraOptions(LoraOptions):
 class IA3Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    target_modules: list[str] | None = Field(None, description="default: peft's choice for the architecture (k, v and MLP down projection)")
+    target_modules: list[str] | None = Field(None, description="default: found in the model (key, value and feed-forward down projections)")
     feedforward_modules: list[str] | None = Field(None, description="targets scaled on their input rather than output; default as peft")
 
     # Checked here so that load_config reports them with the config line, not peft minutes into a run.

@@ -20,6 +20,8 @@ with it, the prefixed model at step 0 is exactly the base model reading the text
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -28,6 +30,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods.common import PeftMethod
 from tunelab.methods.footprint import Footprint, ShapeLike
 from tunelab.methods.options import PrefixOptions, PromptOptions
+from tunelab.models.anatomy import non_attention_layers, reads_ids_in_every_layer, uneven_keys_values
 
 
 class SoftPromptMethod(PeftMethod):
@@ -35,6 +38,13 @@ class SoftPromptMethod(PeftMethod):
 
     incompatible = frozenset({"packing", "gradient_checkpointing"})
     changes_inputs = True  # the logits at a position are not the decoder's own: no KL toward the untuned model
+
+    def check_model(self, options: PromptOptions | PrefixOptions, model_config: Any) -> None:
+        """A soft prompt has embeddings but no token ids: refuse models whose every layer reads the ids."""
+        if reads_ids_in_every_layer(model_config):
+            raise TunelabError(f"method {self.name} cannot tune {_kind(model_config)}: every layer also reads its own "
+                               "embedding of the token ids (per-layer inputs), which virtual tokens do not have; "
+                               "use lora, ia3 or full")
 
 
 @register_method
@@ -78,11 +88,24 @@ class PrefixTuning(SoftPromptMethod):
         return PrefixTuningConfig(num_virtual_tokens=options.num_virtual_tokens, prefix_projection=options.projection,
                                   encoder_hidden_size=options.projection_hidden, task_type="CAUSAL_LM")
 
+    def check_model(self, options: PromptOptions | PrefixOptions, model_config: Any) -> None:
+        """The prefix is keys and values of one width for every layer: refuse layers without them or of other widths."""
+        super().check_model(options, model_config)
+        others, uneven = non_attention_layers(model_config), uneven_keys_values(model_config)
+        why = (f"its {', '.join(others)} layers keep no keys and values to put a prefix in front of" if others
+               else f"{uneven}, and peft's prefix is one key/value width for every layer" if uneven else None)
+        if why:
+            raise TunelabError(f"method prefix cannot tune {_kind(model_config)}: {why}; use prompt, lora or ia3")
+
     def apply(self, model: nn.Module, options: PrefixOptions) -> nn.Module:
         tuned = super().apply(model, options)
         if options.from_text:
             _prefix_from_text(tuned, options.init_text, options.num_virtual_tokens)
         return tuned
+
+
+def _kind(model_config: Any) -> str:
+    return f"a {getattr(model_config, 'model_type', '?')} model"
 
 
 def text_token_ids(model: nn.Module, text: str, length: int) -> list[int]:

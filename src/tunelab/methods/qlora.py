@@ -11,6 +11,8 @@ repacking, so an evaluation before or during training leaves the gradients exact
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,7 +20,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods.base import register_method
 from tunelab.methods.common import PeftMethod
 from tunelab.methods.footprint import Footprint, ShapeLike
-from tunelab.methods.lora import lora_config, lora_footprint
+from tunelab.methods.lora import check_experts, lora_config, lora_footprint
 from tunelab.methods.options import LoraOptions, QLoraOptions
 from tunelab.models.load import keep_bnb_weights_trainable
 
@@ -56,7 +58,10 @@ class QLoRA(PeftMethod):
         return fp
 
     def peft_config(self, model: nn.Module, options: QLoraOptions):
-        return lora_config(LoraOptions(**options.model_dump(include=set(LoraOptions.model_fields))))
+        return lora_config(LoraOptions(**options.model_dump(include=set(LoraOptions.model_fields))), model)
+
+    def check_model(self, options: QLoraOptions, model_config: Any) -> None:
+        check_experts(options, model_config)
 
     def apply(self, model: nn.Module, options: QLoraOptions) -> nn.Module:
         from peft import prepare_model_for_kbit_training

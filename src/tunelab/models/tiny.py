@@ -119,3 +119,31 @@ def save_tiny_model(directory: str | Path, arch: str = "llama", chat_template: s
     model.save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
     return directory
+
+
+def save_tiny_of_type(directory: str | Path, model_type: str, hidden: int = 64, seed: int = 0, **settings) -> Path:
+    """A tiny random model of any transformers ``model_type`` (2 blocks, ``hidden`` wide, 4 heads, 2 kv heads),
+    built from that type's own config class with the tiny tokenizer, saved as a plain HF directory.
+
+    Args:
+        directory: Folder to write.
+        model_type: A key of transformers' ``CONFIG_MAPPING`` (``qwen3_moe``, ``gemma3_text``, ...).
+        hidden: Hidden size (intermediate = 2 x hidden).
+        seed: Seed for the random weights.
+        settings: Config fields beyond the common ones (head_dim, experts, layer types, ...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    tok = build_tiny_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    config = AutoConfig.for_model(model_type, **{**common, **settings})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)
+    return directory

@@ -6,8 +6,10 @@ float32, as ``tunelab.models.load`` loads it), ``c`` = compute dtype (2 under bf
 ``w``). ``B`` micro-batch, ``T`` tokens per row, ``d`` hidden, ``I`` intermediate, ``L`` blocks, ``H``/``KV``
 heads, ``hd`` head dim, ``V`` vocabulary, ``N`` parameters, ``P`` virtual tokens.
 
-Parameters (exact for llama, mistral, qwen2, qwen3; other decoders are approximated by the same block):
+Parameters (exact for llama, mistral, qwen2, qwen3, qwen3_moe, mixtral; other decoders are approximated by the same block):
   block = d*H*hd + 2*d*KV*hd + H*hd*d (q,k,v,o; + q/k/v biases for qwen2) + 3*d*I (MLP) + 2*d (norms)
+  MoE block: the MLP is E experts of 3*d*I_e (fused, as transformers stores them) + E*d (router); a token
+  passes through k of the E (``num_experts_per_tok``): the plan says active and total parameters
   model = L*block + V*d (embedding) + V*d unless tied (lm_head) + d (final norm)
 Trained parameters: full = N; freeze = its last blocks (+ regex-named params); lora/qlora = r*(d_in + d_out)
 per targeted linear (all-linear = q,k,v,o,gate,up,down); ia3 = one vector per scaled activation (peft's

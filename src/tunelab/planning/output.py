@@ -44,6 +44,10 @@ def print_plan(plan: Plan, console) -> None:
     console.print(f"[bold]{plan.method}[/] on {plan.model}: {plan.trainable_params:,} trainable of {plan.total_params:,} "
                   f"parameters; {plan.precision}, {plan.weight_bytes} B per weight, "
                   f"micro-batch {plan.batch[0]} x {plan.batch[1]}{_checkpointing(plan)}")
+    if plan.active_params is not None:
+        shape = plan.shape
+        console.print(f"mixture of experts: {plan.active_params:,} parameters active per token of {plan.total_params:,} "
+                      f"({shape.active_experts} of {shape.experts} experts per block)")
     table = Table(title=f"Peak memory (during the {mem.peak_phase})")
     for column, justify in (("component", "left"), ("GiB", "right"), ("what", "left")):
         table.add_column(column, justify=justify)

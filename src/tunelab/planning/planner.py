@@ -41,6 +41,7 @@ class Plan:
     suggestions: list[str]
     assumptions: list[str]
     recipe_note: str | None = None  # what the recipe adds (both sides of pairs, a teacher)
+    active_params: int | None = None  # MoE: parameters one token passes through (None for a dense model)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
         {name: gpu_memory.total <= g.memory_bytes for name, g in GPUS.items()},
         {name: t.seconds for name, t in time_on.items()}, [], [],
     )
+    result.active_params = shape.active_parameters() + m.extra if shape.experts else None
     if not fits or result.tight:
         result.suggestions = _suggest(config, shape, device, knobs)
     result.recipe_note = _recipe_note(config, w=torch_dtype(config.model.dtype).itemsize, logit_rows=batch.logit_rows, shape=shape)

@@ -28,7 +28,10 @@ class ModelShape:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False  # qwen3: per-head RMSNorm of q and k
+    qk_norm: bool = False  # qwen3, qwen3_moe: per-head RMSNorm of q and k
+    experts: int = 0  # routed experts per block (MoE), each a gated MLP of expert_intermediate
+    active_experts: int = 0  # experts each token is routed to
+    expert_intermediate: int = 0
 
     @classmethod
     def from_config(cls, cfg) -> "ModelShape":
@@ -37,9 +40,10 @@ class ModelShape:
         return cls(
             model_type=getattr(cfg, "model_type", "?"), hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
             layers=cfg.num_hidden_layers, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, vocab=cfg.vocab_size,
+            head_dim=_widest(cfg, "head_dim") or cfg.hidden_size // heads, vocab=cfg.vocab_size,
             tied=bool(getattr(cfg, "tie_word_embeddings", False)), qkv_bias=bias or cfg.model_type == "qwen2",
-            o_bias=bias, mlp_bias=bool(getattr(cfg, "mlp_bias", False)), qk_norm=cfg.model_type == "qwen3",
+            o_bias=bias, mlp_bias=bool(getattr(cfg, "mlp_bias", False)), qk_norm=cfg.model_type in ("qwen3", "qwen3_moe"),
+            **_experts(cfg),
         )
 
     def linears(self) -> dict[str, tuple[int, int, bool]]:
@@ -54,6 +58,8 @@ class ModelShape:
         table = {"model.embed_tokens.weight": self.vocab * self.hidden}
         for b in range(self.layers):
             for name, (d_in, d_out, bias) in self.linears().items():
+                if self.experts and _LINEARS[name] == "mlp":
+                    continue  # a MoE block's MLP is its experts
                 table[param_name(b, name)] = d_in * d_out
                 if bias:
                     table[param_name(b, name, "bias")] = d_out
@@ -62,14 +68,46 @@ class ModelShape:
             if self.qk_norm:
                 table[f"model.layers.{b}.self_attn.q_norm.weight"] = self.head_dim
                 table[f"model.layers.{b}.self_attn.k_norm.weight"] = self.head_dim
+            if self.experts:  # fused, as transformers stores them: (experts, 2 x I_e, d) and (experts, d, I_e)
+                table[f"model.layers.{b}.mlp.experts.gate_up_proj"] = self.experts * 2 * self.expert_intermediate * self.hidden
+                table[f"model.layers.{b}.mlp.experts.down_proj"] = self.experts * self.expert_intermediate * self.hidden
+                table[f"model.layers.{b}.mlp.gate.weight"] = self.experts * self.hidden  # the router
         table["model.norm.weight"] = self.hidden
         if not self.tied:
             table["lm_head.weight"] = self.vocab * self.hidden
         return table
 
+    def active_parameters(self) -> int:
+        """Parameters one token passes through: all but the experts it is not routed to."""
+        table = self.parameter_table()
+        experts = sum(n for name, n in table.items() if ".mlp.experts." in name)
+        return sum(table.values()) - experts + experts * self.active_experts // max(self.experts, 1)
+
     @property
     def head_param(self) -> str:
         return "model.embed_tokens.weight" if self.tied else "lm_head.weight"
+
+
+def _experts(cfg) -> dict[str, int]:
+    """The MoE sizes of a config (nothing for a dense model)."""
+    from tunelab.models.anatomy import expert_count
+
+    experts = expert_count(cfg)
+    if not experts:
+        return {}
+    active = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "experts_per_token", None) or 1
+    width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    return {"experts": experts, "active_experts": int(active), "expert_intermediate": int(width)}
+
+
+def _widest(cfg, name: str) -> int | None:
+    """``cfg.name``; for a config whose layers differ in it (Gemma 4's ``per_layer_config``), the largest value,
+    so the memory plan is an upper bound."""
+    try:
+        return getattr(cfg, name, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        values = [cfg.to_dict().get(name)] + [layer.get(name) for layer in (cfg.to_dict().get("per_layer_config") or {}).values()]
+        return max((v for v in values if v), default=None)
 
 
 def param_name(block: int, linear: str, kind: str = "weight") -> str:

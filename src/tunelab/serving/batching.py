@@ -16,6 +16,7 @@ import torch
 from tunelab.generation.constrain import RowMatcher
 from tunelab.generation.generate import ignores_position_ids
 from tunelab.generation.stops import StopMatcher
+from tunelab.models.anatomy import non_attention_layers
 from tunelab.serving.scheduler import Job
 
 
@@ -65,7 +66,8 @@ def fits_the_cache(job: Job) -> bool:
     module = served.model if served.backbone is None else served.backbone.base
     config = getattr(module, "config", None)
     sliding = getattr(config, "sliding_window", None) and "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"])
-    return not sliding and not ignores_position_ids(module)
+    recurrent = config is not None and non_attention_layers(config)  # conv/linear-attention states: no key/value rows to pad
+    return not sliding and not recurrent and not ignores_position_ids(module)
 
 
 def row_generator(job: Job, choice: int) -> torch.Generator | None:

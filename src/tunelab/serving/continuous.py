@@ -13,7 +13,8 @@ The cache is left-padded: every row's newest token is in the last column, a row'
 tokens only (as ``model.generate`` computes them under left padding), so a greedy answer equals the one
 ``generate`` gives alone (tested). Each job samples from its own seeded generator, so a seeded answer does
 not depend on who else is in the batch. Models this cache layout does not fit (sliding-window attention,
-prompt-learning adapters whose positions peft ignores) are decoded job by job with ``generate`` once the
+prompt-learning adapters whose positions peft ignores, hybrid models whose conv or linear-attention layers keep
+recurrent states rather than key/value rows) are decoded job by job with ``generate`` once the
 running batch has drained.
 
 Hand-written because transformers' continuous batching (``generate_batch``, paged attention) and vLLM's
@@ -38,6 +39,12 @@ from tunelab.generation.stops import StopMatcher, end_of_turn_ids
 from tunelab.serving.batching import (Row, Running, device_of, fits_the_cache, group_of, join, keep_rows, loaded,
                                       row_generator)
 from tunelab.serving.scheduler import Job, ModelGone, Scheduler, Slice, settle
+
+
+def _config_of(job: Job):
+    """The served model's config: the cache is built per the model's layer kinds, as ``generate`` builds it."""
+    served = job.model
+    return (served.model if served.backbone is None else served.backbone.base).config
 
 
 class ContinuousScheduler(Scheduler):
@@ -174,7 +181,7 @@ class ContinuousScheduler(Scheduler):
             ids, mask = left_pad([r.prompt for r in rows], 0, device_of(rows[0].job))
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits, cache = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=positions,
-                                          past_key_values=DynamicCache())
+                                          past_key_values=DynamicCache(config=_config_of(rows[0].job)))
         group = self.batch.group if self.batch else group_of(rows[0].job, self.mix_adapters)
         new = Running(group, rows, cache, mask, self._sample(rows, logits))
         self.batch = new if self.batch is None else join(self.batch, new)

@@ -53,12 +53,28 @@ def check_method_fits(config: RunConfig, added_tokens: list[str] | None = None) 
         raise TunelabError(f"data.replay.kl needs the model's own next-token distributions at the answer positions; method "
                            f"{method.name} puts extra positions in front of every sequence. Set data.replay.kl=0 or use "
                            "another method (lora, full, ...)")
+    model_config = _model_config(config)
+    if model_config is not None:
+        method.check_model(config.method, model_config)
     if added_tokens and not _can_train_added_tokens(method):
         raise TunelabError(
             f"the model has no chat template, so tunelab's template uses the tokens {added_tokens}, whose embeddings are "
             f"new or were never learned as turn markers; method {method.name} cannot train them. Give data.chat_template (a template using the model's own tokens) "
             "or use a method that trains embedding rows (lora, qlora or full)"
         )
+
+
+def _model_config(config: RunConfig):
+    """The base model's transformers config (config.json only), or None where it cannot be read here (loading
+    the model reports that)."""
+    from transformers import AutoConfig
+
+    from tunelab.models.load import resolve_model_path
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(config.model.path), trust_remote_code=config.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - unreadable here: the load that follows says why
+        return None
 
 
 def _can_train_added_tokens(method: TuningMethod) -> bool:

@@ -1,0 +1,134 @@
+"""The architecture contract matrix: every current model type (``archs.ARCHITECTURES``, tiny random models of
+2 blocks built from the type's config class) through each cell of ``archs.CELLS``. A cell listed in
+``archs.REFUSED`` must be refused by name before anything loads (a TunelabError whose message says why), every
+other cell must work. ``docs/architectures.md`` is generated from the same data (``table.py``) and checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tunelab.errors import TunelabError
+from tunelab.resolve import load_config
+
+from architectures.archs import ARCHITECTURES, MOE, REFUSED, TINY_OPTIONS
+from conftest import chat_records, write_jsonl
+
+TIMES: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("arch-data")
+    return {"train": write_jsonl(root / "train.jsonl", chat_records(8)), "eval": write_jsonl(root / "eval.jsonl", chat_records(2, seed=3))}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def arch(request, tmp_path_factory) -> tuple[str, Path]:
+    from tunelab.models.tiny import save_tiny_of_type
+
+    model_type = request.param
+    return model_type, save_tiny_of_type(tmp_path_factory.mktemp(model_type), model_type, **ARCHITECTURES[model_type][1])
+
+
+def _config(model: Path, data: dict[str, Path], out: Path, method: str, *extra: str):
+    return load_config(None, [f"model={model}", f"data.train={data['train']}", f"data.eval={data['eval']}", f"output_dir={out}",
+                              "train.batch_size=4", "train.max_steps=2", "train.warmup_ratio=0", "train.lr=5e-2",
+                              "eval.probe=false", "eval.before=false", "eval.max_new_tokens=4", f"method.name={method}",
+                              *TINY_OPTIONS.get(method, []), *extra])
+
+
+def _train(model: Path, data, out: Path, method: str, *extra: str):
+    from tunelab.recipes import sft
+
+    return sft.main(_config(model, data, out, method, *extra))
+
+
+def _refused(model_type: str, cell: str, run) -> bool:
+    """Run the cell; True when it was refused as the matrix says it must be (and nothing was loaded)."""
+    reason = REFUSED.get((model_type, cell))
+    if reason is None:
+        run()
+        return False
+    with pytest.raises(TunelabError, match=reason):
+        run()
+    return True
+
+
+@pytest.fixture(scope="module")
+def lora_run(arch, data, tmp_path_factory) -> Path:
+    model_type, model = arch
+    started = time.perf_counter()
+    run_dir = _train(model, data, tmp_path_factory.mktemp(f"{model_type}-lora") / "run", "lora").run_dir
+    TIMES[f"{model_type}/lora"] = time.perf_counter() - started
+    return run_dir
+
+
+def test_lora_trains_saves_and_merges_verified(arch, lora_run, tmp_path):
+    from tunelab.merging.fold import merge_run
+
+    model_type, _ = arch
+    manifest = json.loads((lora_run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and (lora_run / "adapter" / "adapter_config.json").is_file()
+    adapter = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
+    if model_type in MOE:
+        assert adapter["target_parameters"], "LoRA left the experts untrained"
+    report = merge_run(lora_run, tmp_path / "merged", prompts=2, new_tokens=4)
+    assert report["verification"]["passed"], report["verification"]
+
+
+@pytest.mark.parametrize("method", ["full", "ia3", "prefix", "prompt"])
+def test_other_methods_train_or_are_refused_by_name(arch, data, tmp_path, method):
+    model_type, model = arch
+    if _refused(model_type, method, lambda: _train(model, data, tmp_path / "run", method)):
+        assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))
+        return
+    artifact = "model" if method == "full" else "adapter"
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "finished"
+    assert any((tmp_path / "run" / artifact).glob("*.safetensors"))
+
+
+def test_dora_on_experts_is_refused_before_loading(arch, data, tmp_path):
+    model_type, model = arch
+    if model_type not in MOE:
+        pytest.skip("a dense model: DoRA is in tests/methods' contract")
+    _refused(model_type, "dora", lambda: _train(model, data, tmp_path / "run", "lora", "method.use_dora=true"))
+
+
+def test_plan_answers(arch, data, tmp_path):
+    from tunelab.planning import plan
+
+    model_type, model = arch
+    result = plan(_config(model, data, tmp_path / "run", "lora"), "cpu")
+    assert result.total_params > result.trainable_params > 0 and result.memory.total > 0
+    assert (result.active_params is not None) == (model_type in MOE)
+    if model_type in MOE:
+        assert result.active_params < result.total_params
+
+
+@pytest.mark.parametrize("batching", ["continuous", "dynamic"])
+def test_served_answer_equals_eval(arch, lora_run, batching):
+    from tunelab.generation import SamplingSettings
+    from tunelab.serving.continuous import ContinuousScheduler
+    from tunelab.serving.models import Registry
+    from tunelab.serving.scheduler import Job, Scheduler
+
+    report = json.loads((lora_run / "eval.json").read_text())
+    predictions = [row["prediction"].strip() for row in report["tuned"]["examples"]]
+    registry = Registry(str(lora_run), base_id="base")
+    scheduler = (ContinuousScheduler if batching == "continuous" else Scheduler)(registry)
+    scheduler.start()
+    try:
+        prompts = [record["messages"][:1] for record in chat_records(2, seed=3)]  # the eval file's questions
+        served = registry.get(lora_run.name)
+        jobs = [Job(served, [p], SamplingSettings(max_new_tokens=4), tokens=64 + 4) for p in prompts]
+        for job in jobs:
+            scheduler.submit(job)
+        answers = [job.future.result(120)[0].text.strip() for job in jobs]
+    finally:
+        scheduler.stop()
+    assert answers == predictions
