@@ -20,7 +20,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods import TuningMethod, get_method, trainable_parameters
 from tunelab.stages.lineage import read_parent, start_from_parent
 from tunelab.stages.setup import load_base_model
-from tunelab.stages.vision import language_only
+from tunelab.stages.vision import freeze_vision, language_only
 from tunelab.training.recompute import EVERY_BLOCK, enable_checkpointing, limit_checkpointing
 
 
@@ -119,6 +119,7 @@ def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: l
             model = method.apply(model, options)
     except ValueError as exc:  # e.g. peft: target modules not found in the model
         raise TunelabError(f"method {config.method.name}: {exc}") from None
+    freeze_vision(model)  # the vision tower and projector stay as pretrained, for every method
     checkpointed = limit_checkpointing(model, checkpointed)
     params = trainable_parameters(model)
     if any(p.dtype == torch.float16 for p in params.values()):

@@ -54,3 +54,19 @@ def language_only(model, options):
     if is_vision_config(model.config) and getattr(options, "target_modules", None) == "all-linear":
         return options.model_copy(update={"target_modules": language_linear_pattern(model)})
     return options
+
+
+def freeze_vision(model) -> int:
+    """Freeze every parameter of a VLM outside its language model and output head (the vision tower and the
+    projector), whatever the method made trainable; returns how many tensors it froze (0 for a text model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not is_vision_config(base.config):
+        return 0
+    keep = {id(p) for p in base.get_decoder().parameters()}
+    keep |= {id(p) for p in base.get_output_embeddings().parameters()}
+    frozen = 0
+    for param in base.parameters():
+        if id(param) not in keep and param.requires_grad:
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
