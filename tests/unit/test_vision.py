@@ -46,8 +46,9 @@ def test_only_answers_trained_and_batch_runs(tmp_path, arch):
     assert counts[0] > 1 and counts[1] == 2 * counts[0] and counts[2] == 0  # expanded per image, untrained
     batch = collate(tokenized, processor.tokenizer.pad_token_id)
     assert batch["pixel_values"].shape[0] in (2, 3)  # per image (LLaVA) or per example with images (Idefics3)
-    loss = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    assert loss.shape[:2] == batch["input_ids"].shape and stats.trained_tokens == sum(l != -100 for ex in tokenized for l in ex.labels)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert logits.shape[:2] == batch["input_ids"].shape
+    assert stats.trained_tokens == sum(label != -100 for ex in tokenized for label in ex.labels)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -90,3 +91,12 @@ def test_refused_before_training(tmp_path, tiny_llama):
     assert not (tmp_path / "run" / "adapter").exists()
     with pytest.raises(TunelabError, match="packing"):
         sft.main(_config(tmp_path, save_tiny_vlm(tmp_path / "vlm", "idefics3"), data, "train.packing=true"))
+
+
+def test_gguf_export_of_a_vlm_is_refused(tmp_path):
+    from tunelab.export.source import open_source
+
+    model = save_tiny_vlm(tmp_path / "vlm", "idefics3")
+    with pytest.raises(TunelabError, match=r"vision-language model \(idefics3\).*mmproj.*--format hf"):
+        open_source(model, "gguf")
+    assert open_source(model, "hf").path == model

@@ -166,3 +166,14 @@ def language_linear_pattern(model: torch.nn.Module) -> str:
     leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                      if isinstance(module, torch.nn.Linear) and name.startswith(prefix + ".")})
     return rf"(.*\.)?{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaves))})"
+
+
+def directory_has_vision(directory: str | Path) -> str | None:
+    """The ``model_type`` of a local model directory whose config has a vision tower, else None (nothing loaded)."""
+    import json
+
+    config = Path(directory).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text(encoding="utf-8"))
+    return str(data.get("model_type", "unknown")) if data.get("vision_config") else None
