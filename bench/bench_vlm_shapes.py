@@ -17,7 +17,7 @@ from pathlib import Path
 from tunelab.data import load_examples
 from tunelab.evaluation.run import load_for_eval
 from tunelab.evaluation.vision import vision_accuracy
-from tunelab.examples.shapes.task import generate
+from tunelab.examples.shapes.task import COLOURS, SHAPES, generate
 from tunelab.models.vision import load_processor, save_tiny_vlm
 from tunelab.recipes import sft
 from tunelab.resolve import load_config
@@ -35,7 +35,11 @@ def run(root: Path, model: Path, blank: bool, args) -> dict:
     seconds = time.time() - start
     tuned = load_for_eval(str(done.run_dir)).model
     result = vision_accuracy(tuned, load_processor(str(model)), load_examples([str(test)]))
-    return {"accuracy": result["accuracy"], "n": result["n"], "final_train_loss": done.train_loss,
+    by_kind = {}
+    for kind, answers in (("colour", set(COLOURS)), ("shape", set(SHAPES))):
+        pairs = [(p, r) for p, r in result["predictions"] if r in answers]
+        by_kind[kind] = round(sum(p == r for p, r in pairs) / max(len(pairs), 1), 3)
+    return {"accuracy": result["accuracy"], "by_question": by_kind, "n": result["n"], "final_train_loss": done.train_loss,
             "train_seconds": round(seconds, 1), "examples": result["predictions"][:8]}
 
 
