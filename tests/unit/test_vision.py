@@ -73,10 +73,18 @@ def test_sft_trains_a_tiny_vlm_end_to_end(tmp_path):
     from tunelab.evaluation.run import load_for_eval
     from tunelab.recipes import sft
 
+    from tunelab.resolve import load_config
+
     model = save_tiny_vlm(tmp_path / "vlm", "llava")
     before = {n: p.clone() for n, p in build_tiny_vlm("llava")[0].named_parameters() if "vision" in n or "projector" in n}
-    done = sft.main(_config(tmp_path, model, _data(tmp_path)))
+    data = _data(tmp_path)
+    config = load_config(None, [f"model={model}", f"data.train={data}", f"data.eval={data}", f"output_dir={tmp_path / 'run'}",
+                                "method.name=lora", "train.max_steps=2", "eval.probe=false"])  # the defaults, evaluation on
+    done = sft.main(config)
     assert done.steps == 2 and done.train_loss is not None
+    report = json.loads((done.run_dir / "eval.json").read_text())
+    assert "red" in json.dumps(report)  # the references of the image records were scored
+    assert (done.run_dir / "eval_before.json").is_file()
     tuned = load_for_eval(str(done.run_dir)).model
     after = dict(tuned.get_base_model().named_parameters())
     assert all(torch.equal(after[n], p) for n, p in before.items())  # tower and projector untouched
