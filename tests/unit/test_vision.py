@@ -108,3 +108,15 @@ def test_gguf_export_of_a_vlm_is_refused(tmp_path):
     with pytest.raises(TunelabError, match=r"vision-language model \(idefics3\).*mmproj.*--format hf"):
         open_source(model, "gguf")
     assert open_source(model, "hf").path == model
+
+
+def test_inspect_shows_expanded_placeholders_untrained(tmp_path):
+    from rich.console import Console
+
+    from tunelab.recipes import sft
+
+    model = save_tiny_vlm(tmp_path / "vlm", "llava")
+    console = Console(record=True, width=200)
+    sft.inspect(_config(tmp_path, model, _data(tmp_path)), 1, console)
+    text = console.export_text()
+    assert "<image>×16" in text and text.count("<image>×16") == 2

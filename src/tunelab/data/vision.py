@@ -133,3 +133,26 @@ def merge_vision(batch: list[TokenizedExample], width: int) -> dict[str, torch.T
         shape = tuple(max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim()))
         merged[key] = torch.cat([_pad_to(t, shape) for t in tensors])
     return merged
+
+
+def render_vision_example(example: Example, processor, loss_on: str = "assistant", reasoning: bool = True) -> list[tuple[str, bool]]:
+    """``(text, trained)`` runs of an example as the model sees it, image placeholders expanded (a run of one
+    repeated token is shown once with its count, ``<image>×16``), for ``tunelab data inspect``."""
+    enc = tokenize_vision_example(example, processor, loss_on=loss_on, reasoning=reasoning)
+    decode = processor.tokenizer.decode
+    runs: list[tuple[str, bool]] = []
+    i = 0
+    while i < len(enc.input_ids):
+        j = i
+        while j < len(enc.input_ids) and enc.input_ids[j] == enc.input_ids[i] and enc.labels[j] == enc.labels[i]:
+            j += 1
+        trained = enc.labels[i] != IGNORE_INDEX
+        piece = decode(enc.input_ids[i:j], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if j - i > 3:
+            piece = f"{decode(enc.input_ids[i:i + 1], skip_special_tokens=False)}×{j - i}"
+        if runs and runs[-1][1] == trained:
+            runs[-1] = (runs[-1][0] + piece, trained)
+        else:
+            runs.append((piece, trained))
+        i = j
+    return runs

@@ -70,3 +70,16 @@ def freeze_vision(model) -> int:
             param.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def render_for_inspect(config: RunConfig, example, tokenizer) -> list[tuple[str, bool]]:
+    """``tunelab data inspect``'s rendering of one example: through the processor when it has images."""
+    from tunelab.data import render_example
+
+    data = config.data
+    if not has_images(example.messages):
+        return render_example(example, tokenizer, loss_on=data.loss_on, reasoning=data.train_on_reasoning)
+    from tunelab.data.vision import render_vision_example
+
+    processor = load_processor(resolve_model_path(config.model.path), config.model.trust_remote_code)
+    return render_vision_example(example, processor, loss_on=data.loss_on, reasoning=data.train_on_reasoning)
