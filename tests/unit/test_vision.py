@@ -4,6 +4,7 @@ cannot work (images for a text model, packing with images)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -17,7 +18,11 @@ from tunelab.data.vision import tokenize_vision_examples
 from tunelab.errors import DataError, TunelabError
 from tunelab.models.vision import build_tiny_vlm, language_linear_pattern, save_tiny_vlm
 
-ARCHS = ("llava", "idefics3")
+# Qwen2-VL's processor needs torchvision (its video processor), which the CPU test environment lacks.
+QWEN2_VL = pytest.param("qwen2_vl", marks=pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                                             reason="Qwen2-VL's processor needs torchvision"))
+ARCHS = ("llava", "idefics3", QWEN2_VL)
+IMAGE_TOKEN = {"llava": "<image>", "idefics3": "<image>", "qwen2_vl": "<|image_pad|>"}
 
 
 def _data(tmp_path: Path, n: int = 4) -> Path:
@@ -41,11 +46,11 @@ def test_only_answers_trained_and_batch_runs(tmp_path, arch):
     decode = processor.tokenizer.decode
     answers = [decode([t for t, label in zip(ex.input_ids, ex.labels) if label != -100]) for ex in tokenized]
     assert answers == ["red<|im_end|>", "yes<|im_end|>", "ok<|im_end|>"]
-    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN[arch])
     counts = [ex.input_ids.count(image_id) for ex in tokenized]
     assert counts[0] > 1 and counts[1] == 2 * counts[0] and counts[2] == 0  # expanded per image, untrained
     batch = collate(tokenized, processor.tokenizer.pad_token_id)
-    assert batch["pixel_values"].shape[0] in (2, 3)  # per image (LLaVA) or per example with images (Idefics3)
+    assert batch["pixel_values"].shape[0] >= 2  # per image (LLaVA), per example with images (Idefics3), per patch (Qwen2-VL)
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert logits.shape[:2] == batch["input_ids"].shape
     assert stats.trained_tokens == sum(label != -100 for ex in tokenized for label in ex.labels)
