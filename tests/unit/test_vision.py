@@ -93,6 +93,15 @@ def test_sft_trains_a_tiny_vlm_end_to_end(tmp_path):
     tuned = load_for_eval(str(done.run_dir)).model
     after = dict(tuned.get_base_model().named_parameters())
     assert all(torch.equal(after[n], p) for n, p in before.items())  # tower and projector untouched
+    from tunelab.export.pipeline import export_model
+    from tunelab.merging import merge_run
+    from tunelab.models.vision import load_processor
+
+    report = merge_run(done.run_dir, tmp_path / "merged")
+    assert report["verification"]["passed"]
+    assert load_processor(str(tmp_path / "merged")).image_processor is not None
+    export_model(done.run_dir, "hf", out=tmp_path / "hf")
+    assert load_processor(str(tmp_path / "hf")).tokenizer.chat_template == load_processor(str(model)).tokenizer.chat_template
 
 
 def test_refused_before_training(tmp_path, tiny_llama):

@@ -177,3 +177,19 @@ def directory_has_vision(directory: str | Path) -> str | None:
         return None
     data = json.loads(config.read_text(encoding="utf-8"))
     return str(data.get("model_type", "unknown")) if data.get("vision_config") else None
+
+
+def auto_model_class(directory: str | Path):
+    """``AutoModelForImageTextToText`` for a local VLM directory, else ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if directory_has_vision(directory) else AutoModelForCausalLM
+
+
+def save_processor_files(base: str | Path, directory: str | Path) -> bool:
+    """Write the base VLM's processor (image processor, processor config) into ``directory``; False for a text
+    model. Call before saving the tokenizer there, so the training tokenizer and chat template win."""
+    if not directory_has_vision(base):
+        return False
+    load_processor(str(base)).save_pretrained(str(directory))
+    return True
