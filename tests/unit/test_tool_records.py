@@ -161,7 +161,7 @@ def test_list_of_text_parts_is_joined(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [record])
     [ex] = load_examples([path])
     assert ex.messages == ({"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"})
-    with pytest.raises(DataError, match="content part 1 is 'image_url'"):
+    with pytest.raises(DataError, match="content part 1: image file .*x not found"):
         load_examples([write_jsonl(tmp_path / "i.jsonl", [image])])
 
 

@@ -32,4 +32,9 @@ def collate(batch: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tenso
         input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(getattr(ex, "vision", None) for ex in batch):  # a VLM's examples: pixel values and image sizes too
+        from tunelab.data.vision import merge_vision
+
+        out.update(merge_vision(batch, width))
+    return out

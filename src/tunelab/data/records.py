@@ -10,7 +10,8 @@ Four record formats are understood, each becoming a list of ``{"role", "content"
 ``messages`` also carries tool calling in the OpenAI format (``tools``, assistant ``tool_calls``, ``tool``
 messages; see :mod:`tunelab.data.tools`), an assistant message may carry its reasoning (``reasoning_content``;
 see :mod:`tunelab.data.reasoning`), and a message's content may be a list of text parts
-(``[{"type": "text", "text": ...}]``, joined as the server joins them).
+(``[{"type": "text", "text": ...}]``, joined as the server joins them) or of text and image parts, kept as
+a list and checked with Pillow (:mod:`tunelab.data.images`).
 
 Loading never stops at the first bad record: every file is read in full and every problem is collected,
 so the user fixes their data in one pass instead of one error per run.
@@ -26,6 +27,7 @@ from typing import Any
 
 import jinja2
 
+from tunelab.data.images import has_images, is_image_part, normalise_images, part_reference
 from tunelab.data.readers import JsonValueError, describe_type, parse_json, read_file
 from tunelab.data.sandbox import BoundedSandbox, TemplateLimitError
 from tunelab.data.reasoning import REASONING_KEY
@@ -124,6 +126,8 @@ def _load_file(
             errors = errors + tool_errors
         if not errors:
             messages, errors = check_rounds(messages, tools)
+        if not errors and has_images(messages):
+            messages, errors = normalise_images(messages, Path(path).parent)
         problems.extend((position, f"{where}: {e}") for e in errors)
         if not errors:
             examples.append(Example(tuple(_with_system(messages, system_prompt)), where, tools))
@@ -270,8 +274,9 @@ def _check_message(n: int, message: Any, errors: list[str]) -> dict[str, Any] | 
     return checked
 
 
-def _content(n: int, value: Any, errors: list[str]) -> str | None:
-    """A message's text: a string, or a list of ``{"type": "text", "text"}`` parts joined (as the server does)."""
+def _content(n: int, value: Any, errors: list[str]) -> str | list[dict] | None:
+    """A message's text: a string, or a list of ``{"type": "text", "text"}`` parts joined (as the server does);
+    a list with image parts stays a list of text and image parts (:mod:`tunelab.data.images`)."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -279,10 +284,17 @@ def _content(n: int, value: Any, errors: list[str]) -> str | None:
         for k, part in enumerate(value, start=1):
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
+            elif is_image_part(part) and part_reference(part) is not None:
+                texts.append(part)
+            elif is_image_part(part):
+                errors.append(f"message {n} content part {k} is {part.get('type')!r} without a path or url; "
+                              'write {"type": "image", "path": "img.png"} or {"type": "image_url", "image_url": {"url": ...}}')
             else:
                 kind = repr(part.get("type")) if isinstance(part, dict) else describe_type(part)
                 errors.append(f"message {n} content part {k} is {kind}, not {{\"type\": \"text\", \"text\": ...}}; "
-                              "training data takes text parts only")
+                              "training data takes text and image parts only")
+        if any(isinstance(t, dict) for t in texts):
+            return [{"type": "text", "text": t} if isinstance(t, str) else t for t in texts]
         return "".join(texts)
     errors.append(f"message {n} 'content' must be a string, got {describe_type(value)} (or a list of text parts)")
     return None

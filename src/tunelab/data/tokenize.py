@@ -359,3 +359,13 @@ def _count(stats: TokenizeStats, enc: _Encoded, example: Example, tokenizer) -> 
         if on:
             stats.trained_tokens += 1
             stats.trained_by_role[role] = stats.trained_by_role.get(role, 0) + 1
+
+
+def encode_with_flags(example: Example, tokenizer, loss_on: str = "assistant", reasoning: bool = True) -> tuple[str, list[int], list[bool]]:
+    """The rendered text of one example, its token ids and, per token, whether it is trained (no truncation):
+    the trained-span logic above, for callers that tokenize the text further (a VLM processor expanding images)."""
+    _check_options(tokenizer, loss_on, "truncate", 1)
+    layout = _layout(example, tokenizer, loss_on, reasoning)
+    enc = tokenizer(layout[0], add_special_tokens=False, return_offsets_mapping=True)
+    masked = _mask(layout, enc["input_ids"], enc["offset_mapping"], tokenizer, loss_on, _special_ids(tokenizer))
+    return layout[0], masked.ids, masked.trained

@@ -17,6 +17,7 @@ from typing import Any
 
 from tunelab.atomic import write_text_atomic
 from tunelab.data import Example, prepare_tokenizer, tokenize_examples
+from tunelab.data.images import has_images
 from tunelab.data.reasoning import split_reasoning
 from tunelab.data.tool_render import format_call, render_chat, uses_tools
 from tunelab.errors import TunelabError
@@ -134,7 +135,12 @@ def _generation_report(loaded, examples, metric, max_new_tokens, batch_size, opt
     pairs = [split_example(e, tool_reference=structured) for e in examples]
     conversations, references = zip(*pairs) if pairs else ((), ())
     prompts = [eval_prompt(loaded.tokenizer, e, c) for e, c in zip(examples, conversations)]
-    outputs = generate_answers(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if any(has_images(c) for c in conversations):  # a VLM's prompts need their pixel values: the processor renders them
+        from tunelab.evaluation.vision import vision_answers
+
+        outputs = vision_answers(loaded.model, conversations, max_new_tokens=max_new_tokens)
+    else:
+        outputs = generate_answers(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     thoughts, predictions = zip(*map(split_reasoning, outputs)) if outputs else ((), ())  # scored: the answer
     result = score(metric, list(predictions), list(references), **options)
     rows = [

@@ -20,6 +20,7 @@ from tunelab.export.checks import THRESHOLDS
 from tunelab.export.formats import EXPORTERS, register_exporter
 from tunelab.export.source import REPORT_FILE, Source, open_source
 from tunelab.export.verify import verify_gguf
+from tunelab.models.vision import save_processor_files
 
 
 def default_out(source: Source, fmt: str, quant: str) -> Path:
@@ -34,9 +35,11 @@ def _check_out(source: Source, out: Path) -> None:
 
 def _load_hf(directory: Path) -> tuple[Any, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
+    from tunelab.models.vision import auto_model_class
+
+    model = auto_model_class(directory).from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
     return model.eval(), AutoTokenizer.from_pretrained(directory)
 
 
@@ -134,6 +137,7 @@ def _export_hf(source: Source, tmp: Path, quant: str, force: bool, prompts: int,
     if source.run is None:
         model, tokenizer = _load_hf(source.path)
         model.save_pretrained(tmp, safe_serialization=True)
+        save_processor_files(source.path, tmp)
         tokenizer.save_pretrained(tmp)
         return {"merge": None}
     merged, report = _hf_model_dir(source, tmp, prompts)

@@ -43,6 +43,18 @@ def _peft_type(artifact: Path) -> str | None:
     return json.loads(config.read_text()).get("peft_type") if config.is_file() else None
 
 
+def _refuse_vision_gguf(model_dir: Path, fmt: str) -> None:
+    """A VLM goes to GGUF as two files (the text model and an mmproj projector) which this exporter and its
+    llama.cpp parity checks do not produce; say so before anything loads."""
+    from tunelab.models.vision import directory_has_vision
+
+    kind = directory_has_vision(model_dir) if fmt != "hf" else None
+    if kind:
+        raise TunelabError(f"--format {fmt}: {model_dir} is a vision-language model ({kind}); GGUF export writes the text "
+                           "model only, and llama.cpp needs the vision tower and projector as a separate mmproj file, which "
+                           "tunelab does not write or check yet. Export with --format hf (the processor is kept)")
+
+
 def open_source(path: str | Path, fmt: str) -> Source:
     """The run or model at ``path``, refused early (before any loading) when it cannot be exported as ``fmt``.
 
@@ -55,6 +67,7 @@ def open_source(path: str | Path, fmt: str) -> Source:
 
     path = Path(path)
     run = open_run(path)
+    _refuse_vision_gguf(path if run is None else Path(run.base_model), fmt)
     if run is None:
         if not (path / "config.json").is_file():
             raise TunelabError(f"export: {path} is neither a tunelab run directory (manifest.json) nor a Hugging Face "

@@ -20,6 +20,7 @@ from tunelab.merging.card import headline, model_card
 from tunelab.merging.verify import TOLERANCE, compare, held_conversations, reference_of
 from tunelab.methods import get_method, method_names
 from tunelab.runs import Run, open_run
+from tunelab.models.vision import save_processor_files
 
 REPORT_FILE = "merge_report.json"
 
@@ -124,6 +125,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, force: bool = False, 
     limit = tolerance if tolerance is not None else TOLERANCE.get(dtype, 1e-3)
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
+        save_processor_files(run.base_model, tmp)  # a VLM's image processor travels with it
         loaded.tokenizer.save_pretrained(tmp)
         del merged, loaded
         verification = _verify_saved(tmp, dtype, reference, new_tokens, limit)
@@ -139,9 +141,11 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, force: bool = False, 
 
 def _verify_saved(saved: Path, dtype: Any, reference: Any, new_tokens: int, tolerance: float) -> dict[str, Any]:
     """Compare the model as written (reloaded with plain transformers) against the unmerged reference."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype, use_safetensors=True)
+    from tunelab.models.vision import auto_model_class
+
+    model = auto_model_class(saved).from_pretrained(saved, dtype=dtype, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(saved)
     return compare(reference, model, tokenizer, new_tokens, tolerance)
 

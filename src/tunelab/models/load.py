@@ -66,10 +66,14 @@ def torch_dtype(name: str) -> torch.dtype:
 def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, **extra):
     """Load a causal LM from a resolved path, safetensors only; ``extra`` goes to ``from_pretrained``
     (a tuning method's quantization config and device map)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from tunelab.models.vision import is_vision_config
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        vision = is_vision_config(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+        auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM  # a VLM keeps its vision tower
+        model = auto.from_pretrained(
             path, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as exc:

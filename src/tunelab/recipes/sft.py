@@ -76,7 +76,8 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
 
 def inspect(config: RunConfig, example: int, console: Console) -> None:
     """``tunelab data inspect``: validate the data, print statistics, render one example with its trained tokens marked."""
-    from tunelab.data import inspect_report, render_example
+    from tunelab.data import inspect_report
+    from tunelab.stages.vision import render_for_inspect
 
     examples = read_examples(config)
     _, tokenizer, added = load_prepared_tokenizer(config)
@@ -84,7 +85,7 @@ def inspect(config: RunConfig, example: int, console: Console) -> None:
     if not 0 <= example < len(examples.train):
         raise TunelabError(f"--example {example}: the training set has {len(examples.train)} examples")
     chosen = examples.train[example]
-    rendered = render_example(chosen, tokenizer, loss_on=config.data.loss_on, reasoning=config.data.train_on_reasoning)
+    rendered = render_for_inspect(config, chosen, tokenizer)  # image placeholders expanded as the model sees them
     inspect_report(data.train_stats, rendered, console, title=f"train ({chosen.source})")
     if data.eval_stats is not None:
         inspect_report(data.eval_stats, [], console, title="eval")

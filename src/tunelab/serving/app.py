@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from tunelab.data.images import has_images
 from tunelab.errors import TunelabError
 from tunelab.generation.constrain import Grammar
 from tunelab.serving.limits import BodyLimitMiddleware, Limits, check_prompt_chars
@@ -247,6 +248,11 @@ def _add_completion_routes(app) -> None:
         require_text(body)
         served = _lookup(app, request, body.model)
         conversation = body.conversation()
+        if has_images(conversation):  # a VLM's pixel values do not go through the token engine
+            from tunelab.serving.vision import answer_with_images
+
+            return await asyncio.to_thread(answer_with_images, app.state.registry, served, body, conversation,
+                                           app.state.default_max_tokens)
         plan = await asyncio.to_thread(plan_for, body, served.tokenizer)  # compiles a grammar: milliseconds
         prompt = render(served.tokenizer, conversation, plan)
         opened = opens_reasoning(served.tokenizer, conversation, plan.tools)

@@ -46,6 +46,18 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageUrl(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):
+    """OpenAI's image part; a served VLM answers it (``tunelab.serving.vision``)."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class CalledFunction(BaseModel):
     name: str
     arguments: Union[str, dict, None] = None  # OpenAI sends a JSON string; an object is taken too
@@ -59,13 +71,13 @@ class ToolCall(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[Union[TextPart, ImagePart]], None] = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text for part in self.content if isinstance(part, TextPart))
         return self.content or ""
 
 
@@ -149,6 +161,10 @@ def _template_message(n: int, message: ChatMessage) -> dict:
     from tunelab.data.tools import parse_calls
 
     out = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+    if isinstance(message.content, list) and any(isinstance(p, ImagePart) for p in message.content):
+        out["content"] = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else
+                          {"type": "image", "image": check_image_url(p.image_url.url, f"messages.{n}.content.{k}")}
+                          for k, p in enumerate(message.content)]
     if message.tool_calls:
         errors: list[str] = []
         calls = parse_calls(n, [c.model_dump(exclude_none=True) for c in message.tool_calls], errors)
@@ -158,6 +174,19 @@ def _template_message(n: int, message: ChatMessage) -> dict:
     if message.role == "tool" and message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def check_image_url(url: str, where: str) -> str:
+    """A request's image URL when it is a readable ``data:image/...;base64`` URL; else 400 saying why."""
+    if not url.startswith("data:image/"):
+        raise APIError(400, f"{where}: the server takes images as data:image/...;base64 URLs (it does not read files "
+                            "or fetch URLs); encode the image into the request", param=where)
+    from tunelab.data.images import check_image
+
+    problem = check_image(url)
+    if problem:
+        raise APIError(400, f"{where}: {problem}", param=where)
+    return url
 
 
 class CompletionRequest(SamplingFields):

@@ -85,4 +85,6 @@ def model_shape(model_path: str) -> tuple[int | None, str | None]:
     except (OSError, ValueError):
         return None, None
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    if getattr(model_config, "vision_config", None) is not None:  # a VLM's head is not its text model's (no replay KL)
+        return getattr(text, "hidden_size", None), model_config.model_type
     return getattr(text, "hidden_size", None), getattr(text, "model_type", None)

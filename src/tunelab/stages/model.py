@@ -26,6 +26,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods import TuningMethod, get_method, trainable_parameters
 from tunelab.stages.lineage import read_parent, start_from_parent
 from tunelab.stages.setup import load_base_model
+from tunelab.stages.vision import freeze_vision, language_only
 
 EVERY_BLOCK = sys.maxsize  # ``blocks`` for checkpointing all of them, however many the model has
 
@@ -131,7 +132,7 @@ def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: l
     enable_checkpointing(model, checkpointed)
     model.config.use_cache = False
     method = get_method(config.method.name)
-    options = config.method
+    options = language_only(model, config.method)  # a VLM: LoRA on the language model, tower and projector frozen
     if added_tokens and "trainable_token_indices" in type(options).model_fields and options.trainable_token_indices is None:
         # Tokens of the chat-template fallback start random (added) or untrained as turn markers (a base
         # model's own): train their rows so the model can read <|im_start|> and learn to emit <|im_end|>.
@@ -141,6 +142,7 @@ def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: l
             model = method.apply(model, options)
     except ValueError as exc:  # e.g. peft: target modules not found in the model
         raise TunelabError(f"method {config.method.name}: {exc}") from None
+    freeze_vision(model)  # the vision tower and projector stay as pretrained, for every method
     checkpointed = limit_checkpointing(model, checkpointed)
     params = trainable_parameters(model)
     if any(p.dtype == torch.float16 for p in params.values()):

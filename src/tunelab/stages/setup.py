@@ -117,6 +117,13 @@ def load_base_model(config: RunConfig, model_path: str, tokenizer, added_tokens:
 def tokenize(config: RunConfig, tokenizer, examples: Examples, added_tokens: list[str]) -> TokenizedData:
     """Tokenize train and eval examples with the configured loss mask and too-long policy."""
     data = config.data
+    from tunelab.stages.vision import any_images, tokenize_with_images
+
+    if any_images(examples.train, examples.validation or examples.eval):  # a VLM's processor expands the images
+        train, train_stats, evals, eval_stats = tokenize_with_images(config, examples.train, examples.validation or examples.eval)
+        if not train:
+            raise DataError([f"no training example is left after tokenization ({len(train_stats.dropped)} dropped as too long); raise data.max_length"], what="data.train")
+        return TokenizedData(train, train_stats, evals, eval_stats, added_tokens)
     kwargs = dict(loss_on=data.loss_on, max_length=data.max_length, too_long=data.too_long, reasoning=data.train_on_reasoning)
     train, train_stats, _ = cached_tokenize(examples.train, tokenizer, **kwargs)
     if not train:

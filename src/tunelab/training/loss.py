@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from tunelab.data import TokenizedExample, collate
 from tunelab.data.packing import check_packed_attention
+from tunelab.data.vision import TOKEN_INPUTS, VISION_INPUTS
 from tunelab.errors import TunelabError
 from tunelab.training import distributed
 from tunelab.training.linear_cross_entropy import chunk_rows, linear_cross_entropy_sum
@@ -116,6 +117,7 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bo
     inputs: dict[str, torch.Tensor | bool] = {"input_ids": batch["input_ids"]}
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"]
+    inputs.update({k: batch[k] for k in VISION_INPUTS + TOKEN_INPUTS if batch.get(k) is not None})  # a VLM's images
     if batch.get("position_ids") is not None:
         inputs["position_ids"] = batch["position_ids"]
         inputs["use_cache"] = False
