@@ -18,6 +18,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.readers import describe_type
+
 IMAGE_TYPES = ("image", "image_url")
 IMAGE_KEY = "image"  # the key a normalised part keeps its reference under
 _DATA_PREFIX = "data:image/"
@@ -154,3 +156,29 @@ def vision_problems(examples, *, vision: bool, model: str, max_images: int | Non
         elif max_images is not None and count > max_images:
             problems.append(f"{example.source}: {count} images, more than the {max_images} this model's template takes")
     return problems
+
+
+def message_content(n: int, value: Any, errors: list[str]) -> str | list[dict] | None:
+    """A message's text: a string, or a list of ``{"type": "text", "text"}`` parts joined (as the server does);
+    a list with image parts stays a list of text and image parts (:mod:`tunelab.data.images`)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for k, part in enumerate(value, start=1):
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif is_image_part(part) and part_reference(part) is not None:
+                texts.append(part)
+            elif is_image_part(part):
+                errors.append(f"message {n} content part {k} is {part.get('type')!r} without a path or url; "
+                              'write {"type": "image", "path": "img.png"} or {"type": "image_url", "image_url": {"url": ...}}')
+            else:
+                kind = repr(part.get("type")) if isinstance(part, dict) else describe_type(part)
+                errors.append(f"message {n} content part {k} is {kind}, not {{\"type\": \"text\", \"text\": ...}}; "
+                              "training data takes text and image parts only")
+        if any(isinstance(t, dict) for t in texts):
+            return [{"type": "text", "text": t} if isinstance(t, str) else t for t in texts]
+        return "".join(texts)
+    errors.append(f"message {n} 'content' must be a string, got {describe_type(value)} (or a list of text parts)")
+    return None

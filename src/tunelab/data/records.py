@@ -27,7 +27,7 @@ from typing import Any
 
 import jinja2
 
-from tunelab.data.images import has_images, is_image_part, normalise_images, part_reference
+from tunelab.data.images import has_images, message_content, normalise_images
 from tunelab.data.readers import JsonValueError, describe_type, parse_json, read_file
 from tunelab.data.sandbox import BoundedSandbox, TemplateLimitError
 from tunelab.data.reasoning import REASONING_KEY
@@ -245,7 +245,7 @@ def _check_message(n: int, message: Any, errors: list[str]) -> dict[str, Any] | 
         errors.append(f"message {n} has no 'role'; every message needs 'role' and 'content'")
     elif role not in MESSAGE_ROLES:
         errors.append(f"message {n} has unknown role {role!r}; allowed roles: {', '.join(MESSAGE_ROLES)}")
-    content = _content(n, message.get("content"), errors)
+    content = message_content(n, message.get("content"), errors)
     calling = role == "assistant" and calls is not None
     if calls is not None and role != "assistant":
         errors.append(f"message {n} has tool_calls but its role is {role!r}; only assistant messages call tools")
@@ -272,32 +272,6 @@ def _check_message(n: int, message: Any, errors: list[str]) -> dict[str, Any] | 
     if role == TOOL_ROLE and call_id is not None:
         checked["tool_call_id"] = call_id
     return checked
-
-
-def _content(n: int, value: Any, errors: list[str]) -> str | list[dict] | None:
-    """A message's text: a string, or a list of ``{"type": "text", "text"}`` parts joined (as the server does);
-    a list with image parts stays a list of text and image parts (:mod:`tunelab.data.images`)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        texts = []
-        for k, part in enumerate(value, start=1):
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif is_image_part(part) and part_reference(part) is not None:
-                texts.append(part)
-            elif is_image_part(part):
-                errors.append(f"message {n} content part {k} is {part.get('type')!r} without a path or url; "
-                              'write {"type": "image", "path": "img.png"} or {"type": "image_url", "image_url": {"url": ...}}')
-            else:
-                kind = repr(part.get("type")) if isinstance(part, dict) else describe_type(part)
-                errors.append(f"message {n} content part {k} is {kind}, not {{\"type\": \"text\", \"text\": ...}}; "
-                              "training data takes text and image parts only")
-        if any(isinstance(t, dict) for t in texts):
-            return [{"type": "text", "text": t} if isinstance(t, str) else t for t in texts]
-        return "".join(texts)
-    errors.append(f"message {n} 'content' must be a string, got {describe_type(value)} (or a list of text parts)")
-    return None
 
 
 def _check_conversation(messages: list[dict[str, str]]) -> list[str]:
