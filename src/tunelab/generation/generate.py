@@ -23,7 +23,7 @@ Prompt = Union[str, Sequence[dict]]
 
 
 def render_prompt(tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of one prompt: a rendered string as it is, or a conversation through the chat template
+    """Token ids of one prompt: token ids as they are, a rendered string as it is, or a conversation through the chat template
     (:func:`tunelab.data.tool_render.render_chat`, so tool calls and results render as in training).
 
     Raises:
@@ -31,6 +31,8 @@ def render_prompt(tokenizer, prompt: Prompt) -> list[int]:
     """
     if isinstance(prompt, str):
         text = prompt
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt)  # already token ids (multi-turn episodes generate from the exact ids they train on)
     else:
         messages = list(prompt)
         if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):

@@ -27,6 +27,7 @@ from tunelab.evaluation.run import LoadedModel
 from tunelab.evaluation.summary import eval_summary
 from tunelab.recipes import TrainResult
 from tunelab.recipes.options import GrpoOptions
+from tunelab.rewards.environment import EnvironmentClient
 from tunelab.rewards.functions import RewardSet
 from tunelab.stages.evaluation import evaluate_after, evaluate_before, save_before
 from tunelab.stages.model import check_method_fits, continues_parent, load_base
@@ -34,6 +35,7 @@ from tunelab.stages.run import finish_run
 from tunelab.stages.setup import Examples, load_prepared_tokenizer
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, make_trainable, nothing_to_do,
                                      optimize, save_trained, training_loop)
+from tunelab.training.episodes import EpisodeSampler
 from tunelab.training.grpo_loop import GrpoSettings, run_grpo
 
 
@@ -41,13 +43,15 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     """Train by GRPO as configured."""
     console = console or Console(stderr=True)
     options: GrpoOptions = config.recipe
-    if not options.rewards:
+    if not options.rewards and not options.environment:
         raise TunelabError("recipe.rewards is empty: give at least one reward function, e.g. rewards: [{fn: sql_exec, db: shop.sqlite}]")
-    # 1. Validate the prompts, the task examples, the reward functions, the run directory and the method.
+    # 1. Validate the prompts, the task examples, the reward functions, the environment, the run directory and the method.
     prompts = load_prompts(config.data.train_files(), system_prompt=config.data.system_prompt)
     task = Examples([], load_examples(config.data.eval_files(), system_prompt=config.data.system_prompt) if config.data.eval_files() else [])
-    rewards = RewardSet(options.rewards, timeout=options.reward_timeout)
-    rewards.dry_run(["a dry-run completion"] * 2, [list(p.messages) for p in prompts[:2]], [p.fields for p in prompts[:2]])
+    rewards = RewardSet(options.rewards, timeout=options.reward_timeout) if options.rewards else None
+    if rewards is not None:
+        rewards.dry_run(["a dry-run completion"] * 2, [list(p.messages) for p in prompts[:2]], [p.fields for p in prompts[:2]])
+    episodes = _episodes(options, config, prompts)
     env = check_environment(config, resume=resume, force=force, task=task)
     model_path, tokenizer, added = load_prepared_tokenizer(config)
     check_method_fits(config, added)
@@ -62,7 +66,8 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     state = optimize(config, env, tuned, len(prompts), console)
     if already_finished(env, state):
         return nothing_to_do(env, tuned.method.artifact, state.start_step, console)
-    what = (f"{len(prompts)} prompts x {options.num_generations} samples, rewards {', '.join(rewards.names)}, "
+    what = (f"{len(prompts)} prompts x {options.num_generations} {'episodes' if episodes else 'samples'}, rewards "
+            f"{', '.join([*(rewards.names if rewards else []), *(['environment'] if episodes and episodes.env.has_reward else [])])}, "
             f"loss {options.loss_type}")
     manifest = begin_training_run(config, env, tuned, state, model_path, console, what)
     save_before(env.run_dir, before)
@@ -71,7 +76,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     disabled = tuned.method.disabled if options.beta > 0 else None  # the KL term's reference: the method switched off
     with training_loop(env, state, manifest):
         reporter = run_grpo(state, [list(p.messages) for p in prompts], [p.fields for p in prompts], rewards, tokenizer=tokenizer,
-                            settings=_settings(options, config), disabled=disabled, console=console)
+                            settings=_settings(options, config), disabled=disabled, console=console, episodes=episodes)
     trained = save_trained(config, env, state, tuned, tokenizer, manifest, reporter, console)
 
     # 4. Task score and probe: the start model against the tuned one.
@@ -81,16 +86,30 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     return trained.result(env)
 
 
+def _episodes(options: GrpoOptions, config: RunConfig, prompts) -> EpisodeSampler | None:
+    """The episode sampler of agentic GRPO (``recipe.environment``), its environment tried on the first prompt."""
+    if options.environment is None:
+        return None
+    env = EnvironmentClient(options.environment, options.environment_options, timeout=options.environment_timeout)
+    if not options.rewards and not env.has_reward:
+        raise TunelabError(f"environment {options.environment!r} has no reward(episode) method and recipe.rewards is empty: "
+                           "give reward functions to score the final answers, or add a reward method")
+    sampler = EpisodeSampler(env, max_turns=options.max_turns, seed=config.train.seed)
+    sampler.dry_run([list(p.messages) for p in prompts[:1]], [p.fields for p in prompts[:1]])
+    return sampler
+
+
 def _planned_rows(prompts, tokenizer, options: GrpoOptions) -> list:
     """What the memory plan sizes micro-batches by: each prompt's group of rows at the longest completion."""
     from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
     from tunelab.generation import render_prompt
 
     rows = []
+    # an episode: up to max_turns completions, each followed by tool output (guessed as long as a completion)
+    length = options.max_completion_length * (2 * options.max_turns if options.environment else 1)
     for p in prompts:
         ids = render_prompt(tokenizer, list(p.messages))
-        row = TokenizedExample(ids + [0] * options.max_completion_length,
-                               [IGNORE_INDEX] * len(ids) + [0] * options.max_completion_length, p.source)
+        row = TokenizedExample(ids + [0] * length, [IGNORE_INDEX] * len(ids) + [0] * length, p.source)
         rows += [row] * options.num_generations
     return rows
 

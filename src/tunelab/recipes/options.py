@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunelab.errors import TunelabError
-from tunelab.rewards.guard import DEFAULT_TIMEOUT
+from tunelab.rewards.guard import DEFAULT_ENV_TIMEOUT, DEFAULT_TIMEOUT
 from tunelab.training.preference_options import PreferenceOptions, options_read, preference_loss_names
 
 __all__ = ["DistillOptions", "DpoOptions", "GrpoOptions", "PretrainOptions", "RewardOptions", "SftOptions"]
@@ -102,3 +102,19 @@ class GrpoOptions(BaseModel):
     samples_every: int = Field(5, ge=0, description="write sample completions with rewards to samples.jsonl every N steps")
     reward_timeout: float = Field(DEFAULT_TIMEOUT, gt=0, description="seconds one call of a 'module:function' reward "
                                   "(a whole round of completions) may take before the run stops with an error")
+    environment: str | None = Field(None, description="agentic GRPO: 'package.module:Class' of an environment whose tools the "
+                                    "model calls over multi-turn episodes (tunelab.rewards.environment)")
+    environment_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the environment class")
+    max_turns: int = Field(4, ge=1, description="model turns per episode at most (with recipe.environment)")
+    environment_timeout: float = Field(DEFAULT_ENV_TIMEOUT, gt=0, description="seconds one call of the environment "
+                                       "(reset, step, reward) may take before the run stops with an error")
+
+    @model_validator(mode="after")
+    def _environment_options_need_an_environment(self) -> GrpoOptions:
+        if self.environment is not None and ":" not in self.environment:
+            raise ValueError(f"environment {self.environment!r}: write it as 'package.module:Class' (e.g. "
+                             "tunelab.rewards.tool_envs:ShopSql)")
+        unused = [k for k in ("environment_options", "max_turns", "environment_timeout") if k in self.model_fields_set]
+        if self.environment is None and unused:
+            raise ValueError(f"{', '.join(unused)} only apply to agentic GRPO; set recipe.environment too, or remove them")
+        return self

@@ -38,6 +38,7 @@ from typing import Any
 from tunelab.errors import TunelabError
 
 DEFAULT_TIMEOUT = 120.0  # seconds per call (one call scores a whole round of completions); GRPO's recipe.reward_timeout
+DEFAULT_ENV_TIMEOUT = 30.0  # seconds per call of an environment method (reset, step, reward); recipe.environment_timeout
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds tunelab/
 _BOOT = "import sys; sys.path.insert(0, sys.argv[3]); from tunelab.rewards.guard import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
 

@@ -138,15 +138,36 @@ def _write_samples(run_dir: Path, step: int, prompts: list, rollouts: Rollouts, 
     with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
         for row in range(0, min(len(rollouts.completions), keep * rollouts.group_size), rollouts.group_size):
             index = rollouts.prompt_index[row]
-            f.write(json.dumps({"step": step, "prompt": prompts[index][-1]["content"], "completion": rollouts.completions[row].text,
-                                "reward": float(total[row])}, ensure_ascii=False) + "\n")
+            sample = {"step": step, "prompt": prompts[index][-1]["content"], "completion": rollouts.completions[row].text,
+                      "reward": float(total[row])}
+            if hasattr(rollouts, "episodes"):  # a whole episode: every message, and what it cost
+                e = rollouts.episodes[row]
+                sample.update(messages=e.messages, turns=e.turns, tool_calls=e.tool_calls, tool_errors=e.tool_errors)
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+
+
+def _sample_and_score(model, tokenizer, prompts: list, fields: list[dict], indices: list[int], rewards, sampling: SamplingSettings,
+                      settings: GrpoSettings, episodes, step: int):
+    """``(rollouts, per_function (N, F), total (N,), names)`` of one round: single completions, or whole episodes."""
+    if episodes is None:
+        rollouts = sample_rollouts(model, tokenizer, prompts, indices, group_size=settings.num_generations, settings=sampling,
+                                   batch_size=settings.generation_batch_size)
+        per_fn, total = rewards.score(rollouts.texts, [prompts[i] for i in rollouts.prompt_index],
+                                      [fields[i] for i in rollouts.prompt_index])
+        return rollouts, per_fn, total, rewards.names
+    rollouts = episodes.sample(model, tokenizer, prompts, fields, indices, group_size=settings.num_generations, settings=sampling,
+                               batch_size=settings.generation_batch_size, step=step)
+    per_fn, total, names = episodes.score(rewards, rollouts, [prompts[i] for i in rollouts.prompt_index],
+                                          [fields[i] for i in rollouts.prompt_index])
+    return rollouts, per_fn, total, names
 
 
 def run_grpo(state: TrainingState, prompts: list, fields: list[dict], rewards, *, tokenizer, settings: GrpoSettings,
-             disabled: Callable | None, console: Console) -> StepReporter:
+             disabled: Callable | None, console: Console, episodes=None) -> StepReporter:
     """Train ``state`` by GRPO on ``prompts`` (conversations ending with a user turn; ``fields[i]`` reach the reward
     functions) from its start step; ``disabled(model)`` switches the tuning method off (the KL reference, when
-    ``settings.beta`` > 0). Returns the reporter."""
+    ``settings.beta`` > 0). With ``episodes`` (a :class:`tunelab.training.episodes.EpisodeSampler`) each sample is a
+    multi-turn episode against its environment, and ``rewards`` (or None) score the final answers. Returns the reporter."""
     plan, device, seconds, run_dir = state.plan, state.accelerator.device, state.seconds_spent, state.run_dir
     model = state.accelerator.unwrap_model(state.model)
     loss_fn = _objective(settings)
@@ -157,12 +178,10 @@ def run_grpo(state: TrainingState, prompts: list, fields: list[dict], rewards, *
             indices = [i for group in groups for i in group]
             sampling = SamplingSettings(temperature=settings.temperature, top_p=settings.top_p, seed=step_seed(settings.seed, step),
                                         max_new_tokens=settings.max_completion_length)
-            rollouts = sample_rollouts(model, tokenizer, prompts, indices, group_size=settings.num_generations, settings=sampling,
-                                       batch_size=settings.generation_batch_size)
-            row_prompts = [prompts[i] for i in rollouts.prompt_index]
-            per_fn, total = rewards.score(rollouts.texts, row_prompts, [fields[i] for i in rollouts.prompt_index])
+            rollouts, per_fn, total, names = _sample_and_score(model, tokenizer, prompts, fields, indices, rewards, sampling,
+                                                               settings, episodes, step)
             scored = _score_round(rollouts, per_fn, total, sum(len(gr) for gr in groups[: len(groups) - fillers]),
-                                  rewards.names, settings)
+                                  names, settings)
             micro = _micro_batches(rollouts, scored.advantages, groups, tokenizer.pad_token_id, device)
             _fixed_logps(model, micro, settings, disabled)
             count = sum(grpo_normaliser(mb["mask"], settings.aggregation, settings.max_completion_length)
@@ -177,7 +196,7 @@ def run_grpo(state: TrainingState, prompts: list, fields: list[dict], rewards, *
             done = step + 1
             last = plan.is_last(done, seconds)
             reporter.step(done, outcome, lr=lr, last=last, input_tokens=sum(len(r.input_ids) for r in rollouts.rows),
-                          reduced=scored.stats)
+                          reduced={**scored.stats, **(rollouts.stats() if episodes is not None else {})})
             if settings.samples_every and (done % settings.samples_every == 0 or last) and distributed.is_main():
                 _write_samples(run_dir, done, prompts, rollouts, total)
             if hooks.finish_step(state, reporter, outcome, done, last, seconds):

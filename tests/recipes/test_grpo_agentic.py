@@ -1,0 +1,186 @@
+"""Agentic GRPO (``recipe.environment``) on a tiny model: tool output carries no loss weight, a 2-step run with a
+Python-tools environment trains and writes whole episodes, a broken environment is refused by name with nothing
+saved, and the new options are validated."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.errors import TunelabError
+from tunelab.generation import Completion
+from tunelab.recipes import grpo
+from tunelab.recipes.options import GrpoOptions
+from tunelab.resolve import load_config
+from tunelab.rewards.environment import EnvironmentClient, tool_schema
+from tunelab.training.episodes import EpisodeSampler
+
+ENVS = '''
+from tunelab.rewards.environment import ToolEnvironment
+
+
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+class Forced(ToolEnvironment):
+    """Works with a random model: the opening already holds a call and its result, and reward counts turns."""
+
+    functions = {"add": add}
+
+    def reset(self, record, seed=None):
+        return record["messages"]
+
+    def reward(self, episode):
+        return float(episode["turns"])
+
+
+class Raises(ToolEnvironment):
+    functions = {"add": add}
+
+    def reset(self, record):
+        raise RuntimeError("no database")
+
+
+class Hangs(ToolEnvironment):
+    functions = {"add": add}
+
+    def reset(self, record):
+        import time
+        time.sleep(3600)
+
+
+class BadTypes(ToolEnvironment):
+    functions = {"add": add}
+
+    def reset(self, record):
+        return "not messages"
+
+
+class BadStep(ToolEnvironment):
+    functions = {"add": add}
+
+    def step(self, tool_calls):
+        return [42 for _ in tool_calls]
+'''
+CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+
+
+@pytest.fixture
+def envs(tmp_path, monkeypatch):
+    (tmp_path / "agentic_envs.py").write_text(ENVS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "agentic_envs", raising=False)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 3?", "answer": str(i + 3)}) + "\n" for i in range(4)))
+    return tmp_path, prompts
+
+
+def test_tool_schema_from_a_signature():
+    def lookup(city: str, days: int = 1) -> str:
+        """Weather of a city.
+
+        More text."""
+    schema = tool_schema(lookup)["function"]
+    assert schema["name"] == "lookup" and schema["description"] == "Weather of a city."
+    assert schema["parameters"]["properties"] == {"city": {"type": "string"}, "days": {"type": "integer"}}
+    assert schema["parameters"]["required"] == ["city"]
+
+
+
+def test_tool_results_carry_no_loss_weight_and_model_tokens_do(envs, tiny_llama, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import tunelab.training.episodes as episodes_module
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    env = EnvironmentClient("agentic_envs:Forced", timeout=30)
+    try:
+        sampler = EpisodeSampler(env, max_turns=3, seed=0)
+        turns = iter([[CALL], ["The answer is 5."]])
+
+        def fake_generate(model, tok, prompts, settings, batch_size):
+            texts = next(turns)
+            eot = episodes_module.end_of_turn_ids(tok)[0]
+            return [Completion(tok(t, add_special_tokens=False)["input_ids"] + [eot], t, "stop", len(p))
+                    for t, p in zip(texts, prompts)]
+
+        monkeypatch.setattr(episodes_module, "generate", fake_generate)
+        prompts = [[{"role": "user", "content": "What is 2 + 3?"}]]
+        out = sampler.sample(None, tokenizer, prompts, [{}], [0], group_size=1, settings=episodes_module.SamplingSettings(),
+                             batch_size=4, step=0)
+    finally:
+        env.close()
+    episode, row = out.episodes[0], out.rows[0]
+    assert episode.turns == 2 and episode.tool_calls == 1 and episode.tool_errors == 0
+    assert [m["role"] for m in episode.messages][-3:] == ["assistant", "tool", "assistant"]
+    assert episode.messages[-2]["content"] == "5" and out.completions[0].text == "The answer is 5."
+    assert out.env_rewards.tolist() == [2.0]
+    trained = [t for t, label in zip(row.input_ids, row.labels) if label != IGNORE_INDEX]
+    assert trained == episode.model_tokens  # exactly the model's own tokens
+    masked = tokenizer.decode([t for t, label in zip(row.input_ids, row.labels) if label == IGNORE_INDEX])
+    assert "<tool_response>" in masked and "What is 2 + 3?" in masked
+    assert "The answer is 5." in tokenizer.decode(trained) and "<tool_response>" not in tokenizer.decode(trained)
+
+
+def _config(tmp_path, prompts, tiny_llama, env, *overrides, output="agent"):
+    return load_config(None, [f"model={tiny_llama}", "recipe.name=grpo", f"data.train={prompts}", "method.name=lora", "method.r=4",
+                              "train.batch_size=2", "train.lr=1e-2", "train.max_steps=2", "train.warmup_ratio=0",
+                              "recipe.max_completion_length=8", "recipe.num_generations=2", "recipe.samples_every=1",
+                              f"recipe.environment=agentic_envs:{env}", "recipe.max_turns=2",
+                              "eval.probe=false", "eval.before=false", f"output_dir={tmp_path / output}", *overrides])
+
+
+def test_two_steps_with_a_python_tools_environment(envs, tiny_llama):
+    tmp_path, prompts = envs
+    result = grpo.main(_config(tmp_path, prompts, tiny_llama, "Forced"))
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"reward"' in line]
+    assert len(logged) == 2 and {"episode/turns", "episode/tool_errors", "rewards/environment"} <= logged[0].keys()
+    samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and samples[0]["messages"][0]["role"] == "user" and samples[0]["turns"] >= 1
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ("Raises", r"environment 'agentic_envs:Raises': reset for example 0 .* raised RuntimeError: no database"),
+    ("Hangs", r"environment 'agentic_envs:Hangs': reset for example 0 .* did not return within 2 s"),
+    ("BadTypes", r"environment 'agentic_envs:BadTypes': reset for example 0 .* returned 'not messages'"),
+])
+def test_a_broken_environment_is_refused_by_name_before_anything_is_saved(envs, tiny_llama, env, message):
+    tmp_path, prompts = envs
+    config = _config(tmp_path, prompts, tiny_llama, env, "recipe.environment_timeout=2", "recipe.rewards=[{fn: exact_match}]",
+                     output=env)
+    with pytest.raises(TunelabError, match=message):
+        grpo.main(config)
+    assert not (tmp_path / env).exists()
+
+
+def test_bad_step_results_are_refused_by_name(envs, tiny_llama):
+    from transformers import AutoTokenizer
+
+    import tunelab.training.episodes as episodes_module
+
+    env = EnvironmentClient("agentic_envs:BadStep", timeout=30)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    episode = EpisodeSampler(env, max_turns=2, seed=0)._start([[{"role": "user", "content": "hi"}]], [{}], 0, 0, step=0,
+                                                               tokenizer=tokenizer)
+    try:
+        with pytest.raises(TunelabError, match=r"'agentic_envs:BadStep': step for example 0 .* returned 42"):
+            EpisodeSampler(env, max_turns=2, seed=0)._advance(
+                tokenizer, episode, Completion([1], CALL, "stop", 3), 0, episodes_module.end_of_turn_ids(tokenizer))
+    finally:
+        env.close()
+
+
+def test_environment_options_are_validated():
+    assert GrpoOptions(rewards=[{"fn": "exact_match"}]).environment is None
+    with pytest.raises(ValidationError, match="package.module:Class"):
+        GrpoOptions(environment="ShopSql")
+    with pytest.raises(ValidationError, match="max_turns only apply to agentic GRPO"):
+        GrpoOptions(rewards=[{"fn": "exact_match"}], max_turns=3)
+    with pytest.raises(ValidationError):
+        GrpoOptions(environment="m:C", max_turns=0)
