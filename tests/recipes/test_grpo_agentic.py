@@ -184,3 +184,18 @@ def test_environment_options_are_validated():
         GrpoOptions(rewards=[{"fn": "exact_match"}], max_turns=3)
     with pytest.raises(ValidationError):
         GrpoOptions(environment="m:C", max_turns=0)
+
+
+def test_the_shop_sql_environment_runs_queries_read_only():
+    env = EnvironmentClient("tunelab.rewards.tool_envs:ShopSql", timeout=30)
+    try:
+        assert [t["function"]["name"] for t in env.tools] == ["run_sql"]
+        assert env.reset("k", {"messages": [{"role": "user", "content": "q"}]}, 0, "for a test") is None
+        calls = [{"id": "c0", "name": "run_sql", "arguments": {"query": "SELECT COUNT(*) FROM products"}},
+                 {"id": "c1", "name": "run_sql", "arguments": {"query": "DELETE FROM products"}}]
+        messages, errors = env.step("k", calls, "for a test")
+        assert messages[0]["content"].strip().isdigit() and messages[0]["tool_call_id"] == "c0"
+        assert messages[1]["content"].startswith("error:") and errors == 1
+        env.close_episode("k", "for a test")
+    finally:
+        env.close()

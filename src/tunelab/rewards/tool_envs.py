@@ -39,6 +39,8 @@ class ShopSql(ToolEnvironment):
             db = Path(tempfile.gettempdir()) / "tunelab-shop.sqlite"
             if not db.is_file():
                 build_database(db)
+        elif not Path(db).is_file():
+            raise ValueError(f"database {str(db)!r} not found; build it first (the SFT SQL demo does) or leave db unset")
         self.max_rows = max_rows
         self._sql = SqlProcess(db, timeout_s, max_rows=10_000, max_bytes=1_000_000)
         self.functions = {"run_sql": self.run_sql}
