@@ -59,5 +59,5 @@ def test_a_generation_prompt_that_opens_the_block_is_seen():
 
     opening = build_tiny_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}"
                                                  "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
-    assert opens_reasoning(opening, [{"role": "user", "content": "q"}], None)
-    assert not opens_reasoning(build_tiny_tokenizer(), [{"role": "user", "content": "q"}], None)
+    assert opens_reasoning(opening)
+    assert not opens_reasoning(build_tiny_tokenizer())

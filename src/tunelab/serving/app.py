@@ -255,7 +255,7 @@ def _add_completion_routes(app) -> None:
                                            app.state.default_max_tokens)
         plan = await asyncio.to_thread(plan_for, body, served.tokenizer)  # compiles a grammar: milliseconds
         prompt = render(served.tokenizer, conversation, plan)
-        opened = opens_reasoning(served.tokenizer, conversation, plan.tools)
+        opened = opens_reasoning(served.tokenizer)
         if body.stream:
             return await _streamed(app, served, body, prompt, chat=True, plan=plan, opened=opened)
         job, future = await _admit(app, served, body, [prompt], constraint=plan.grammar)

@@ -9,15 +9,23 @@ in ``content`` only. Hand-written because the split must follow tunelab's render
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from tunelab.data.reasoning import THINK_CLOSE, THINK_OPEN
 from tunelab.data.tool_render import render_chat
 
 
-def opens_reasoning(tokenizer, conversation: list[dict], tools) -> bool:
-    """The template's generation prompt for ``conversation`` ends inside an opened ``<think>`` block."""
+def opens_reasoning(tokenizer) -> bool:
+    """The template's generation prompt ends inside an opened ``<think>`` block (DeepSeek-R1 distills); a property of
+    the template, probed once per template rather than rendered again for every request."""
+    return bool(tokenizer.chat_template) and _opens(tokenizer, str(tokenizer.chat_template))
+
+
+@lru_cache(maxsize=32)
+def _opens(tokenizer, template: str) -> bool:
     try:
-        return render_chat(tokenizer, conversation, tools, add_generation_prompt=True).rstrip().endswith(THINK_OPEN)
-    except Exception:  # the request's own rendering reports a template that refuses the conversation
+        return render_chat(tokenizer, [{"role": "user", "content": "q"}], add_generation_prompt=True).rstrip().endswith(THINK_OPEN)
+    except Exception:  # a template that refuses the probe: the request's own rendering reports it
         return False
 
 
