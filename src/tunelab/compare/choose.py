@@ -103,12 +103,7 @@ def _why_over(chosen: CandidateResult, other: CandidateResult, criterion: int) -
 def choose(candidates: list[CandidateResult], abs_tol: float = ABS_TOL, rel_tol: float = REL_TOL) -> Recommendation:
     """Apply the recommendation rules (see the module docstring) and explain the outcome in numbers."""
     usable = [c for c in candidates if c.usable]
-    excluded = [c for c in candidates if not c.usable]
-    note = ""
-    if excluded:
-        note = " Excluded: " + "; ".join(
-            f"{c.name} ({c.status}: {c.error or 'no score recorded'})" if c.status != "finished" else f"{c.name} (finished but no score recorded)"
-            for c in excluded) + "."
+    note = _excluded_note([c for c in candidates if not c.usable])
     if not usable:
         return Recommendation(None, None, "No candidate finished with a score, so there is nothing to recommend; "
                                           "fix the failures and run the comparison again." + note)
@@ -135,9 +130,27 @@ def choose(candidates: list[CandidateResult], abs_tol: float = ABS_TOL, rel_tol:
                 f"{b.name} scores {format_score(b.score)} ({metric}) without any training, {relation}. "
                 f"Do not fine-tune: use {b.name}, which leaves the model untouched (no forgetting, no artifact to ship)." + note))
 
-    shortlist = [(i, c) for i, c in enumerate(trained) if within(c.score, best.score, abs_tol, rel_tol)]
-    ranked = sorted(shortlist, key=_preference)
+    ranked = sorted([(i, c) for i, c in enumerate(trained) if within(c.score, best.score, abs_tol, rel_tol)], key=_preference)
     chosen = ranked[0][1]
+    parts = _reasons(chosen, best, trained, ranked, metric, tolerance)
+    if baselines:
+        b = _best(baselines)
+        parts.append(f"Fine-tuning pays: the best baseline without training, {b.name}, scores {format_score(b.score)}")
+    return Recommendation(chosen.name, True, ". ".join(parts) + f". Choose {chosen.name}." + note)
+
+
+def _excluded_note(excluded: list[CandidateResult]) -> str:
+    """The sentence listing the candidates left out of the recommendation, and why; empty if none."""
+    if not excluded:
+        return ""
+    return " Excluded: " + "; ".join(
+        f"{c.name} ({c.status}: {c.error or 'no score recorded'})" if c.status != "finished" else f"{c.name} (finished but no score recorded)"
+        for c in excluded) + "."
+
+
+def _reasons(chosen: CandidateResult, best: CandidateResult, trained: list[CandidateResult], ranked: list,
+             metric: str, tolerance: str) -> list[str]:
+    """Why ``chosen`` among the fine-tunes (``ranked``: those within tolerance, preferred first), in numbers."""
     parts: list[str] = []
     if len(trained) == 1:
         parts.append(f"{chosen.name} is the only fine-tune that finished ({format_score(chosen.score)} {metric})")
@@ -172,10 +185,7 @@ def choose(candidates: list[CandidateResult], abs_tol: float = ABS_TOL, rel_tol:
         parts.append("Its forgetting was not measured (no probe result)")
     elif deciding != 0 and (chosen is best or best.retention is None):
         parts.append(f"It keeps {format_score(chosen.retention)} of the probe (loses {_lost(chosen)})")
-    if baselines:
-        b = _best(baselines)
-        parts.append(f"Fine-tuning pays: the best baseline without training, {b.name}, scores {format_score(b.score)}")
-    return Recommendation(chosen.name, True, ". ".join(parts) + f". Choose {chosen.name}." + note)
+    return parts
 
 
 def recommend(candidates: list[CandidateResult], abs_tol: float = ABS_TOL, rel_tol: float = REL_TOL) -> str:
