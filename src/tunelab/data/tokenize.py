@@ -112,16 +112,12 @@ def tokenize_examples(
     """
     _check_options(tokenizer, loss_on, too_long, max_length)
     special = _special_ids(tokenizer)
-    kept: list[TokenizedExample] = []
-    stats = TokenizeStats()
-    too_long_problems: list[str] = []
+    kept, stats, too_long_problems = [], TokenizeStats(), []
     for example, enc in zip(examples, _encode_all(examples, tokenizer, loss_on, special, reasoning)):
         if len(enc.ids) > max_length:
             if too_long == "error":
-                too_long_problems.append(
-                    f"{example.source}: {len(enc.ids)} tokens > data.max_length={max_length}; "
-                    "raise data.max_length, or set data.too_long to truncate or drop"
-                )
+                too_long_problems.append(f"{example.source}: {len(enc.ids)} tokens > data.max_length={max_length}; "
+                                         "raise data.max_length, or set data.too_long to truncate or drop")
                 continue
             enc = _truncate(enc, max_length) if too_long == "truncate" else None
             if enc is None:

@@ -180,15 +180,21 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], settings: SamplingSett
     try:
         with seeded(settings.seed, device):
             for start in range(0, len(rows), batch_size):
-                batch = rows[start: start + batch_size]
-                input_ids, attention_mask = left_pad(batch, pad, device)
-                criteria = StopStrings(tokenizer, matcher, input_ids.shape[1], should_stop)
                 grammars = row_matchers(tokenizer, constraints and constraints[start: start + batch_size], stop_ids)
-                mask = GrammarMask(grammars, input_ids.shape[1]) if grammars else None
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=[criteria],
-                                     **constrained_kwargs(settings, generate_kwargs(settings, stop_ids, pad), mask))
-                new_tokens = out[:, input_ids.shape[1]:].tolist()  # (B, generated)
-                results += [completion_of(tokenizer, g, set(stop_ids), matcher, len(r)) for g, r in zip(new_tokens, batch)]
+                results += _batch(model, tokenizer, rows[start: start + batch_size], settings, stop_ids, pad, matcher,
+                                  should_stop, grammars)
     finally:
         model.train(was_training)
     return results
+
+
+def _batch(model, tokenizer, batch: list[list[int]], settings: SamplingSettings, stop_ids: list[int], pad: int,
+           matcher: StopMatcher, should_stop, grammars) -> list[Completion]:
+    """One ``model.generate`` call over the left-padded ``batch`` of prompt ids (``grammars``: per-row constraints)."""
+    input_ids, attention_mask = left_pad(batch, pad, model_device(model))
+    criteria = StopStrings(tokenizer, matcher, input_ids.shape[1], should_stop)
+    mask = GrammarMask(grammars, input_ids.shape[1]) if grammars else None
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=[criteria],
+                         **constrained_kwargs(settings, generate_kwargs(settings, stop_ids, pad), mask))
+    new_tokens = out[:, input_ids.shape[1]:].tolist()  # (B, generated)
+    return [completion_of(tokenizer, g, set(stop_ids), matcher, len(r)) for g, r in zip(new_tokens, batch)]

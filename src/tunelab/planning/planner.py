@@ -236,6 +236,11 @@ def _estimate_time(config: RunConfig, shape: ModelShape, m: PlannedMethod, devic
     return TimeEstimate(flops, tokens, source, total, steps, peak, mfu, seconds)
 
 
+def _set_keys(section: str, **values):
+    """A function giving a copy of a (frozen) config with ``values`` set in ``section``."""
+    return lambda cfg: updated(cfg, **{section: updated(getattr(cfg, section), **values)})
+
+
 def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs) -> list[str]:
     """Changes that lower the peak, tried in order and kept when they help, until the run fits."""
     from tunelab.config.sections import MethodConfig, section_class
@@ -246,8 +251,7 @@ def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs
     current, best = config, memory.total
 
     def attempt(change: str, derive) -> bool:
-        """``derive`` a variant of the current config (a new one: configs are frozen); keep it if it lowers the
-        peak. True once it fits."""
+        """Keep ``derive``'s copy of the current config if it lowers the peak; True once it fits."""
         nonlocal current, best
         candidate = derive(current)
         total = _memory_of(candidate, shape, device, knobs)[0].total
@@ -256,17 +260,14 @@ def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs
             out.append(f"{'+ ' if out else ''}{change}: {total / GiB:.1f} GiB ({'fits' if total <= limit else 'still too big'})")
         return best <= 0.95 * limit
 
-    def set_keys(section: str, **values):
-        return lambda cfg: updated(cfg, **{section: updated(getattr(cfg, section), **values)})
-
     checkpointable = "gradient_checkpointing" not in get_method(config.method.name).incompatible
     if config.train.gradient_checkpointing is not True and checkpointable:
-        if attempt("train.gradient_checkpointing=true", set_keys("train", gradient_checkpointing=True)):
+        if attempt("train.gradient_checkpointing=true", _set_keys("train", gradient_checkpointing=True)):
             return out
     # a quantised base is already smaller than a bf16 one
     if m.frozen_base and not m.quant_bits and config.model.dtype in ("auto", "float32") and device.kind == "gpu":
         if attempt("model.dtype=bfloat16 (the frozen base in bf16; trained weights stay float32)",
-                   set_keys("model", dtype="bfloat16")):
+                   _set_keys("model", dtype="bfloat16")):
             return out
     if m.cheaper_variant:
         variant, saves = m.cheaper_variant
@@ -279,13 +280,13 @@ def _suggest(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs
         half = batch // 2 if batch % 2 == 0 else 1
         accum = current.train.grad_accum * batch // half
         if attempt(f"train.batch_size={half} train.grad_accum={accum} (same effective batch)",
-                   set_keys("train", batch_size=half, grad_accum=accum)):
+                   _set_keys("train", batch_size=half, grad_accum=accum)):
             return out
         if current.train.batch_size == batch:  # the peak does not depend on the batch (optimizer step)
             break
     while current.data.max_length > 256:
         length = current.data.max_length // 2
-        if attempt(f"data.max_length={length} (longer examples are truncated or dropped)", set_keys("data", max_length=length)):
+        if attempt(f"data.max_length={length} (longer examples are truncated or dropped)", _set_keys("data", max_length=length)):
             return out
         if current.data.max_length != length:
             break
