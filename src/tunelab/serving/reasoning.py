@@ -13,6 +13,9 @@ from functools import lru_cache
 
 from tunelab.data.reasoning import THINK_CLOSE, THINK_OPEN
 from tunelab.data.tool_render import render_chat
+from tunelab.generation.stops import StopMatcher
+
+_CLOSING = StopMatcher((THINK_CLOSE,))
 
 
 def opens_reasoning(tokenizer) -> bool:
@@ -52,11 +55,6 @@ def with_reasoning(message: dict, text: str, opened: bool = False) -> tuple[dict
     return {**message, "reasoning_content": reasoning}, answer
 
 
-def _held_suffix(text: str, tag: str) -> int:
-    """How many characters at the end of ``text`` could begin ``tag`` (held back until the next delta)."""
-    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
-
-
 class ReasoningStream:
     """Splits streamed text into reasoning deltas (before ``</think>``) and answer deltas (after it), as
     :func:`reasoning_parts` splits the whole text."""
@@ -82,7 +80,7 @@ class ReasoningStream:
         if close >= 0:
             self.state, self.blank = "answer", True
             return self._reasoning(close), self._answer(self.text[close + len(THINK_CLOSE):])
-        return self._reasoning(len(self.text) - _held_suffix(self.text, THINK_CLOSE)), ""
+        return self._reasoning(_CLOSING.safe_length(self.text)), ""  # not a tail that could begin the tag
 
     def _answer(self, delta: str) -> str:
         """The answer's text: after a reasoning block, without the blanks that begin it."""

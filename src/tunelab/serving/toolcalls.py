@@ -17,10 +17,12 @@ import uuid
 from tunelab.data.tool_parse import parse_tool_calls
 from tunelab.data.tools import CALL_OPEN
 from tunelab.generation import Completion
+from tunelab.generation.stops import StopMatcher
 from tunelab.serving.protocol import chat_chunk
 from tunelab.serving.reasoning import with_reasoning
 from tunelab.serving.structured import Plan
 
+_OPENING = StopMatcher((CALL_OPEN,))
 _BARE_OPENINGS = ("{", "[", "```", "<|python_tag|>")  # how a Llama-style answer that is one JSON call starts
 
 
@@ -75,8 +77,7 @@ class ToolStream:
             return 0  # nothing yet, or possibly one bare JSON call: hold until the end
         end = text.find(CALL_OPEN)
         if end < 0:
-            end = len(text) - next((k for k in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1)
-                                    if text.endswith(CALL_OPEN[:k])), 0)
+            end = _OPENING.safe_length(text)  # not a tail that could begin the tag
         return len(text[:end].rstrip())  # parse_tool_calls strips the text around calls: hold trailing blanks
 
     def finish(self, chunk_id: str, model_id: str, finish: str) -> tuple[list[dict], str]:
