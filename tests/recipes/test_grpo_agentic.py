@@ -5,9 +5,13 @@ saved, and the new options are validated."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from tunelab.data.tokenize import IGNORE_INDEX
@@ -18,6 +22,8 @@ from tunelab.recipes.options import GrpoOptions
 from tunelab.resolve import load_config
 from tunelab.rewards.environment import EnvironmentClient, tool_schema
 from tunelab.training.episodes import EpisodeSampler
+
+REPO = Path(__file__).resolve().parents[2]
 
 ENVS = '''
 from tunelab.rewards.environment import ToolEnvironment
@@ -38,6 +44,20 @@ class Forced(ToolEnvironment):
 
     def reward(self, episode):
         return float(episode["turns"])
+
+
+class Seeded(ToolEnvironment):
+    """State drawn from the reset seed (a number added to the prompt); the reward depends on it and on the answer."""
+
+    functions = {"add": add}
+
+    def reset(self, record, seed=None):
+        import random
+        self.offset = random.Random(seed).randint(0, 9)
+        return [{"role": "user", "content": f"{record['messages'][-1]['content']} Add {self.offset}."}]
+
+    def reward(self, episode):
+        return float((len(episode["messages"][-1]["content"]) + self.offset) % 5)
 
 
 class Raises(ToolEnvironment):
@@ -199,3 +219,34 @@ def test_the_shop_sql_environment_runs_queries_read_only():
         env.close_episode("k", "for a test")
     finally:
         env.close()
+
+
+def test_sigkill_then_resume_plays_the_same_episodes_to_the_same_adapter(envs, tiny_llama):
+    from safetensors.torch import load_file
+
+    tmp_path, prompts = envs
+
+    def run(name: str, *args: str, kill_at: int | None = None):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"recipe: {{name: grpo, num_generations: 4, max_completion_length: 8, max_turns: 2,\n"
+                        f"         environment: 'agentic_envs:Seeded'}}\n"
+                        f"model: {tiny_llama}\nmethod: {{name: lora, r: 4}}\ndata: {{train: {prompts}}}\n"
+                        "train: {max_steps: 6, batch_size: 2, grad_accum: 2, lr: 0.02, save_every: 2, seed: 3}\n"
+                        f"eval: {{probe: false, before: false}}\noutput_dir: {tmp_path / name}\n")
+        env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{tmp_path}"}
+        if kill_at is not None:
+            env["TUNELAB_TEST_SIGKILL_AT_STEP"] = str(kill_at)
+        return subprocess.run([sys.executable, "-m", "tunelab", "train", str(path), *args], capture_output=True, text=True,
+                              env=env, cwd=REPO, timeout=600)
+
+    assert run("straight").returncode == 0
+    assert run("killed", kill_at=3).returncode == -9
+    resumed = run("killed", "--resume")
+    assert resumed.returncode == 0 and "Resuming from" in resumed.stderr, resumed.stderr
+    a = load_file(tmp_path / "straight/adapter/adapter_model.safetensors")
+    b = load_file(tmp_path / "killed/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # it trained (B starts at zero)
+    rewards = [json.loads(line)["rewards/environment"] for line in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()
+               if '"rewards/environment"' in line]
+    assert len(rewards) == 6 and len(set(rewards)) > 1  # the rewards varied: there was something to learn from
