@@ -153,3 +153,30 @@ def test_sigkill_then_resume_is_bit_identical(grpo_setup, tiny_llama):
     a = load_file(tmp_path / "straight/adapter/adapter_model.safetensors")
     b = load_file(tmp_path / "killed/adapter/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prompts_with_tools_are_sampled_with_the_tools_rendered(tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    from tunelab.data.prompts import load_prompts
+    from tunelab.errors import DataError
+    from tunelab.generation import SamplingSettings
+    from tunelab.models.load import load_model
+    from tunelab.training.rollouts import sample_rollouts
+
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city.",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    path = tmp_path / "calls.jsonl"
+    path.write_text(json.dumps({"prompt": "Weather in Paris?"}) + "\n" + json.dumps({"prompt": "Hi", "tools": []}) + "\n")
+    (tmp_path / "calls.tools.json").write_text(json.dumps([tool]))
+    prompts = load_prompts([str(path)])
+    assert prompts[0].fields["tools"][0]["function"]["name"] == "get_weather" and "tools" not in prompts[1].fields
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    rollouts = sample_rollouts(load_model(tiny_llama, "float32"), tokenizer, [list(p.messages) for p in prompts], [0, 1],
+                               group_size=1, settings=SamplingSettings(max_new_tokens=2), batch_size=2,
+                               tools=[p.fields.get("tools") for p in prompts])
+    shown = [tokenizer.decode([t for t, label in zip(r.input_ids, r.labels) if label == -100]) for r in rollouts.rows]
+    assert "get_weather" in shown[0] and "Weather in Paris?" in shown[0] and "get_weather" not in shown[1]
+    path.write_text(json.dumps({"prompt": "Weather?", "tools": [{"type": "function"}]}) + "\n")
+    with pytest.raises(DataError, match=r"calls.jsonl:1"):
+        load_prompts([str(path)])

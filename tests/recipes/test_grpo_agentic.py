@@ -158,11 +158,17 @@ def _config(tmp_path, prompts, tiny_llama, env, *overrides, output="agent"):
 
 def test_two_steps_with_a_python_tools_environment(envs, tiny_llama):
     tmp_path, prompts = envs
-    result = grpo.main(_config(tmp_path, prompts, tiny_llama, "Forced"))
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 4?"},
+                                                     {"role": "assistant", "content": str(i + 4)}]}) + "\n" for i in range(4)))
+    result = grpo.main(_config(tmp_path, prompts, tiny_llama, "Forced", f"data.eval={held}"))
     logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"reward"' in line]
     assert len(logged) == 2 and {"episode/turns", "episode/tool_errors", "rewards/environment"} <= logged[0].keys()
     samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
     assert samples and samples[0]["messages"][0]["role"] == "user" and samples[0]["turns"] >= 1
+    held_out = json.loads((result.run_dir / "eval.json").read_text())["episodes"]  # greedy episodes on data.eval
+    assert held_out["before"]["episodes"] == held_out["after"]["episodes"] == 4
+    assert held_out["after"]["reward"] == held_out["after"]["turns"] >= 1  # Forced's reward is the turn count
 
 
 @pytest.mark.parametrize(("env", "message"), [

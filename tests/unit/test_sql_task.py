@@ -161,3 +161,21 @@ def test_probe_file():
         assert it["question"].strip(), it
         assert it["answers"] and all(isinstance(a, str) and a.strip() and a == a.lower() for a in it["answers"]), it
     assert {it["skill"] for it in items} == skills
+
+
+def test_the_shipped_agent_conversations_are_fresh_and_load_as_tool_chats(tmp_path):
+    """agent_train.jsonl: every question of train.jsonl, half calling run_sql with its gold query and reading the
+    environment's real rows; the committed file and tools equal a fresh generation, and the records load."""
+    from tunelab.data import load_examples
+    from tunelab.examples.sql import agent
+
+    data, tools = agent.write_agent_data(tmp_path)
+    assert data.read_text() == (agent.HERE / "agent_train.jsonl").read_text()
+    assert tools.read_text() == (agent.HERE / "agent_train.tools.json").read_text()
+    examples = load_examples([str(agent.HERE / "agent_train.jsonl")])
+    calling = [e for e in examples if any(m.get("tool_calls") for m in e.messages)]
+    assert len(examples) == 240 and 0.35 < len(calling) / len(examples) < 0.65
+    assert all(e.tools and e.tools[0]["function"]["name"] == "run_sql" for e in examples)
+    call, result, answer = calling[0].messages[-3:]
+    assert call["tool_calls"][0]["function"]["arguments"]["query"] == answer["content"]
+    assert result["role"] == "tool" and result["content"] and not result["content"].startswith("error")

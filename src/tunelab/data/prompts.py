@@ -9,7 +9,9 @@ Two record shapes, read by :mod:`tunelab.data.readers` (every bad record of ever
   ``answer`` (so an SFT training file is GRPO data whose reference answers reach ``sql_exec``).
 
 Every other key of the record (a gold answer, a database path, a JSON schema) is a field: the reward
-functions receive it, one value per completion.
+functions receive it, one value per completion. ``tools`` (the record's own, else those of the file's
+``NAME.tools.json`` sidecar, checked as for SFT data) is a field too, and the prompt is sampled with them
+rendered as training renders them (:func:`tunelab.data.tool_render.render_chat`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from tunelab.data.readers import describe_type, read_file
 from tunelab.data.records import ROLES
+from tunelab.data.tools import parse_tools, sidecar_tools
 from tunelab.errors import DataError
 
 _SHAPE = 'a {"prompt": ...} or {"messages": [...]} object'
@@ -41,11 +44,12 @@ def load_prompts(paths: list[str], *, system_prompt: str | None = None) -> list[
     problems: list[tuple[str, int, str]] = []
     for path in paths:
         raw = read_file(path)
-        problems += [(path, position, message) for position, message in raw.problems]
+        shared, sidecar_problems = sidecar_tools(path)
+        problems += [(path, position, message) for position, message in raw.problems] + [(path, 0, m) for m in sidecar_problems]
         if not raw.records and not raw.problems:
             problems.append((path, 0, f"{path}: no records (the file is empty); add prompts or remove it from the config"))
         for position, where, record in raw.records:
-            parsed, errors = _parse(record, where, system_prompt)
+            parsed, errors = _parse(record, where, system_prompt, shared)
             problems += [(path, position, f"{where}: {e}") for e in errors]
             if parsed is not None:
                 records.append(parsed)
@@ -55,10 +59,13 @@ def load_prompts(paths: list[str], *, system_prompt: str | None = None) -> list[
     return records
 
 
-def _parse(record: Any, where: str, system_prompt: str | None) -> tuple[PromptRecord | None, list[str]]:
+def _parse(record: Any, where: str, system_prompt: str | None, shared_tools) -> tuple[PromptRecord | None, list[str]]:
     if not isinstance(record, dict):
         return None, [f"expected {_SHAPE}, got {describe_type(record)}"]
-    fields = {k: v for k, v in record.items() if k not in ("prompt", "messages", "system")}
+    fields = {k: v for k, v in record.items() if k not in ("prompt", "messages", "system", "tools")}
+    tools, tool_errors = parse_tools(record["tools"]) if "tools" in record else (shared_tools, [])
+    if tools:
+        fields["tools"] = list(tools)  # sampling renders the prompt with them (the reward functions get them too)
     if "messages" in record:
         messages, errors = _messages(record["messages"])
         if messages and messages[-1]["role"] == "assistant":
@@ -72,8 +79,8 @@ def _parse(record: Any, where: str, system_prompt: str | None) -> tuple[PromptRe
         errors = []
     else:
         return None, ["needs a non-empty 'prompt' string or a 'messages' list"]
-    if errors:
-        return None, errors
+    if errors or tool_errors:
+        return None, errors + tool_errors
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return PromptRecord(tuple(messages), fields, where), []

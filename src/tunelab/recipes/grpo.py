@@ -35,6 +35,7 @@ from tunelab.stages.run import finish_run
 from tunelab.stages.setup import Examples, load_prepared_tokenizer
 from tunelab.stages.training import (already_finished, begin_training_run, check_environment, make_trainable, nothing_to_do,
                                      optimize, save_trained, training_loop)
+from tunelab.training.distributed import is_main
 from tunelab.training.episodes import EpisodeSampler
 from tunelab.training.grpo_loop import GrpoSettings, run_grpo
 
@@ -62,6 +63,9 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     # 2. The start model's task score and probe; the method and optimizer.
     start = load_base(config, model_path, tokenizer, added, env.accelerator.device)
     before = evaluate_before(config, LoadedModel(start, tokenizer, "untuned"), task, env.run_dir, console)
+    held_out = _held_out_episodes(config, episodes, rewards)
+    if held_out and "episodes" not in before:  # (a resumed run reads it back from eval_before.json)
+        before["episodes"] = held_out(start, tokenizer, "untuned", console)
     tuned = make_trainable(config, env, start, tokenizer, added, _planned_rows(prompts, tokenizer, options), console)
     state = optimize(config, env, tuned, len(prompts), console)
     if already_finished(env, state):
@@ -80,9 +84,15 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     trained = save_trained(config, env, state, tuned, tokenizer, manifest, reporter, console)
 
     # 4. Task score and probe: the start model against the tuned one.
-    report = evaluate_after(config, LoadedModel(trained.model, tokenizer, "tuned"), task, before, env.run_dir, console)
-    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=reporter.last_loss,
-               final_eval=reporter.last_eval, eval_summary=eval_summary(report))
+    agent = {"before": before["episodes"], "after": held_out(trained.model, tokenizer, "tuned", console)} if held_out else None
+    report = evaluate_after(config, LoadedModel(trained.model, tokenizer, "tuned"), task, before, env.run_dir, console,
+                            extra={"episodes": agent} if agent else None)
+    if agent:
+        console.print(f"Held-out episodes ({agent['after']['episodes']} prompts, greedy, with the environment): mean reward "
+                      f"{agent['before']['reward']:.3f} untuned → {agent['after']['reward']:.3f} tuned; tool calls per "
+                      f"episode {agent['before']['tool_calls']:.2f} → {agent['after']['tool_calls']:.2f}")
+    finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=reporter.last_loss, final_eval=reporter.last_eval,
+               eval_summary={**eval_summary(report), **({"episodes_reward_after": agent["after"]["reward"]} if agent else {})})
     return trained.result(env)
 
 
@@ -97,6 +107,20 @@ def _episodes(options: GrpoOptions, config: RunConfig, prompts) -> EpisodeSample
     sampler = EpisodeSampler(env, max_turns=options.max_turns, seed=config.train.seed)
     sampler.dry_run([list(p.messages) for p in prompts[:1]], [p.fields for p in prompts[:1]])
     return sampler
+
+
+def _held_out_episodes(config: RunConfig, episodes: EpisodeSampler | None, rewards: RewardSet | None):
+    """``(model, tokenizer, label, console) -> dict``: greedy episodes on the held-out prompts (``data.eval``) scored
+    by the recipe's rewards and the environment, the agent's own accuracy; None without an environment or eval data."""
+    if episodes is None or not config.data.eval_files() or not is_main():
+        return None
+    held = load_prompts(config.data.eval_files(), system_prompt=config.data.system_prompt)
+
+    def run(model, tokenizer, label: str, console: Console) -> dict:
+        console.print(f"Playing {len(held)} held-out episodes with the {label} model (greedy) ...")
+        return episodes.evaluate(model, tokenizer, [list(p.messages) for p in held], [p.fields for p in held], rewards,
+                                 max_new_tokens=config.recipe.max_completion_length, batch_size=config.eval.batch_size)
+    return run
 
 
 def _planned_rows(prompts, tokenizer, options: GrpoOptions) -> list:

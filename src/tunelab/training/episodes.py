@@ -172,6 +172,22 @@ class EpisodeSampler:
         env_rewards = torch.tensor(rewards, dtype=torch.float32) if self.env.has_reward else None
         return EpisodeRollouts([e.index for e in episodes], completions, rows, group_size, episodes, env_rewards)
 
+    def evaluate(self, model, tokenizer, prompts: list, fields: list[dict], rewards, *, max_new_tokens: int,
+                 batch_size: int) -> dict[str, float]:
+        """One greedy episode per held-out prompt, scored as training scores them: the mean total reward (for
+        an execution-match reward, the held-out accuracy of the agent) with the turns and tool calls it took."""
+        settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens)
+        was_training = model.training
+        model.eval()
+        try:
+            rollouts = self.sample(model, tokenizer, prompts, fields, list(range(len(prompts))), group_size=1,
+                                   settings=settings, batch_size=batch_size, step=-2)
+        finally:
+            model.train(was_training)
+        _, total, _ = self.score(rewards, rollouts, prompts, fields)
+        return {"episodes": len(prompts), "reward": round(float(total.mean()), 4), **{
+            k.split("/")[1]: round(v, 3) for k, v in rollouts.stats().items() if k != "episode/env_reward"}}
+
     def score(self, rewards, rollouts: EpisodeRollouts, prompts: list, fields: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """``(per_function (N, F), total (N,), names)``: the recipe's reward functions over the final answers
         (scored against the original prompts) plus the environment's own reward (weight 1), when there is one."""

@@ -151,7 +151,7 @@ def _sample_and_score(model, tokenizer, prompts: list, fields: list[dict], indic
     """``(rollouts, per_function (N, F), total (N,), names)`` of one round: single completions, or whole episodes."""
     if episodes is None:
         rollouts = sample_rollouts(model, tokenizer, prompts, indices, group_size=settings.num_generations, settings=sampling,
-                                   batch_size=settings.generation_batch_size)
+                                   batch_size=settings.generation_batch_size, tools=[f.get("tools") for f in fields])
         per_fn, total = rewards.score(rollouts.texts, [prompts[i] for i in rollouts.prompt_index],
                                       [fields[i] for i in rollouts.prompt_index])
         return rollouts, per_fn, total, rewards.names

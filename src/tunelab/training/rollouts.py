@@ -19,6 +19,7 @@ import torch
 
 from tunelab.data.collate import collate
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
+from tunelab.data.tool_render import render_chat
 from tunelab.generation import Completion, SamplingSettings, generate, render_prompt
 
 
@@ -46,17 +47,19 @@ def step_seed(seed: int, step: int) -> int:
 
 @torch.no_grad()
 def sample_rollouts(model, tokenizer, prompts: list, indices: list[int], *, group_size: int, settings: SamplingSettings,
-                    batch_size: int) -> Rollouts:
-    """Sample ``group_size`` completions for each of ``prompts[i]`` (conversations), ``i`` in ``indices``."""
+                    batch_size: int, tools: list | None = None) -> Rollouts:
+    """Sample ``group_size`` completions for each of ``prompts[i]`` (conversations), ``i`` in ``indices``; ``tools[i]``
+    (when given and not empty) are rendered into prompt ``i`` as training renders them."""
+    rendered = {i: render_prompt(tokenizer, render_chat(tokenizer, prompts[i], tools[i], add_generation_prompt=True)
+                                 if tools and tools[i] else prompts[i]) for i in indices}
     was_training = model.training
     model.eval()
     cache = getattr(model.config, "use_cache", True)
     model.config.use_cache = True
-    repeated = [prompts[i] for i in indices for _ in range(group_size)]
-    completions = generate(model, tokenizer, repeated, settings, batch_size=batch_size)
+    completions = generate(model, tokenizer, [rendered[i] for i in indices for _ in range(group_size)], settings,
+                           batch_size=batch_size)
     model.config.use_cache = cache
     model.train(was_training)
-    rendered = {i: render_prompt(tokenizer, prompts[i]) for i in indices}
     rows = []
     for n, (index, completion) in enumerate(zip((i for i in indices for _ in range(group_size)), completions)):
         ids = rendered[index] + list(completion.token_ids)
