@@ -26,6 +26,11 @@ def short(completions, prompts, **fields):
     return [max(0.0, 1.0 - len(c) / 24) for c in completions]
 
 
+def some_groups_flat(completions, prompts, **fields):
+    """``short`` for odd answers, 1 whatever was sampled for even ones: their groups carry no advantage."""
+    return [1.0 if int(a) % 2 == 0 else max(0.0, 1.0 - len(c) / 24) for c, a in zip(completions, fields["answer"])]
+
+
 def wrong_count(completions, prompts, **fields):
     return [0.0]
 
@@ -180,3 +185,23 @@ def test_prompts_with_tools_are_sampled_with_the_tools_rendered(tmp_path, tiny_l
     path.write_text(json.dumps({"prompt": "Weather?", "tools": [{"type": "function"}]}) + "\n")
     with pytest.raises(DataError, match=r"calls.jsonl:1"):
         load_prompts([str(path)])
+
+
+def test_skipping_groups_without_advantage_leaves_the_update_bit_identical(grpo_setup, tiny_llama, monkeypatch):
+    import tunelab.training.grpo_loop as loop
+
+    tmp_path, prompts = grpo_setup
+    trained = []
+    original = loop._with_signal
+    monkeypatch.setattr(loop, "_with_signal", lambda micro, settings: trained.append(len(original(micro, settings))) or
+                        original(micro, settings))
+    skipped = grpo.main(_config(tmp_path, prompts, tiny_llama, "train.max_steps=3", "train.batch_size=1", "train.grad_accum=4",
+                                output="skipped", reward="some_groups_flat"))
+    assert trained and all(1 <= n <= 2 for n in trained)  # each round: 4 prompts, the 2 even ones (at least) skipped
+    monkeypatch.setattr(loop, "_with_signal", lambda micro, settings: micro)
+    every = grpo.main(_config(tmp_path, prompts, tiny_llama, "train.max_steps=3", "train.batch_size=1", "train.grad_accum=4",
+                              output="every", reward="some_groups_flat"))
+    a = load_file(skipped.run_dir / "adapter/adapter_model.safetensors")
+    b = load_file(every.run_dir / "adapter/adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

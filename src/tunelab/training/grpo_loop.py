@@ -71,6 +71,16 @@ def _logps(model, mb) -> torch.Tensor:
     return token_logprobs(model, b["input_ids"], b["attention_mask"], b["labels"])
 
 
+def _with_signal(micro: list[dict], settings: GrpoSettings) -> list[dict]:
+    """The micro-batches whose rows carry an advantage (one kept if none does, so the optimizer still steps). Without
+    a KL term a micro-batch of zero advantages (groups whose samples all scored the same) adds exactly zero to the
+    gradient, so its forward and backward are skipped: the update is the same, the policy statistics (entropy,
+    clip ratios) cover the rows trained on. With several processes every rank runs its micro-batches (lockstep)."""
+    if settings.beta > 0 or distributed.world().distributed:
+        return micro
+    return [mb for mb in micro if bool(mb["advantages"].abs().sum() > 0)] or micro[:1]
+
+
 @torch.no_grad()
 def _fixed_logps(model, micro: list[dict], settings: GrpoSettings, disabled: Callable | None) -> None:
     """The sampling policy's log-probabilities (when updated more than once) and the reference's (KL)."""
@@ -183,9 +193,10 @@ def run_grpo(state: TrainingState, prompts: list, fields: list[dict], rewards, *
             scored = _score_round(rollouts, per_fn, total, sum(len(gr) for gr in groups[: len(groups) - fillers]),
                                   names, settings)
             micro = _micro_batches(rollouts, scored.advantages, groups, tokenizer.pad_token_id, device)
-            _fixed_logps(model, micro, settings, disabled)
             count = sum(grpo_normaliser(mb["mask"], settings.aggregation, settings.max_completion_length)
-                        for mb in micro[: len(micro) - fillers])
+                        for mb in micro[: len(micro) - fillers])  # over every row, those skipped below included
+            micro = _with_signal(micro, settings)
+            _fixed_logps(model, micro, settings, disabled)
             set_lr(state.optimizer, lr := plan.lr(step, seconds))
             state.model.train()
             for _ in range(settings.num_iterations):
