@@ -157,7 +157,7 @@ def plan_command(
                              "ZeRO-3/FSDP (default GPU: h100-80gb when this machine has none)"),
     strategy: str = typer.Option(None, "--strategy", help="with --gpus: only this strategy (ddp, zero1, zero2, fsdp)"),
 ) -> None:
-    """Predict a config's peak memory and training time before running it (from the model's config.json only)."""
+    """Predict a config's peak memory and training time before running it (from the model's config.json; a VLM's image tokens through its processor)."""
     from tunelab.resolve import load_config
     from tunelab.planning import plan, print_plan
 

@@ -1,4 +1,5 @@
-"""Freeze tuning: train only the last N transformer blocks (and/or named parameters), freeze the rest.
+"""Freeze tuning: train only the last N transformer blocks (and/or named parameters), freeze the rest; on a
+vision-language model, ``train_vision`` adds the projector's (and the vision tower's) parameters.
 
 The oldest transfer-learning recipe, and the cheap middle ground between PEFT and full fine-tuning:
 the update is a plain change of some base weights, so the artifact stores only those tensors
@@ -20,6 +21,7 @@ from tunelab.methods.base import register_method
 from tunelab.methods.common import MethodDefaults
 from tunelab.methods.footprint import Footprint, ShapeLike
 from tunelab.methods.options import FreezeOptions
+from tunelab.models.vision import is_vision_config, trained_vision_parts, vision_parts
 
 CONFIG_FILE = "tunelab_freeze.json"
 WEIGHTS_FILE = "trained_weights.safetensors"
@@ -42,6 +44,9 @@ def _trained_names(model: nn.Module, options: FreezeOptions) -> list[str]:
     patterns = [re.compile(p) for p in options.modules]
     names = [name for name, _ in model.named_parameters()
              if name.startswith(block_prefixes) or any(p.search(name) for p in patterns)]
+    if options.train_vision != "none" and is_vision_config(model.config):  # the VLM's projector (and tower) too
+        parts, chosen = vision_parts(model), set(names)
+        names += [n for part in trained_vision_parts(options.train_vision) for n in parts[part] if n not in chosen]
     if not names:
         raise TunelabError("method freeze: nothing to train; set method.last_n_blocks > 0 or method.modules")
     return names

@@ -18,12 +18,47 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["DEFAULT_INIT_TEXT", "AdapterOptions", "FreezeOptions", "FullOptions", "IA3Options", "LoraOptions", "PrefixOptions",
-           "PromptOptions", "QLoraOptions"]
+__all__ = ["DEFAULT_INIT_TEXT", "AdapterOptions", "FreezeOptions", "FullOptions", "IA3Options", "LoraOptions",
+           "PrefixOptions", "PromptOptions", "QLoraOptions", "vision_training"]
+
+# What of a vision-language model's image side trains besides the language model (``method.train_vision``).
+TrainVision = Literal["none", "projector", "tower"]
+
+
+def _train_vision_field(how: str):
+    """The ``train_vision`` option of a method that can train a VLM's image side; ``how`` says how it trains it."""
+    return Field("none", description="on a vision-language model, also train the multi-modal projector (projector) or "
+                 f"the projector and the vision tower (tower), {how}; none: the language model only. Refused on a "
+                 "text-only model")
+
+
+def vision_training(options: BaseModel) -> str:
+    """``train_vision`` of a method's options: ``none`` for a method that has no such option (it trains the
+    language model only)."""
+    return options.train_vision if "train_vision" in type(options).model_fields else "none"  # type: ignore[attr-defined]
+
+
+class _LanguageModelOnly(BaseModel):
+    """A method that can only train the language model of a VLM: ``train_vision`` other than none is refused at
+    load, with the methods that can."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_vision_training(cls, data):
+        if not isinstance(data, dict) or "train_vision" not in data:
+            return data
+        if data["train_vision"] not in ("none", None):
+            method = data.get("name", cls.__name__.removesuffix("Section").removesuffix("Options").lower())
+            raise ValueError(f"method.train_vision={data['train_vision']}: method {method} trains the language model "
+                             "only (it cannot train a vision tower or projector); use method lora, qlora, full or freeze, "
+                             "or leave method.train_vision out")
+        return {key: value for key, value in data.items() if key != "train_vision"}
 
 
 class FullOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    train_vision: TrainVision = _train_vision_field("all their weights")
 
 
 class LoraOptions(BaseModel):
@@ -44,6 +79,7 @@ class LoraOptions(BaseModel):
     trainable_token_indices: list[int] | None = Field(
         None, description="embedding rows to train as well; set automatically for tokens the chat-template fallback adds"
     )
+    train_vision: TrainVision = _train_vision_field("with adapters on their linear layers")
 
     # Checked here so that load_config reports them with the config line, not peft minutes into a run.
     @field_validator("target_modules")
@@ -79,7 +115,7 @@ class QLoraOptions(LoraOptions):
     )
 
 
-class IA3Options(BaseModel):
+class IA3Options(_LanguageModelOnly):
     model_config = ConfigDict(extra="forbid")
 
     target_modules: list[str] | None = Field(None, description="default: found in the model (key, value and feed-forward down projections)")
@@ -108,6 +144,7 @@ class FreezeOptions(BaseModel):
 
     last_n_blocks: int = Field(2, ge=0, description="train the last N transformer blocks")
     modules: list[str] = Field(default_factory=list, description="also train parameters whose name matches any of these regexes, e.g. ['norm.weight$']")
+    train_vision: TrainVision = _train_vision_field("all their weights")
 
     # Checked here so that load_config reports them with the config line, not apply() minutes into a run.
     @field_validator("modules")
@@ -129,7 +166,7 @@ class FreezeOptions(BaseModel):
         return self
 
 
-class AdapterOptions(BaseModel):
+class AdapterOptions(_LanguageModelOnly):
     model_config = ConfigDict(extra="forbid")
 
     bottleneck: int = Field(64, gt=0, description="adapter width m (d -> m -> d)")
@@ -154,7 +191,7 @@ class AdapterOptions(BaseModel):
 DEFAULT_INIT_TEXT = "You are a careful assistant. Read the request and answer exactly what it asks."
 
 
-class PromptOptions(BaseModel):
+class PromptOptions(_LanguageModelOnly):
     model_config = ConfigDict(extra="forbid")
 
     num_virtual_tokens: int = Field(20, gt=0, description="length of the soft prompt")
@@ -162,7 +199,7 @@ class PromptOptions(BaseModel):
         "text", description="start from init_text's embeddings, from random vocabulary embeddings, or from N(0, 1)")
     init_text: str = Field(DEFAULT_INIT_TEXT, min_length=1, description="text for init: text (repeated or cut to the length)")
 
-class PrefixOptions(BaseModel):
+class PrefixOptions(_LanguageModelOnly):
     model_config = ConfigDict(extra="forbid")
 
     num_virtual_tokens: int = Field(20, gt=0, description="prefix length per layer")

@@ -168,6 +168,46 @@ def language_linear_pattern(model: torch.nn.Module) -> str:
     return rf"(.*\.)?{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaves))})"
 
 
+# Module names under which transformers keeps a VLM's multi-modal projector (LLaVA, Gemma 3, Mistral 3, InternVL:
+# multi_modal_projector; Idefics2/3, SmolVLM: connector; Qwen2-VL and later: visual.merger, deepstack_merger_list).
+PROJECTOR_NAMES = frozenset({"multi_modal_projector", "connector", "merger", "deepstack_merger_list", "mm_projector"})
+
+
+def vision_parts(model: torch.nn.Module) -> dict[str, list[str]]:
+    """The parameter names of a VLM outside its language model and output head, by part: ``projector`` (under a
+    module named in :data:`PROJECTOR_NAMES`) and ``tower`` (the rest: the vision encoder and its embeddings).
+    Works on a model a method has wrapped in place (LoRA layers are named under the module they adapt)."""
+    keep = {id(p) for p in model.get_decoder().parameters()}
+    head = model.get_output_embeddings()
+    keep |= {id(p) for p in (head.parameters() if head is not None else ())}
+    parts: dict[str, list[str]] = {"projector": [], "tower": []}
+    for name, param in model.named_parameters():
+        if id(param) not in keep:
+            parts["projector" if PROJECTOR_NAMES & set(name.split(".")) else "tower"].append(name)
+    return parts
+
+
+def trained_vision_parts(train_vision: str) -> tuple[str, ...]:
+    """The parts ``method.train_vision`` trains: none, the projector, or the projector and the tower."""
+    return {"none": (), "projector": ("projector",), "tower": ("projector", "tower")}[train_vision]
+
+
+def vision_linear_pattern(model: torch.nn.Module, train_vision: str) -> str | None:
+    """A regex (peft ``target_modules``) of the linear layers in the parts ``train_vision`` trains, with block
+    indices generalised (one alternative per layer of a block); None where those parts have no linear layer."""
+    parts = vision_parts(model)
+    names = {n for part in trained_vision_parts(train_vision) for n in parts[part]}
+    linears = sorted({_indices_generalised(name) for name, module in model.named_modules()
+                      if isinstance(module, torch.nn.Linear) and f"{name}.weight" in names})
+    return rf"(.*\.)?({'|'.join(linears)})" if linears else None
+
+
+def _indices_generalised(name: str) -> str:
+    """A module name as a regex matching the same module in every block (numbered path parts but the last)."""
+    parts = name.split(".")
+    return r"\.".join(r"\d+" if part.isdigit() and i < len(parts) - 1 else re.escape(part) for i, part in enumerate(parts))
+
+
 def directory_has_vision(directory: str | Path) -> str | None:
     """The ``model_type`` of a local model directory whose config has a vision tower, else None (nothing loaded)."""
     import json

@@ -1,7 +1,8 @@
 """``tunelab plan``: predict the peak memory and the time of a training config before running it.
 
 Everything comes from the model's ``config.json`` (``AutoConfig``; weights are never loaded) and the run
-config, for the loop of ``tunelab.recipes.sft``. Bytes: ``w`` = weight dtype (``model.dtype``; auto =
+config, for the loop of ``tunelab.recipes.sft``; for a vision-language model also the first image examples of the
+data, through its processor (``planning.vision``). Bytes: ``w`` = weight dtype (``model.dtype``; auto =
 float32, as ``tunelab.models.load`` loads it), ``c`` = compute dtype (2 under bf16/fp16 autocast, else
 ``w``). ``B`` micro-batch, ``T`` tokens per row, ``d`` hidden, ``I`` intermediate, ``L`` blocks, ``H``/``KV``
 heads, ``hd`` head dim, ``V`` vocabulary, ``N`` parameters, ``P`` virtual tokens.
@@ -92,7 +93,9 @@ Modules: ``devices`` (Device, the GPU catalog ``GPUS``, ``resolve_device``, over
 ``shape`` (ModelShape, ``load_shape``), ``method`` (what a tuning method trains and adds: each method's own ``footprint``, see
 ``tunelab.methods.footprint``), ``memory`` (the
 activation tracer, MemoryEstimate), ``timing`` (TimeEstimate, FLOPs per token), ``data`` (DataProfile,
-``profile_examples``; reading the data is ``stages.profile``), ``planner`` (Plan, ``plan``, the time estimate, suggestions), ``output`` (``print_plan``).
+``profile_examples``; reading the data is ``stages.profile``), ``vision`` (a VLM's tower and projector: exact parameter
+counts, the processor's image tokens per example, what ``method.train_vision`` trains and keeps; see its docstring),
+``planner`` (Plan, ``plan``, the time estimate, suggestions), ``output`` (``print_plan``).
 """
 
 from tunelab.planning.data import DataProfile, profile_examples

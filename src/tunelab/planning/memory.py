@@ -201,23 +201,39 @@ class PlannedBatch:
     mask: bool  # a 4-D attention mask exists (padding, packing or a prefix)
 
 
+@dataclass(frozen=True)
+class VisionCost:
+    """Bytes a VLM's image side adds to the step (``tunelab.planning.vision``); zero for a text model. Weights and
+    training state are static; the kept activations live through every phase but the optimizer step."""
+
+    weights: int = 0  # the tower's and projector's weights
+    added: int = 0  # adapters the method puts on them (trained)
+    trained: int = 0  # their own weights that train (gradients and AdamW states follow)
+    activations: int = 0  # kept for backward from the tower and projector forward, alive through the whole backward
+
+
+def quantised_bytes(m: PlannedMethod) -> float:
+    """Bytes per weight of a linear layer bitsandbytes quantises (its absmax scales included)."""
+    return 1.0 if m.quant_bits == 8 else 0.5 + (1 / 64 + 4 / (64 * 256) if m.double_quant else 4 / 64)
+
+
 def _weight_bytes(shape: ModelShape, m: PlannedMethod, w: int) -> int:
     table = shape.parameter_table()
     if not m.quant_bits:
         return w * sum(table.values())
-    per = 1.0 if m.quant_bits == 8 else 0.5 + (1 / 64 + 4 / (64 * 256) if m.double_quant else 4 / 64)
+    per = quantised_bytes(m)
     quantised = sum(n for k, n in table.items() if k.endswith("_proj.weight"))
     return int(per * quantised + 4 * (sum(table.values()) - quantised))
 
 
 def estimate_memory(shape: ModelShape, m: PlannedMethod, env: MemoryEnv, batch: PlannedBatch, *, checkpointing: int,
-                     grad_accum: int, held_logits: bool) -> MemoryEstimate:
+                     grad_accum: int, held_logits: bool, vision: VisionCost = VisionCost()) -> MemoryEstimate:
     """``checkpointing``: how many blocks (the first ones) recompute their activations in backward."""
     table = shape.parameter_table()
     pbytes = 4 if m.quant_bits else env.w
     added = m.extra * m.extra_bytes
-    grads = sum(n for k, n in table.items() if k in m.trainable) * pbytes + added
-    weights, opt = _weight_bytes(shape, m, env.w), 2 * grads
+    grads = sum(n for k, n in table.items() if k in m.trainable) * pbytes + added + vision.added + vision.trained
+    weights, opt = _weight_bytes(shape, m, env.w) + vision.weights, 2 * grads
     tokens = batch.rows * (batch.seq + m.virtual_tokens)
     # the embedding output needs a gradient for a soft prompt, a trained embedding, or qlora's checkpointing
     h = _T("h0", shape.hidden, pbytes, m.input_grad or "model.embed_tokens.weight" in m.trainable
@@ -261,8 +277,8 @@ def estimate_memory(shape: ModelShape, m: PlannedMethod, env: MemoryEnv, batch: 
         logits_bwd = int(batch.logit_rows * shape.vocab * (12 + held))
         logits_fwd = int(batch.logit_rows * shape.vocab * (12 if m.full_logits else 8 + held))
     mask = batch.rows * batch.seq * (batch.seq + m.virtual_tokens + m.prefix) if batch.mask else 0
-    static = weights + added + opt + (grads if grad_accum > 1 else 0)
-    acts = int(stored * tokens + head)
+    static = weights + added + vision.added + opt + (grads if grad_accum > 1 else 0)
+    acts = int(stored * tokens + head) + vision.activations
     kept = int(head_copy + copies)
     # autocast caches a copy of every trained float32 matmul weight for the whole forward
     cache = int(sum(n for k, n in table.items() if k in m.trainable and k.endswith("_proj.weight")) * env.c
@@ -277,7 +293,7 @@ def estimate_memory(shape: ModelShape, m: PlannedMethod, env: MemoryEnv, batch: 
             a, c = left_stored + one_saved * tokens, left_copies + one_copies
         else:
             a, c = left_stored, left_copies
-        live = (int(a), int(c), int(done), int(work * tokens))
+        live = (int(a) + vision.activations, int(c), int(done), int(work * tokens))
         back = max(back, (sum(live), *live))
         done += own if grad_accum == 1 else 0  # j's weight gradients replace its activations as it finishes
         left_stored, left_copies = left_stored - keeps * tokens, left_copies - keeps_copies
@@ -292,7 +308,7 @@ def estimate_memory(shape: ModelShape, m: PlannedMethod, env: MemoryEnv, batch: 
         "optimizer step": static + (grads if grad_accum == 1 else 0) + opt_temp,
     }
     peak = max(phases, key=phases.__getitem__)
-    parts = dict(weights=weights, trainable_weights=added, gradients=grads if grad_accum > 1 else 0, optimizer_states=opt,
+    parts = dict(weights=weights, trainable_weights=added + vision.added, gradients=grads if grad_accum > 1 else 0, optimizer_states=opt,
                  activations=acts, weight_copies=kept, logits=0, attention_mask=mask, workspace=0)
     if peak == "forward (loss)":
         parts.update(weight_copies=max(kept, cache + head_copy), logits=logits_fwd)

@@ -48,6 +48,8 @@ def print_plan(plan: Plan, console) -> None:
         shape = plan.shape
         console.print(f"mixture of experts: {plan.active_params:,} parameters active per token of {plan.total_params:,} "
                       f"({shape.active_experts} of {shape.experts} experts per block)")
+    for line in plan.vision_notes or []:
+        console.print(escape(line))
     table = Table(title=f"Peak memory (during the {mem.peak_phase})")
     for column, justify in (("component", "left"), ("GiB", "right"), ("what", "left")):
         table.add_column(column, justify=justify)

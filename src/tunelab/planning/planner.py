@@ -10,11 +10,12 @@ from tunelab.config.schema import RunConfig, updated
 from tunelab.errors import TunelabError
 from tunelab.planning.data import DataProfile, count_examples
 from tunelab.planning.devices import CPU_MFU, GPU_MFU, GPUS, Device, GiB, resolve_device
-from tunelab.planning.memory import MemoryEstimate, PlannedBatch, MemoryEnv, estimate_memory
+from tunelab.planning.memory import MemoryEstimate, PlannedBatch, MemoryEnv, VisionCost, estimate_memory
 from tunelab.planning.method import PlannedMethod, planned_method
 from tunelab.planning.recipes import completion_positions, generation_phase, rows_per_example, teacher_bytes
 from tunelab.planning.shape import ModelShape, load_shape
 from tunelab.planning.timing import TimeEstimate, flops_per_token
+from tunelab.planning.vision import VisionPlan, describe, load_vision, trained_params, vision_cost, vision_flops
 from tunelab.training.schedule import total_steps
 
 
@@ -42,6 +43,7 @@ class Plan:
     assumptions: list[str]
     recipe_note: str | None = None  # what the recipe adds (both sides of pairs, a teacher)
     active_params: int | None = None  # MoE: parameters one token passes through (None for a dense model)
+    vision_notes: list[str] | None = None  # a VLM: its tower, projector and image tokens as counted (planning.vision)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class _Knobs:
     kernels: Literal["hf", "liger"] = "hf"
     held_logits: bool = False
     padded: bool = True
+    vision: VisionPlan | None = None  # a VLM's image side (None: a text model)
 
 
 def _precision(config: RunConfig, device: Device) -> str:
@@ -73,8 +76,9 @@ AUTO_CHECKPOINTING_SHARE = 0.95
 def checkpointed_blocks(config: RunConfig, shape: ModelShape, device: Device, data: DataProfile | None = None) -> int:
     """How many decoder blocks ``train.gradient_checkpointing`` checkpoints on ``device``: all (true), none
     (false, or a method that cannot be checkpointed), or for ``auto`` the fewest that make the planned peak
-    fit in ``AUTO_CHECKPOINTING_SHARE`` of the device's memory (all of them if nothing fits)."""
-    return _resolve_blocks(config, shape, device, _Knobs(data=data))
+    fit in ``AUTO_CHECKPOINTING_SHARE`` of the device's memory (all of them if nothing fits); a VLM's tower and
+    projector counted (``planning.vision``)."""
+    return _resolve_blocks(config, shape, device, _Knobs(data=data, vision=load_vision(config)))
 
 
 def _resolve_blocks(config: RunConfig, shape: ModelShape, device: Device, knobs: _Knobs) -> int:
@@ -112,6 +116,8 @@ def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Kno
     precision, w, m = _precision(config, device), torch_dtype(config.model.dtype).itemsize, planned_method(config, shape)
     if m.extra_in_weight_dtype:
         m.extra_bytes = w
+    if knobs.vision is not None and knobs.vision.train_vision != "none":
+        m.input_grad = True  # the image features the trained projector makes enter the language model with a gradient
     t, d, train = config.data.max_length + completion_positions(config), knobs.data, config.train
     if d is not None:
         rows, seq = d.peak_rows, d.peak_seq
@@ -129,8 +135,9 @@ def _memory_of(config: RunConfig, shape: ModelShape, device: Device, knobs: _Kno
                mask_kv=seq + m.virtual_tokens + m.prefix if batch.mask else 0)
     if blocks is None:
         blocks = _resolve_blocks(config, shape, device, knobs)
-    memory = estimate_memory(shape, m, env, batch, checkpointing=blocks,
-                              grad_accum=train.grad_accum, held_logits=knobs.held_logits)
+    cost = vision_cost(knobs.vision, m, w=w, c=env.c, rows=batch.rows) if knobs.vision else VisionCost()
+    memory = estimate_memory(shape, m, env, batch, checkpointing=blocks, grad_accum=train.grad_accum,
+                             held_logits=knobs.held_logits, vision=cost)
     teacher, _ = teacher_bytes(config, w, batch.logit_rows)
     if teacher:  # resident through every phase of the step
         memory = replace(memory, weights=memory.weights + teacher, phases={k: v + teacher for k, v in memory.phases.items()})
@@ -175,7 +182,7 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
     if not 0 < completion_fraction <= 1:
         raise TunelabError("completion_fraction must be in (0, 1]: the share of positions whose next token is trained")
     device, shape = resolve_device(gpu), load_shape(config)
-    knobs = _Knobs(tokens_per_epoch, data, completion_fraction, mfu, kernels, held_logits, padded)
+    knobs = _Knobs(tokens_per_epoch, data, completion_fraction, mfu, kernels, held_logits, padded, load_vision(config))
     blocks = _resolve_blocks(config, shape, device, knobs)
     memory, m, batch = _memory_of(config, shape, device, knobs, blocks)
     table = shape.parameter_table()
@@ -194,11 +201,22 @@ def plan(config: RunConfig, gpu: str | None = None, *, tokens_per_epoch: int | N
         {name: t.seconds for name, t in time_on.items()}, [], [],
     )
     result.active_params = shape.active_parameters() + m.extra if shape.experts else None
+    _count_vision(result, knobs.vision, m)
     if not fits or result.tight:
         result.suggestions = _suggest(config, shape, device, knobs)
     result.recipe_note = _recipe_note(config, w=torch_dtype(config.model.dtype).itemsize, logit_rows=batch.logit_rows, shape=shape)
     result.assumptions = _assumptions(result, knobs, m)
     return result
+
+
+def _count_vision(result: Plan, vision: VisionPlan | None, m: PlannedMethod) -> None:
+    """A VLM's tower and projector in the plan's parameter counts (trainable: what train_vision trains) and notes."""
+    if vision is None:
+        return
+    added, trained = trained_params(vision, m)
+    result.total_params += sum(vision.shape.params.values()) + added
+    result.trainable_params += trained
+    result.vision_notes = describe(vision, m)
 
 
 def _estimate_time(config: RunConfig, shape: ModelShape, m: PlannedMethod, device: Device, knobs: _Knobs,
@@ -230,6 +248,8 @@ def _estimate_time(config: RunConfig, shape: ModelShape, m: PlannedMethod, devic
     if blocks is None:
         blocks = _resolve_blocks(config, shape, device, knobs)
     flops = flops_per_token(shape, m, row, completion, blocks)
+    if knobs.vision is not None:  # the tower's and projector's matmuls, per example, spread over its row
+        flops += vision_flops(knobs.vision) / row
     peak = device.peak_flops(_precision(config, device))
     mfu = knobs.mfu or (GPU_MFU if device.kind == "gpu" else CPU_MFU)
     seconds = total * flops / (peak * mfu) if total and peak else None
@@ -320,6 +340,11 @@ def _assumptions(p: Plan, knobs: _Knobs, m: PlannedMethod) -> list[str]:
         notes.append(f"model type {p.shape.model_type!r} approximated by a llama-style block")
     if m.quant_bits:
         notes.append("quantised base: bitsandbytes layout (NF4 blocks of 64, double-quantised scales)")
+    if knobs.vision is not None:
+        notes.append("image side (tunelab.planning.vision): tower and projector parameters exact (the model built on "
+                     "the meta device); when they train, each of their linear layers keeps its input and output per "
+                     "image token (tower: per position), no checkpointing in the tower; time: their matmuls, not the "
+                     "attention over patches")
     if p.recipe_note:
         notes.append(p.recipe_note)
     if p.time.seconds is not None:

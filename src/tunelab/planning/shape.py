@@ -118,15 +118,22 @@ def param_name(block: int, linear: str, kind: str = "weight") -> str:
 _EMBEDDED_SHAPES = {"smollm2-135m-instruct": ModelShape("llama", 576, 1536, 30, 9, 3, 64, 49152, tied=True)}
 
 
+def embedded_shape(path: str) -> ModelShape | None:
+    """The stored shape of an embedded model that is not converted yet (planning never converts one), else None."""
+    from tunelab.models.embedded import cached_path
+
+    return _EMBEDDED_SHAPES[path] if path in _EMBEDDED_SHAPES and cached_path(path) is None else None
+
+
 def load_shape(config: RunConfig) -> ModelShape:
     """The model's shape from its config.json (AutoConfig: no weights are read)."""
     from transformers import AutoConfig
 
-    from tunelab.models.embedded import cached_path
     from tunelab.models.load import resolve_model_path
 
-    if config.model.path in _EMBEDDED_SHAPES and cached_path(config.model.path) is None:
-        return _EMBEDDED_SHAPES[config.model.path]
+    embedded = embedded_shape(config.model.path)
+    if embedded is not None:
+        return embedded
     path = resolve_model_path(config.model.path)
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)

@@ -24,9 +24,10 @@ from torch import nn
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import TuningMethod, get_method, trainable_parameters
+from tunelab.methods.options import vision_training
 from tunelab.stages.lineage import read_parent, start_from_parent
 from tunelab.stages.setup import load_base_model
-from tunelab.stages.vision import freeze_vision, language_only
+from tunelab.stages.vision import check_vision_training, freeze_vision, vision_options
 
 EVERY_BLOCK = sys.maxsize  # ``blocks`` for checkpointing all of them, however many the model has
 
@@ -57,6 +58,7 @@ def check_method_fits(config: RunConfig, added_tokens: list[str] | None = None) 
     model_config = _model_config(config)
     if model_config is not None:
         method.check_model(config.method, model_config)
+    check_vision_training(config.method, model_config)  # method.train_vision on a text-only model
     if added_tokens and not _can_train_added_tokens(method):
         raise TunelabError(
             f"the model has no chat template, so tunelab's template uses the tokens {added_tokens}, whose embeddings are "
@@ -132,7 +134,7 @@ def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: l
     enable_checkpointing(model, checkpointed)
     model.config.use_cache = False
     method = get_method(config.method.name)
-    options = language_only(model, config.method)  # a VLM: LoRA on the language model, tower and projector frozen
+    options = vision_options(model, config.method)  # a VLM: LoRA on the language model (+ the parts train_vision names)
     if added_tokens and "trainable_token_indices" in type(options).model_fields and options.trainable_token_indices is None:
         # Tokens of the chat-template fallback start random (added) or untrained as turn markers (a base
         # model's own): train their rows so the model can read <|im_start|> and learn to emit <|im_end|>.
@@ -142,7 +144,7 @@ def apply_method(config: RunConfig, model: nn.Module, tokenizer, added_tokens: l
             model = method.apply(model, options)
     except ValueError as exc:  # e.g. peft: target modules not found in the model
         raise TunelabError(f"method {config.method.name}: {exc}") from None
-    freeze_vision(model)  # the vision tower and projector stay as pretrained, for every method
+    freeze_vision(model, vision_training(config.method))  # tower and projector as pretrained unless train_vision says
     checkpointed = limit_checkpointing(model, checkpointed)
     params = trainable_parameters(model)
     if any(p.dtype == torch.float16 for p in params.values()):

@@ -117,8 +117,9 @@ def load_base_model(config: RunConfig, model_path: str, tokenizer, added_tokens:
 def tokenize(config: RunConfig, tokenizer, examples: Examples, added_tokens: list[str]) -> TokenizedData:
     """Tokenize train and eval examples with the configured loss mask and too-long policy."""
     data = config.data
-    from tunelab.stages.vision import any_images, tokenize_with_images
+    from tunelab.stages.vision import any_images, check_vision_data, tokenize_with_images
 
+    check_vision_data(config.method, examples.train)  # method.train_vision needs images to train on
     if any_images(examples.train, examples.validation or examples.eval):  # a VLM's processor expands the images
         train, train_stats, evals, eval_stats = tokenize_with_images(config, examples.train, examples.validation or examples.eval)
         if not train:
