@@ -164,8 +164,8 @@ def test_probe_file():
 
 
 def test_the_shipped_agent_conversations_are_fresh_and_load_as_tool_chats(tmp_path):
-    """agent_train.jsonl: every question of train.jsonl, half calling run_sql with its gold query and reading the
-    environment's real rows; the committed file and tools equal a fresh generation, and the records load."""
+    """agent_train.jsonl: every question of train.jsonl, answered at once, after querying the gold query, or after
+    a query one column off and its error; the committed file and tools equal a fresh generation, and load."""
     from tunelab.data import load_examples
     from tunelab.examples.sql import agent
 
@@ -173,9 +173,18 @@ def test_the_shipped_agent_conversations_are_fresh_and_load_as_tool_chats(tmp_pa
     assert data.read_text() == (agent.HERE / "agent_train.jsonl").read_text()
     assert tools.read_text() == (agent.HERE / "agent_train.tools.json").read_text()
     examples = load_examples([str(agent.HERE / "agent_train.jsonl")])
-    calling = [e for e in examples if any(m.get("tool_calls") for m in e.messages)]
-    assert len(examples) == 240 and 0.35 < len(calling) / len(examples) < 0.65
-    assert all(e.tools and e.tools[0]["function"]["name"] == "run_sql" for e in examples)
-    call, result, answer = calling[0].messages[-3:]
-    assert call["tool_calls"][0]["function"]["arguments"]["query"] == answer["content"]
-    assert result["role"] == "tool" and result["content"] and not result["content"].startswith("error")
+    assert len(examples) == 240 and all(e.tools and e.tools[0]["function"]["name"] == "run_sql" for e in examples)
+    calls = [e.messages[-3:] for e in examples if any(m.get("tool_calls") for m in e.messages)]
+    fixed = [c for c in calls if c[1]["content"].startswith("error:")]
+    assert 60 < len(fixed) < 100 and 60 < len(calls) - len(fixed) < 100  # about a third each
+    for call, result, answer in calls:
+        query = call["tool_calls"][0]["function"]["arguments"]["query"]
+        assert (query != answer["content"] and "no such column" in result["content"]) if result in [c[1] for c in fixed] \
+            else (query == answer["content"] and result["content"])
+
+
+def test_a_broken_query_is_one_column_off():
+    from tunelab.examples.sql.agent import broken
+
+    assert broken("SELECT COUNT(*) FROM orders WHERE day = 'Monday'") == "SELECT COUNT(*) FROM orders WHERE date = 'Monday'"
+    assert broken("SELECT COUNT(*) FROM orders") is None
