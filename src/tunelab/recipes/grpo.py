@@ -70,10 +70,7 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     state = optimize(config, env, tuned, len(prompts), console)
     if already_finished(env, state):
         return nothing_to_do(env, tuned.method.artifact, state.start_step, console)
-    what = (f"{len(prompts)} prompts x {options.num_generations} {'episodes' if episodes else 'samples'}, rewards "
-            f"{', '.join([*(rewards.names if rewards else []), *(['environment'] if episodes and episodes.env.has_reward else [])])}, "
-            f"loss {options.loss_type}")
-    manifest = begin_training_run(config, env, tuned, state, model_path, console, what)
+    manifest = begin_training_run(config, env, tuned, state, model_path, console, _what(options, prompts, rewards, episodes))
     save_before(env.run_dir, before)
 
     # 3. Sample, score, update; then save the artifact.
@@ -94,6 +91,13 @@ def main(config: RunConfig, *, resume: bool = False, force: bool = False, consol
     finish_run(env.run_dir, manifest, **trained.costs, final_train_loss=reporter.last_loss, final_eval=reporter.last_eval,
                eval_summary={**eval_summary(report), **({"episodes_reward_after": agent["after"]["reward"]} if agent else {})})
     return trained.result(env)
+
+
+def _what(options: GrpoOptions, prompts, rewards: RewardSet | None, episodes: EpisodeSampler | None) -> str:
+    """The run's one-line description: prompts, samples or episodes, rewards, loss."""
+    names = [*(rewards.names if rewards else []), *(["environment"] if episodes and episodes.env.has_reward else [])]
+    return (f"{len(prompts)} prompts x {options.num_generations} {'episodes' if episodes else 'samples'}, rewards "
+            f"{', '.join(names)}, loss {options.loss_type}")
 
 
 def _episodes(options: GrpoOptions, config: RunConfig, prompts) -> EpisodeSampler | None:
