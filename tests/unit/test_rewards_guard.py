@@ -93,3 +93,15 @@ def test_the_worker_reports_what_the_function_raised(guarded):
 def test_a_timeout_must_be_positive():
     with pytest.raises(TunelabError, match="recipe.reward_timeout"):
         RewardSet([{"fn": "exact_match"}], timeout=0)
+
+
+def test_the_worker_start_does_not_count_against_the_first_call(monkeypatch):
+    """A loaded machine can take seconds to boot the worker's interpreter; the first call's limit starts after."""
+    import tunelab.rewards.guard as guard
+
+    monkeypatch.setattr(guard, "_BOOT", "import time; time.sleep(2); " + guard._BOOT)
+    worker = Worker()
+    try:
+        assert worker.call("os.path:join", ("a", "b"), {}, 1.0) == os.path.join("a", "b")
+    finally:
+        worker.close()

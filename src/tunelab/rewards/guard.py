@@ -39,6 +39,7 @@ from tunelab.errors import TunelabError
 
 DEFAULT_TIMEOUT = 120.0  # seconds per call (one call scores a whole round of completions); GRPO's recipe.reward_timeout
 DEFAULT_ENV_TIMEOUT = 30.0  # seconds per call of an environment method (reset, step, reward); recipe.environment_timeout
+STARTUP_TIMEOUT = 120.0  # seconds a worker process may take to start, before its first call's own limit begins
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds tunelab/
 _BOOT = "import sys; sys.path.insert(0, sys.argv[3]); from tunelab.rewards.guard import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
 
@@ -85,6 +86,11 @@ class Worker:
         self._calls, self._results = Connection(call_write, readable=False), Connection(result_read, writable=False)
         with contextlib.suppress(BrokenPipeError, ConnectionError):  # a worker that died at start: the call says so
             self._calls.send(("path", [p or os.getcwd() for p in sys.path]))
+        # The interpreter's start is not the call's time: a loaded machine can take seconds to boot one, which
+        # would count against a short per-call limit (an environment's) on its first call.
+        with contextlib.suppress(EOFError, ConnectionError):
+            if self._results.poll(STARTUP_TIMEOUT):
+                self._results.recv()  # ("ready",); a worker that died at start: the call says so
 
     def call(self, target: str, args: tuple, kwargs: dict, timeout: float) -> Any:
         """``target(*args, **kwargs)`` in the worker (``target`` is ``'module:function'``); what it returned.
@@ -176,6 +182,7 @@ def serve(calls_fd: int, results_fd: int) -> None:
             return
         if message[0] == "path":
             sys.path[:] = message[1]
+            results.send(("ready",))
             continue
         reply = _run(message, cache)
         try:
