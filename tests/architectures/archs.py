@@ -46,6 +46,9 @@ CELLS: list[tuple[str, str]] = [
     ("full", "full SFT"), ("ia3", "IA3 (targets found in the model)"), ("prefix", "prefix tuning"),
     ("prompt", "prompt tuning"), ("dora", "DoRA on a MoE model's experts"), ("plan", "`tunelab plan` answers (MoE: active of total)"),
     ("serve", "served greedy answers equal `tunelab eval`'s, both schedulers"),
+    ("resume", "LoRA SFT failed after step 1 and resumed from its checkpoint: the adapter bit-identical to the lora cell's"),
+    ("dpo", "`recipe: dpo` with LoRA trains 2 steps on preference pairs and saves"),
+    ("grpo", "`recipe: grpo` with LoRA trains 2 steps (2 completions per prompt, a built-in reward) and saves"),
 ]
 
 _NO_KV = "keep no keys and values to put a prefix in front of"

@@ -27,6 +27,22 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {"train": write_jsonl(root / "train.jsonl", chat_records(8)), "eval": write_jsonl(root / "eval.jsonl", chat_records(2, seed=3))}
 
 
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> dict[str, Path]:
+    """Preference pairs for the dpo cell: the polite answer chosen."""
+    root = tmp_path_factory.mktemp("arch-pairs")
+    rows = [{"prompt": f"Colour {i}?", "chosen": f"It is {w}, thanks.", "rejected": f"It is {w}!"}
+            for i, w in enumerate(["red", "blue", "green", "black", "white", "pink", "grey", "gold"])]
+    return {"train": write_jsonl(root / "pairs.jsonl", rows[:6]), "eval": write_jsonl(root / "held.jsonl", rows[6:])}
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> dict[str, Path]:
+    """Prompts for the grpo cell (no eval file: GRPO samples from the train prompts only)."""
+    root = tmp_path_factory.mktemp("arch-prompts")
+    return {"train": write_jsonl(root / "prompts.jsonl", [{"prompt": f"Colour {i}?"} for i in range(4)])}
+
+
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
 def arch(request, tmp_path_factory) -> tuple[str, Path]:
     from tunelab.models.tiny import save_tiny_of_type
@@ -36,7 +52,8 @@ def arch(request, tmp_path_factory) -> tuple[str, Path]:
 
 
 def _config(model: Path, data: dict[str, Path], out: Path, method: str, *extra: str):
-    return load_config(None, [f"model={model}", f"data.train={data['train']}", f"data.eval={data['eval']}", f"output_dir={out}",
+    held = [f"data.eval={data['eval']}"] if "eval" in data else []
+    return load_config(None, [f"model={model}", f"data.train={data['train']}", *held, f"output_dir={out}",
                               "train.batch_size=4", "train.max_steps=2", "train.warmup_ratio=0", "train.lr=5e-2",
                               "eval.probe=false", "eval.before=false", "eval.max_new_tokens=4", f"method.name={method}",
                               *TINY_OPTIONS.get(method, []), *extra])
@@ -135,3 +152,69 @@ def test_served_answer_equals_eval(arch, lora_run, batching):
     finally:
         scheduler.stop()
     assert answers == predictions
+
+
+def test_lora_resumed_after_a_failure_equals_the_uninterrupted_run(arch, data, lora_run, tmp_path, monkeypatch):
+    """In-process and cheap: ``TUNELAB_TEST_FAIL_AT_STEP`` raises after step 1 (checkpointed: save_every=1), the
+    resume trains step 2 from that checkpoint; its adapter must equal the lora cell's uninterrupted 2 steps bit for
+    bit (weights, optimizer moments, schedule, data order and RNG all restored)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tunelab.recipes import sft
+
+    model_type, model = arch
+    config = _config(model, data, tmp_path / "run", "lora", "train.save_every=1")
+    reason = REFUSED.get((model_type, "resume"))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("TUNELAB_TEST_FAIL_AT_STEP", "0:1")
+    with pytest.raises(TunelabError, match=reason or "failing on purpose after step 1 "):
+        sft.main(config)
+    if reason:
+        return
+    monkeypatch.delenv("TUNELAB_TEST_FAIL_AT_STEP")
+    run_dir = sft.main(config, resume=True).run_dir
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["steps_done"] == 2
+    assert [entry["from_step"] for entry in manifest["resumed"]] == [1]  # step 2 only, from the checkpoint
+    straight = load_file(lora_run / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
+
+
+def _finished_with_adapter(run_dir: Path, recipe: str) -> list[dict]:
+    """The run finished its 2 steps and saved an adapter; its logged training rows."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["recipe"] == recipe and manifest["steps_done"] == 2
+    assert any((run_dir / "adapter").glob("*.safetensors"))
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in logged if "loss" in row]
+
+
+def test_dpo_trains_and_saves(arch, pairs, tmp_path):
+    import torch
+
+    from tunelab.recipes import dpo
+
+    model_type, model = arch
+    config = _config(model, pairs, tmp_path / "run", "lora", "recipe.name=dpo")
+    if _refused(model_type, "dpo", lambda: dpo.main(config)):
+        return
+    logged = _finished_with_adapter(tmp_path / "run", "dpo")
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(row["loss"])) for row in logged)
+    assert any(row["grad_norm"] > 0 for row in logged)  # the adapter got a gradient
+
+
+def test_grpo_trains_and_saves(arch, prompts, tmp_path):
+    from tunelab.recipes import grpo
+
+    model_type, model = arch
+    config = _config(model, prompts, tmp_path / "run", "lora", "recipe.name=grpo", "recipe.num_generations=2",
+                     "recipe.max_completion_length=4", "recipe.rewards=[{fn: length_penalty, target: 8, unit: chars}]")
+    if _refused(model_type, "grpo", lambda: grpo.main(config)):
+        return
+    logged = _finished_with_adapter(tmp_path / "run", "grpo")
+    assert len(logged) == 2 and all("reward" in row for row in logged)
+    # completions of unequal lengths: some groups carry an advantage, so the adapter got a gradient
+    assert any(row.get("grad_norm", 0) > 0 for row in logged)
